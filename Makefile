@@ -1,0 +1,45 @@
+# dsrh-lightning. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET ?= cifar10
+EXPERIMENT ?= dsrh
+# Where the data lives; defaults to ../shared/data/<dataset> when that folder exists.
+DATA_DIR ?= $(if $(wildcard ../shared/data/$(DATASET)),../shared/data/$(DATASET),)
+# imagenet | none (empty = the dataset config's choice)
+WEIGHTS ?=
+# Extra overrides, e.g. ARGS="model.bits=12 trainer.max_steps=2000"
+ARGS ?=
+PYTEST_ARGS ?=
+
+TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
+	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
+
+.PHONY: help venv train test bench bench-eval clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+	@echo; echo "Variables: DATASET=$(DATASET) EXPERIMENT=$(EXPERIMENT) DATA_DIR=$(DATA_DIR) WEIGHTS=$(WEIGHTS) ARGS=$(ARGS)"
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,sweeps,faiss,pretrained]"
+	@touch $@
+
+venv: $(VENV)/.installed ## create/update the virtualenv and install the project
+
+train: venv ## train: make train DATASET=cifar10|synthetic EXPERIMENT=dsrh|drh|drh_plus|dsrh_balanced [DATA_DIR=..] [WEIGHTS=none] [ARGS=..]
+	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
+
+test: venv ## run the test suite on CPU
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive argsort and faiss
+	$(PY) benchmarks/bench_eval.py
+
+bench: bench-eval ## all benchmarks
+
+clean: ## remove caches and runs (keeps the virtualenv)
+	rm -rf .pytest_cache runs lightning_logs wandb

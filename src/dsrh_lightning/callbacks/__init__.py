@@ -1,0 +1,5 @@
+"""Lightning callbacks: retrieval evaluation."""
+
+from .retrieval import RetrievalEvaluation
+
+__all__ = ["RetrievalEvaluation"]

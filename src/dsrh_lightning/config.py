@@ -1,0 +1,382 @@
+"""The one typed configuration schema, and how YAML files and overrides are merged onto it.
+
+Configuration flows as: schema defaults (the paper's constants) <- dataset YAML
+<- experiment YAML <- extra YAML files <- command-line overrides. Every layer is
+merged onto the structured schema, so a misspelled key or a value of the wrong
+type fails at start with the key named.
+
+Overrides are accepted as ``key=value`` and as ``--key=value`` (the form W&B
+agents pass). Two override keys are special and pick YAML files instead of
+setting values: ``dataset=NAME`` (``experiments/configs/dataset/NAME.yaml``) and
+``experiment=NAME`` (``experiments/configs/experiment/NAME.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "default_config_dir",
+    "load_config",
+    "normalise_overrides",
+    "save_config",
+]
+
+DATASETS = ("cifar10", "synthetic")
+BACKBONES = ("vgg19", "vgg19_bn", "vgg16", "resnet18", "resnet50", "small_cnn", "efficientnet_lite0")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is expected."""
+
+
+@dataclass
+class ProtocolConfig:
+    """How images are split into query / train / validation / database sets."""
+
+    query_per_class: int = 100
+    train_per_class: int = 500
+    # Validation queries, drawn from the database but never from the training images.
+    val_per_class: int = 50
+    # Size of the (seeded, random) database subset that validation queries rank; 0 = whole database.
+    val_database_size: int = 5000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    # Where the data lives; "" = $DSRH_DATA_DIR, else ./data/<dataset>.
+    root: str = ""
+    download: bool = True
+    # Where generated split files are cached ("" = <root>/splits is not used; see data/protocol.py).
+    split_dir: str = "data/splits"
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    # "triplets": explicit (query, positive, negative) triplets sampled from labels (the paper);
+    # "balanced": class-balanced batches, all valid triplets mined inside the batch.
+    sampling: str = "triplets"
+    triplets_per_image: int = 1
+    # Triplets per batch in "triplets" mode; images per batch in "balanced" mode.
+    batch_size: int = 64
+    # "balanced" mode: images per class in a batch.
+    images_per_class: int = 8
+    # Cap on mined triplets per batch in "balanced" mode (0 = all).
+    max_triplets: int = 0
+    eval_batch_size: int = 256
+    num_workers: int = 2
+    # 0 = automatic: 224 for ImageNet-pretrained backbones, the native image size otherwise.
+    image_size: int = 0
+    augment: bool = True
+    # Normalisation statistics; empty = ImageNet's.
+    mean: List[float] = field(default_factory=list)
+    std: List[float] = field(default_factory=list)
+    # Synthetic data set (dataset=synthetic).
+    synthetic_classes: int = 10
+    synthetic_per_class: int = 200
+    synthetic_image_size: int = 32
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vgg19"
+    # "imagenet" (torchvision weights API, downloaded once) or "none" (random init).
+    weights: str = "imagenet"
+    bits: int = 48
+    # Units per bag in the hash stream: the last FC has bag_size * bits units.
+    bag_size: int = 30
+    # Activation between the s*k FC layer and the per-bag encoders: relu | sigmoid | none.
+    bag_activation: str = "relu"
+    # Classification stream on the shared features (its loss weight is loss.cls_weight).
+    classifier: bool = True
+    dropout: float = 0.5
+    # Freeze the backbone (train only the heads).
+    freeze_backbone: bool = False
+
+
+@dataclass
+class LossConfig:
+    triplet_weight: float = 1.0
+    margin: float = 1.0
+    # "constant": margin as given; "per_bit": margin * bits (codes live in [0,1]^bits).
+    margin_scaling: str = "constant"
+    # lambda of the orthogonality penalty (0 disables it).
+    orth_weight: float = 0.25
+    # Normalisation of ||(1/m) H~^T H~ - I||_F^2: "none" (paper), "bits" (/k) or "bits2" (/k^2).
+    orth_norm: str = "none"
+    cls_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    # Multiply the learning rate by lr_decay every lr_decay_steps optimiser steps.
+    lr_decay_steps: int = 5000
+    lr_decay: float = 0.1
+    # Learning-rate multiplier for pretrained backbone parameters.
+    backbone_lr_mult: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 10000
+    max_epochs: int = -1
+    # Validation (retrieval MAP on the validation split) every N training steps (0 = every epoch).
+    val_check_interval: int = 1000
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float = 0.0
+    log_every_n_steps: int = 50
+    limit_val_batches: float = 1.0
+    # Run the test-query evaluation (query set vs full database) after fitting.
+    test_after_fit: bool = True
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # Binarisation threshold on the sigmoid outputs: b = 1 iff h > threshold.
+    threshold: float = 0.5
+    radius: int = 2
+    # MAP over the top K of the ranking (0 = whole database).
+    topk: int = 0
+    precision_at: List[int] = field(default_factory=lambda: [100, 1000])
+    # Queries with no relevant database item: "zero" (AP = 0) or "skip".
+    empty_queries: str = "zero"
+    ties: str = "stable"
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | csv | none
+    name: str = "wandb"
+    project: str = "dsrh-lightning"
+    entity: str = ""
+    # "" = online when an API key is configured, offline otherwise.
+    mode: str = ""
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    # Free-text name of the run; "" = <dataset>-<experiment>-<bits>b-<timestamp>.
+    name: str = ""
+    experiment: str = "dsrh"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+_CHOICES = {
+    "data.dataset": DATASETS,
+    "data.sampling": ("triplets", "balanced"),
+    "model.backbone": BACKBONES,
+    "model.weights": ("imagenet", "none"),
+    "model.bag_activation": ("relu", "sigmoid", "none"),
+    "loss.margin_scaling": ("constant", "per_bit"),
+    "loss.orth_norm": ("none", "bits", "bits2"),
+    "eval.empty_queries": ("zero", "skip"),
+    "eval.ties": ("stable", "average"),
+    "logger.name": ("wandb", "csv", "none"),
+    "logger.mode": ("", "online", "offline", "disabled"),
+}
+
+_POSITIVE = (
+    "model.bits",
+    "model.bag_size",
+    "data.batch_size",
+    "data.eval_batch_size",
+    "data.triplets_per_image",
+    "data.images_per_class",
+    "data.protocol.query_per_class",
+    "data.protocol.train_per_class",
+    "optim.lr_decay_steps",
+)
+
+_NON_NEGATIVE = (
+    "data.num_workers",
+    "data.protocol.val_per_class",
+    "data.protocol.val_database_size",
+    "data.max_triplets",
+    "data.image_size",
+    "loss.margin",
+    "loss.orth_weight",
+    "loss.cls_weight",
+    "loss.triplet_weight",
+    "optim.lr",
+    "optim.weight_decay",
+    "eval.radius",
+    "eval.topk",
+)
+
+
+def default_config_dir() -> Path:
+    """``experiments/configs`` of the source checkout, or ``$DSRH_CONFIG_DIR``."""
+    env = os.environ.get("DSRH_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+def normalise_overrides(args: Sequence[str]) -> List[str]:
+    """Turn ``--a.b=1`` / ``a.b=1`` / ``--a.b 1`` forms into ``a.b=1`` strings."""
+    out: List[str] = []
+    items = list(args)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            item = item[2:]
+            if "=" not in item:
+                if i + 1 >= len(items):
+                    raise ConfigError(f"override '--{item}' has no value; write --{item}=VALUE")
+                item = f"{item}={items[i + 1]}"
+                i += 1
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        out.append(item)
+        i += 1
+    return out
+
+
+def _yaml_for(group: str, name: str, config_dir: Path) -> Path:
+    path = config_dir / group / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        raise ConfigError(
+            f"{group}={name}: no file {path}; available {group}s: {', '.join(available) or '(none)'}"
+        )
+    return path
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"{source}: bad config key '{key}': {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_config(
+    overrides: Sequence[str] = (),
+    config_files: Sequence[str | Path] = (),
+    config_dir: Optional[Path] = None,
+) -> DictConfig:
+    """Build the validated run configuration.
+
+    Args:
+        overrides: ``key=value`` or ``--key=value`` strings; ``dataset=NAME`` and
+            ``experiment=NAME`` select YAML files.
+        config_files: extra YAML files merged after the dataset and experiment files.
+        config_dir: where ``dataset/`` and ``experiment/`` YAMLs live.
+
+    Returns:
+        A structured (typed) OmegaConf config; raises :class:`ConfigError` naming
+        the offending key or file.
+    """
+    config_dir = Path(config_dir) if config_dir else default_config_dir()
+    items = normalise_overrides(overrides)
+    dataset, experiment, rest = None, None, []
+    for item in items:
+        key, value = item.split("=", 1)
+        if key in ("dataset", "data.dataset"):
+            dataset = value
+        elif key == "experiment":
+            experiment = value
+        else:
+            rest.append(item)
+    cfg = OmegaConf.structured(Config)
+    files: List[Path] = []
+    if dataset:
+        if dataset not in DATASETS:
+            raise ConfigError(f"dataset={dataset}: expected one of {', '.join(DATASETS)}")
+        files.append(_yaml_for("dataset", dataset, config_dir))
+    if experiment:
+        files.append(_yaml_for("experiment", experiment, config_dir))
+    files.extend(Path(f) for f in config_files)
+    for path in files:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml syntax errors
+            raise ConfigError(f"{path}: cannot parse YAML: {_first_line(exc)}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    if dataset:
+        cfg.data.dataset = dataset
+    if experiment:
+        cfg.experiment = experiment
+    try:
+        dotlist = OmegaConf.from_dotlist(rest)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse overrides {rest}: {_first_line(exc)}") from None
+    cfg = _merge(cfg, dotlist, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges and choices that the types alone cannot express."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(repr(c) for c in choices)}")
+    for key in _POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")
+    for key in _NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    if not 0.0 < cfg.eval.threshold < 1.0:
+        raise ConfigError(f"eval.threshold={cfg.eval.threshold}: must be in (0, 1) (codes are sigmoid outputs)")
+    if cfg.data.sampling == "balanced" and cfg.data.batch_size % cfg.data.images_per_class:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be a multiple of "
+            f"data.images_per_class={cfg.data.images_per_class} when data.sampling=balanced"
+        )
+    if cfg.data.sampling == "balanced" and cfg.data.batch_size // cfg.data.images_per_class < 2:
+        raise ConfigError("data.sampling=balanced needs at least 2 classes per batch (batch_size / images_per_class)")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
+    for k in cfg.eval.precision_at:
+        if k <= 0:
+            raise ConfigError(f"eval.precision_at contains {k}: every k must be > 0")
+    if len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError("data.mean and data.std must have the same length (or both be empty)")
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved configuration as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """Plain nested dict (for loggers' hyperparameters)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Data: sources (arrays + labels), protocol splits, triplet sampling, the LightningDataModule."""

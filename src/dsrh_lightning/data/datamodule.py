@@ -1,0 +1,135 @@
+"""The LightningDataModule: source -> protocol split -> triplet / balanced training batches,
+and (query, database) loader pairs for validation and test retrieval evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from .datasets import IndexedImageDataset, TripletDataset
+from .protocol import Split, load_or_make_split, make_single_label_split, save_split
+from .sampling import ClassBalancedBatchSampler
+from .sources import Source, load_cifar10, make_synthetic, resolve_root
+from .transforms import build_transform, resolve_image_size
+
+__all__ = ["HashingDataModule", "load_source"]
+
+log = logging.getLogger(__name__)
+
+
+def load_source(data_cfg: DictConfig, seed: int, download: bool = False) -> Source:
+    """Load the configured data set into memory."""
+    if data_cfg.dataset == "synthetic":
+        return make_synthetic(data_cfg.synthetic_classes, data_cfg.synthetic_per_class,
+                              data_cfg.synthetic_image_size, seed=seed)
+    if data_cfg.dataset == "cifar10":
+        return load_cifar10(resolve_root(data_cfg.root, "cifar10"), download=download)
+    raise ValueError(f"data.dataset={data_cfg.dataset!r} has no loader")
+
+
+class HashingDataModule(pl.LightningDataModule):
+    """Data for supervised hashing.
+
+    After :meth:`setup`: ``split`` (index sets), ``num_classes``, ``multilabel``,
+    ``image_size``, and datasets ``train``, ``val``, ``val_database``, ``query``,
+    ``database``. Validation and test each return two loaders, queries first.
+    """
+
+    def __init__(self, cfg: DictConfig, split_copy: Optional[Path] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.split_copy = split_copy
+        self.source: Optional[Source] = None
+        self.split: Optional[Split] = None
+        self._balanced_sampler: Optional[ClassBalancedBatchSampler] = None
+        self._triplets: Optional[TripletDataset] = None
+
+    # Lightning calls prepare_data on one process: the only place that downloads.
+    def prepare_data(self) -> None:
+        d = self.cfg.data
+        if d.dataset == "cifar10" and d.download:
+            load_cifar10(resolve_root(d.root, "cifar10"), download=True)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.source is not None:
+            return
+        d = self.cfg.data
+        self.source = load_source(d, self.cfg.seed, download=False)
+        p = d.protocol
+        params = dict(query_per_class=p.query_per_class, train_per_class=p.train_per_class,
+                      val_per_class=p.val_per_class, val_database_size=p.val_database_size, seed=p.seed)
+        labels = self.source.labels
+        self.split = load_or_make_split(
+            lambda: make_single_label_split(labels, self.source.class_names, **params),
+            self.source.name, labels, params, Path(d.split_dir) if d.split_dir else None,
+        )
+        if self.split_copy is not None:
+            save_split(self.split, self.split_copy, params)
+        log.info("split %s: %s", self.source.name, self.split.summary())
+        native = self.source.images.shape[1]
+        self.image_size = resolve_image_size(d.image_size, self.cfg.model.weights, native)
+        train_tf = build_transform(self.image_size, native, True, d.augment, d.mean, d.std)
+        eval_tf = build_transform(self.image_size, native, False, False, d.mean, d.std)
+        img, lab = self.source.images, self.source.labels
+        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf)
+        self.val = IndexedImageDataset(img, lab, self.split.val, eval_tf)
+        self.val_database = IndexedImageDataset(img, lab, self.split.val_database, eval_tf)
+        self.query = IndexedImageDataset(img, lab, self.split.query, eval_tf)
+        self.database = IndexedImageDataset(img, lab, self.split.database, eval_tf)
+
+    @property
+    def num_classes(self) -> int:
+        assert self.source is not None, "call setup() first"
+        return self.source.num_classes
+
+    @property
+    def multilabel(self) -> bool:
+        assert self.source is not None, "call setup() first"
+        return self.source.labels.ndim == 2
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw explicit triplets / balanced batches for ``epoch`` (seeded)."""
+        if self._triplets is not None:
+            self._triplets.set_epoch(epoch)
+        if self._balanced_sampler is not None:
+            self._balanced_sampler.set_epoch(epoch)
+
+    def _loader(self, dataset, batch_size: int, **kw) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available(), **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        d = self.cfg.data
+        if d.sampling == "triplets":
+            if self._triplets is None:
+                self._triplets = TripletDataset(self.train, d.triplets_per_image, seed=self.cfg.seed)
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            return self._loader(self._triplets, d.batch_size, shuffle=True, drop_last=True, generator=gen)
+        if self._balanced_sampler is None:
+            trainer = getattr(self, "trainer", None)
+            rank = trainer.global_rank if trainer is not None else 0
+            world = trainer.world_size if trainer is not None else 1
+            self._balanced_sampler = ClassBalancedBatchSampler(
+                self.train.subset_labels.numpy(), d.batch_size, d.images_per_class,
+                seed=self.cfg.seed, rank=rank, world_size=world)
+        workers = d.num_workers
+        return DataLoader(self.train, batch_sampler=self._balanced_sampler, num_workers=workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def _pair(self, queries, database) -> List[DataLoader]:
+        bs = self.cfg.data.eval_batch_size
+        return [self._loader(queries, bs, shuffle=False), self._loader(database, bs, shuffle=False)]
+
+    def val_dataloader(self) -> List[DataLoader]:
+        return self._pair(self.val, self.val_database)
+
+    def test_dataloader(self) -> List[DataLoader]:
+        return self._pair(self.query, self.database)

@@ -1,0 +1,132 @@
+"""Protocol splits: query / train / validation / database index sets, seeded and saved.
+
+The paper protocol for CIFAR-10 (Yao et al. 2016): 1,000 queries (100 per class)
+drawn from all 60,000 images, the other 59,000 form the database, and 5,000
+training images (500 per class) are drawn from the database. We also hold out
+validation queries from the database *outside* the training images, so model
+selection never looks at the test queries; they are ranked against a seeded
+subset of the database that excludes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+__all__ = ["Split", "SPLIT_KEYS", "make_single_label_split", "split_fingerprint", "load_or_make_split"]
+
+SPLIT_KEYS = ("query", "database", "train", "val", "val_database")
+
+
+@dataclass
+class Split:
+    """Index arrays into a :class:`~dsrh_lightning.data.sources.Source` (all sorted int64)."""
+
+    query: np.ndarray
+    database: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    val_database: np.ndarray
+
+    def as_dict(self) -> Dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in SPLIT_KEYS}
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={len(getattr(self, k))}" for k in SPLIT_KEYS)
+
+
+def _per_class_draw(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: np.random.Generator, what: str,
+                    class_names) -> np.ndarray:
+    chosen = []
+    for c in range(len(class_names)):
+        members = pool[labels[pool] == c]
+        if len(members) < per_class:
+            raise ValueError(
+                f"{what}: class {c} ({class_names[c]}) has {len(members)} images available, "
+                f"{per_class} needed; lower the per-class count in data.protocol"
+            )
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
+
+
+def make_single_label_split(
+    labels: np.ndarray,
+    class_names,
+    query_per_class: int,
+    train_per_class: int,
+    val_per_class: int,
+    val_database_size: int,
+    seed: int,
+) -> Split:
+    """Seeded single-label protocol split.
+
+    Args:
+        labels: ``(n,)`` class ids in ``[0, len(class_names))``.
+
+    Returns:
+        query (``query_per_class`` per class from all images), database (the rest),
+        train (``train_per_class`` per class from the database), val
+        (``val_per_class`` per class from database minus train) and val_database
+        (a random subset of database minus val, ``val_database_size`` items or all).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"single-label split needs 1-D class ids, got shape {labels.shape}")
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"classes with no image: {empty}; every class needs images for the per-class protocol")
+    rng = np.random.default_rng(seed)
+    everything = np.arange(len(labels))
+    query = _per_class_draw(everything, labels, query_per_class, rng, "query set", class_names)
+    database = np.setdiff1d(everything, query)
+    train = _per_class_draw(database, labels, train_per_class, rng, "training set", class_names)
+    rest = np.setdiff1d(database, train)
+    val = _per_class_draw(rest, labels, val_per_class, rng, "validation set", class_names)
+    val_pool = np.setdiff1d(database, val)
+    if val_database_size and val_database_size < len(val_pool):
+        val_database = np.sort(rng.choice(val_pool, size=val_database_size, replace=False))
+    else:
+        val_database = val_pool
+    return Split(query, database, train, val, val_database)
+
+
+def split_fingerprint(dataset: str, labels: np.ndarray, params: dict) -> str:
+    """Short hash of the data set's labels and the protocol parameters."""
+    h = hashlib.sha256()
+    h.update(dataset.encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def load_or_make_split(make, dataset: str, labels: np.ndarray, params: dict, split_dir: Optional[Path]) -> Split:
+    """Load ``<split_dir>/<dataset>-<fingerprint>.npz`` if present, else call ``make()`` and save it.
+
+    Caching the split on disk keeps runs reproducible even if a future numpy
+    changes its random streams.
+    """
+    fp = split_fingerprint(dataset, labels, params)
+    path = Path(split_dir) / f"{dataset}-{fp}.npz" if split_dir else None
+    if path is not None and path.is_file():
+        with np.load(path) as data:
+            missing = [k for k in SPLIT_KEYS if k not in data.files]
+            if missing:
+                raise ValueError(f"{path}: split file lacks {missing}; delete it to regenerate")
+            return Split(**{k: data[k].astype(np.int64) for k in SPLIT_KEYS})
+    split = make()
+    if path is not None:
+        save_split(split, path, params)
+    return split
+
+
+def save_split(split: Split, path: Path, params: Optional[dict] = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, params=json.dumps(params or {}, sort_keys=True), **split.as_dict())
+    tmp.replace(path)

@@ -1,0 +1,44 @@
+"""Evaluate a trained checkpoint on the test queries against the database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from .callbacks import RetrievalEvaluation
+from .config import Config, ConfigError, normalise_overrides, validate
+from .data.datamodule import HashingDataModule
+from .module import HashingModule
+
+__all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
+
+
+def config_from_checkpoint(path: Path, overrides: Sequence[str] = ()):
+    """The run's config stored in the checkpoint, with ``key=value`` overrides (e.g. data.root)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    if "config" not in hp:
+        raise ConfigError(f"{path}: not a dsrh-lightning checkpoint (no hyper_parameters.config)")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), hp["config"])
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(normalise_overrides(overrides)))
+    validate(cfg)
+    return cfg, hp
+
+
+def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    cfg, hp = config_from_checkpoint(path, overrides)
+    dm = HashingDataModule(cfg)
+    dm.setup("test")
+    module = HashingModule.load_from_checkpoint(str(path), map_location="cpu")
+    evaluation = RetrievalEvaluation(cfg.eval)
+    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
+                         callbacks=[evaluation], enable_progress_bar=cfg.trainer.progress_bar,
+                         precision=cfg.trainer.precision)
+    trainer.test(module, datamodule=dm, verbose=False)
+    return evaluation.last.get("test", {})

@@ -1,0 +1,43 @@
+"""The hashing network: shared backbone -> hash stream + classification stream."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .backbones import build_backbone
+from .heads import BagsHashHead
+
+__all__ = ["HashingNetwork", "build_network"]
+
+
+class HashingNetwork(nn.Module):
+    """``forward(x) -> {"features", "codes" (b, bits) in (0,1), "logits" (b, classes) or None}``."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, bag_size: int,
+                 num_classes: Optional[int], bag_activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.hash_head = BagsHashHead(feature_dim, bits, bag_size, bag_activation, dropout)
+        self.classifier = nn.Linear(feature_dim, num_classes) if num_classes else None
+
+    def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        features = self.backbone(x)
+        return {
+            "features": features,
+            "codes": self.hash_head(features),
+            "logits": self.classifier(features) if self.classifier is not None else None,
+        }
+
+
+def build_network(model_cfg: DictConfig, num_classes: int) -> HashingNetwork:
+    backbone, dim = build_backbone(model_cfg.backbone, model_cfg.weights)
+    if model_cfg.freeze_backbone:
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+    return HashingNetwork(backbone, dim, model_cfg.bits, model_cfg.bag_size,
+                          num_classes if model_cfg.classifier else None,
+                          model_cfg.bag_activation, model_cfg.dropout)

