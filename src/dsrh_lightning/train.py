@@ -79,6 +79,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     results: Dict[str, Any] = {"run_dir": str(run_dir), "best_checkpoint": checkpoint.best_model_path or None,
                                "last_checkpoint": checkpoint.last_model_path or None}
     results.update(evaluation.last.get("val", {}))
+    if checkpoint.best_model_score is not None:
+        results["best_val_map"] = float(checkpoint.best_model_score)
     if cfg.trainer.test_after_fit:
         ckpt = checkpoint.best_model_path or None
         trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
