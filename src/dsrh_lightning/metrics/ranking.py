@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bucket_histogram", "within_bucket_rank"]
+__all__ = ["bucket_histogram", "pad_distances", "within_bucket_rank"]
 
 CHUNK = 16
 
@@ -37,42 +37,57 @@ def bucket_histogram(idx: torch.Tensor, values: torch.Tensor | None, num_buckets
     return out.scatter_add_(1, idx, values)
 
 
+def pad_distances(dist: torch.Tensor, num_buckets: int, chunk: int = CHUNK) -> torch.Tensor:
+    """Copy ``(b, n)`` distances (any numeric dtype, exact integers) into a uint8/int16
+    ``(b, ceil(n/chunk)*chunk)`` buffer padded with ``num_buckets`` (a bucket nobody asks for)."""
+    b, n = dist.shape
+    nc = (n + chunk - 1) // chunk
+    dtype = torch.uint8 if num_buckets < 255 else torch.int16
+    out = torch.full((b, nc * chunk), num_buckets, dtype=dtype, device=dist.device)
+    out[:, :n] = dist
+    return out
+
+
 def within_bucket_rank(
-    dist: torch.Tensor,
+    dist_padded: torch.Tensor,
+    idx_padded: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
-    num_buckets: int,
+    max_bucket: int,
     chunk: int = CHUNK,
     sub_batch: int = 1 << 22,
 ) -> torch.Tensor:
     """Rank of selected items inside their distance bucket, in database-index order.
 
     Args:
-        dist: ``(b, n)`` distances in ``0..num_buckets-1`` (uint8 or int16).
-        rows, cols: ``(S,)`` int64 indices of the selected items.
+        dist_padded: ``(b, nc*chunk)`` distances from :func:`pad_distances`.
+        idx_padded: the same values as int64 (reused by the caller for histograms).
+        rows, cols: ``(S,)`` int64 indices of the selected items; their distances must
+            be ``<= max_bucket`` (larger distances are merged into one bucket here).
+        max_bucket: largest distance any selected item has.
 
     Returns:
         ``(S,)`` int64 ``#{i <= cols[s] : dist[rows[s], i] == dist[rows[s], cols[s]]}`` (>= 1).
     """
-    b, n = dist.shape
-    nc = (n + chunk - 1) // chunk
-    pad = nc * chunk - n
-    # padding goes to an extra bucket that no selected item asks for
-    dp = torch.nn.functional.pad(dist, (0, pad), value=num_buckets) if pad else dist
-    dp = dp.reshape(b, nc, chunk)
-    table = torch.zeros(b, nc, num_buckets + 1, dtype=torch.int32, device=dist.device)
-    table.scatter_add_(2, dp.long(), torch.ones(1, 1, 1, dtype=torch.int32, device=dist.device).expand(b, nc, chunk))
+    b, width = dist_padded.shape
+    nc = width // chunk
+    nb = max_bucket + 2  # buckets 0..max_bucket, then one for everything farther (and padding)
+    tidx = idx_padded.clamp(max=max_bucket + 1).view(b, nc, chunk)
+    table = torch.zeros(b, nc, nb, dtype=torch.int32, device=dist_padded.device)
+    table.scatter_add_(2, tidx, torch.ones(1, 1, 1, dtype=torch.int32, device=table.device).expand(b, nc, chunk))
+    del tidx
     prefix = torch.cumsum(table, dim=1, dtype=torch.int32)
     prefix -= table  # exclusive: counts in the chunks before
     del table
-    ar = torch.arange(chunk, device=dist.device)
+    dp = dist_padded.view(b, nc, chunk)
+    ar = torch.arange(chunk, device=dp.device)
     tri = ar.view(1, -1) <= ar.view(-1, 1)  # tri[o, i] = i <= o
-    out = torch.empty(rows.numel(), dtype=torch.int64, device=dist.device)
+    out = torch.empty(rows.numel(), dtype=torch.int64, device=dp.device)
     for s0 in range(0, rows.numel(), sub_batch):
         r, j = rows[s0:s0 + sub_batch], cols[s0:s0 + sub_batch]
         c = torch.div(j, chunk, rounding_mode="floor")
         o = j - c * chunk
-        v = dist[r, j]
+        v = dp[r, c, o]
         eq = (dp[r, c] == v.view(-1, 1)) & tri[o]
         out[s0:s0 + sub_batch] = prefix[r, c, v.long()].to(torch.int64) + eq.sum(1)
     return out
