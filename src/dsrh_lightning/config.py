@@ -349,7 +349,8 @@ def load_config(
         elif key == "experiment":
             experiment = value
         else:
-            rest.append(item)
+            # "key=" means the empty string (OmegaConf would read None).
+            rest.append(item if value else f"{key}=''")
     cfg = OmegaConf.structured(Config)
     files: List[Path] = []
     if dataset:
