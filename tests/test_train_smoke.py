@@ -30,6 +30,12 @@ def test_train_synthetic_end_to_end(tiny_overrides, tmp_path):
     # The checkpoint carries the resolved config as hyperparameters.
     ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["model"]["bits"] == cfg.model.bits
+    # `dsrh eval` on the best checkpoint reproduces the test metrics of the run.
+    from dsrh_lightning.evaluate import evaluate_checkpoint
+
+    again = evaluate_checkpoint(Path(results["best_checkpoint"]), ["trainer.progress_bar=false"])
+    assert again["test/map"] == pytest.approx(results["test/map"], abs=1e-9)
+    assert again["test/precision_radius"] == pytest.approx(results["test/precision_radius"], abs=1e-9)
 
 
 @pytest.mark.parametrize("experiment", ["drh", "drh_plus", "dsrh_balanced"])
