@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from .callbacks import RetrievalEvaluation
+from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .config import save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         dirpath=str(run_dir / "checkpoints"), monitor="val/map", mode="max", save_last=True, save_top_k=1,
         filename="best-step{step}-map{val/map:.4f}", auto_insert_metric_name=False,
     )
-    callbacks = [evaluation, checkpoint]
+    callbacks = [evaluation, checkpoint, RetrievalPlots(cfg.eval)]  # plots go to W&B only
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if logger:
