@@ -47,6 +47,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Train
     )
 
 
+def resolve_weights(cfg: DictConfig) -> None:
+    """Turn ``model.weights=auto`` into ``imagenet`` (if the weights load) or ``none`` (with a warning)."""
+    if cfg.model.weights != "auto":
+        return
+    from .models.backbones import WeightsUnavailableError, build_backbone
+
+    try:
+        build_backbone(cfg.model.backbone, "imagenet", cfg.model.hash_input)
+        cfg.model.weights = "imagenet"
+    except WeightsUnavailableError as exc:
+        cfg.model.weights = "none"
+        print(f"WARNING: model.weights=auto: ImageNet weights unavailable, TRAINING FROM SCRATCH "
+              f"(model.weights=none; the saved config records this). Reason: {exc}", flush=True)
+
+
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Train, select the checkpoint with the best validation MAP, evaluate it on the test queries.
 
@@ -54,6 +69,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     ``checkpoints/`` (last + best), ``metrics.json``. Returns the metrics dict.
     """
     pl.seed_everything(cfg.seed, workers=True)
+    resolve_weights(cfg)
     name = run_name(cfg)
     run_dir = Path(cfg.output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
