@@ -214,6 +214,16 @@ def _stable_from_range(lims, dist, idx, nq: int, k: int) -> Tuple[np.ndarray, np
     return out_d, out_i
 
 
+def _range_into(index, q_packed, rows, t: int, k: int, out_d, out_i, rows_per_call: int = 64) -> None:
+    """Every item within distance ``t`` of each query in ``rows`` (a range search is strict:
+    ``distance < t + 1``), sorted by (distance, index), first ``k`` written to ``out_*``.
+    Queries go in small groups so that large tie groups stay bounded in memory."""
+    for r0 in range(0, len(rows), rows_per_call):
+        rr = rows[r0:r0 + rows_per_call]
+        lims, dist, idx = index.range_search(q_packed[rr], t + 1)
+        out_d[rr], out_i[rr] = _stable_from_range(lims, dist, idx, len(rr), k)
+
+
 def search_faiss(q_bits, db_packed: np.ndarray, bits: int, k: int, multihash: Optional[bool] = None,
                  nhash: Optional[int] = None, nflip: int = 1, stats: Optional[dict] = None
                  ) -> Tuple[np.ndarray, np.ndarray]:
@@ -261,9 +271,7 @@ def search_faiss(q_bits, db_packed: np.ndarray, bits: int, k: int, multihash: Op
             sel = np.flatnonzero(ok)
             # one radius per call; group queries by their k-th distance
             for t in np.unique(kth[sel]):
-                rows = sel[kth[sel] == t]
-                lims, dist, idx = mih.range_search(q_packed[rows], int(t) + 1)  # strict: distance < t + 1
-                out_d[rows], out_i[rows] = _stable_from_range(lims, dist, idx, len(rows), k)
+                _range_into(mih, q_packed, sel[kth[sel] == t], int(t), k, out_d, out_i)
         todo = np.flatnonzero(~ok)
     if stats is not None:
         stats.update(multihash_queries=int(nq - len(todo)), flat_queries=int(len(todo)))
@@ -273,9 +281,7 @@ def search_faiss(q_bits, db_packed: np.ndarray, bits: int, k: int, multihash: Op
         D, _ = flat.search(q_packed[todo], k)
         kth = D[:, k - 1].astype(np.int64)
         for t in np.unique(kth):
-            rows = todo[kth == t]
-            lims, dist, idx = flat.range_search(q_packed[rows], int(t) + 1)
-            out_d[rows], out_i[rows] = _stable_from_range(lims, dist, idx, len(rows), k)
+            _range_into(flat, q_packed, todo[kth == t], int(t), k, out_d, out_i)
     return out_d, out_i
 
 
