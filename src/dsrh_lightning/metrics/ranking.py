@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["bucket_histogram", "pad_distances", "within_bucket_rank"]
 
-CHUNK = 16
+CHUNK = 32
 
 
 def bucket_histogram(idx: torch.Tensor, values: torch.Tensor | None, num_buckets: int) -> torch.Tensor:
