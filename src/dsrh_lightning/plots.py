@@ -101,7 +101,8 @@ def plot_precision_at_k(ks: Sequence[int], precision: Sequence[float], title: st
 def plot_precision_radius(radii: Sequence[int], precision: Sequence[float],
                           title: str = "Precision within Hamming radius"):
     fig, ax = plt.subplots(figsize=(5, 4.2), dpi=100)
-    bars = ax.bar([str(r) for r in radii], precision, color="#4393c3")
+    bars = ax.bar(list(radii), precision, color="#4393c3")
+    ax.set_xticks(list(radii))
     for b, v in zip(bars, precision):
         ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=8)
