@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .data.distributed import item_seed
 from .data.sampling import mine_all_triplets
 from .losses import classification_loss, effective_margin, orthogonality_penalty, triplet_ranking_loss
 from .models import build_network
@@ -60,6 +61,13 @@ class HashingModule(pl.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout and in-batch mining draw from generators seeded by (seed, step, rank): the random
+        # numbers of step t do not depend on what ran before, so a resumed run matches an uninterrupted one.
+        step_seed = item_seed(int(self.cfg.seed), self.global_step, self.global_rank, slot=1)
+        torch.manual_seed(step_seed)
+        self._mine_gen.manual_seed(step_seed)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
         bits = self.cfg.model.bits
@@ -80,7 +88,11 @@ class HashingModule(pl.LightningModule):
             flat_labels = labels
             self.log("train/triplets_per_batch", float(len(a)), on_step=True)
         losses = compute_losses(q, p, n, orth, out["logits"], flat_labels, self.cfg.loss, bits)
-        if not torch.isfinite(losses["loss"]):
+        finite = bool(torch.isfinite(losses["loss"]))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Stop every rank together (a rank that stopped alone would leave the others waiting).
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step}: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
