@@ -30,7 +30,7 @@ __all__ = [
     "save_config",
 ]
 
-DATASETS = ("cifar10", "synthetic")
+DATASETS = ("cifar10", "synthetic", "nuswide", "custom")
 BACKBONES = ("vgg19", "vgg19_bn", "vgg16", "resnet18", "resnet50", "small_cnn", "efficientnet_lite0")
 
 
@@ -60,8 +60,26 @@ class DataConfig:
     # Where generated split files are cached ("" = <root>/splits is not used; see data/protocol.py).
     split_dir: str = "data/splits"
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    # List files (nuswide, custom): "relative/path.jpg <class id>" or "relative/path.jpg 0 1 ... 1" per line,
+    # paths relative to data.root. Three lists give the split; list_file alone is split by data.protocol.
+    train_list: str = ""
+    query_list: str = ""
+    database_list: str = ""
+    list_file: str = ""
+    # Expected multi-hot width (0 = from the first line).
+    num_labels: int = 0
+    # A bad line or image: "error" (stop, naming file and line) or "skip" (drop it, log a count).
+    on_bad: str = "error"
+    # Check listed images at setup: none | exists | header (PIL can identify the file) | decode.
+    check_images: str = "header"
+    # Accept images whose multi-hot labels are all 0.
+    allow_unlabelled: bool = False
+    # nuswide: "lists" (train/query/database lists), "official" (ImageList + Groundtruth/AllLabels files,
+    # split by data.protocol) or "auto" (lists when the list files exist).
+    nuswide_source: str = "auto"
     # "triplets": explicit (query, positive, negative) triplets sampled from labels (the paper);
-    # "balanced": class-balanced batches, all valid triplets mined inside the batch.
+    # "balanced": class-balanced batches, all valid triplets mined inside the batch;
+    # "random": shuffled batches, triplets mined inside the batch (multi-label data, weighted ranking).
     sampling: str = "triplets"
     triplets_per_image: int = 1
     # Triplets per batch in "triplets" mode; images per batch in "balanced" mode.
@@ -94,6 +112,8 @@ class ModelConfig:
     bag_size: int = 30
     # Activation between the s*k FC layer and the per-bag encoders: relu | sigmoid | none.
     bag_activation: str = "relu"
+    # Input of the hash stream: "last" (fc7 for VGG) or "last_two" (fc6 and fc7 concatenated, Zhao et al.).
+    hash_input: str = "last"
     # Classification stream on the shared features (its loss weight is loss.cls_weight).
     classifier: bool = True
     dropout: float = 0.5
@@ -103,6 +123,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    # "triplet": the DSRH hinge on squared code distances (Yao et al.);
+    # "weighted": Zhao et al.'s multilevel ranking hinge on a Hamming surrogate, weighted by (2^ri - 2^rj)/Z.
+    ranking: str = "triplet"
     triplet_weight: float = 1.0
     margin: float = 1.0
     # "constant": margin as given; "per_bit": margin * bits (codes live in [0,1]^bits).
@@ -112,6 +135,8 @@ class LossConfig:
     # Normalisation of ||(1/m) H~^T H~ - I||_F^2: "none" (paper), "bits" (/k) or "bits2" (/k^2).
     orth_norm: str = "none"
     cls_weight: float = 1.0
+    # Bit balance penalty ||mean over the batch of (2h - 1)||^2 (Zhao et al.); 0 disables it.
+    balance_weight: float = 0.0
 
 
 @dataclass
@@ -157,6 +182,10 @@ class EvalConfig:
     # MAP over the top K of the ranking (0 = whole database).
     topk: int = 0
     precision_at: List[int] = field(default_factory=lambda: [100, 1000])
+    # Multilevel metrics (0 = off): NDCG@k, ACG@k, weighted mAP@K.
+    ndcg_k: int = 0
+    acg_k: int = 0
+    wmap_topk: int = 0
     # Queries with no relevant database item: "zero" (AP = 0) or "skip".
     empty_queries: str = "zero"
     ties: str = "stable"
@@ -193,7 +222,12 @@ class Config:
 
 _CHOICES = {
     "data.dataset": DATASETS,
-    "data.sampling": ("triplets", "balanced"),
+    "data.sampling": ("triplets", "balanced", "random"),
+    "data.on_bad": ("error", "skip"),
+    "data.check_images": ("none", "exists", "header", "decode"),
+    "data.nuswide_source": ("auto", "lists", "official"),
+    "model.hash_input": ("last", "last_two"),
+    "loss.ranking": ("triplet", "weighted"),
     "model.backbone": BACKBONES,
     "model.weights": ("imagenet", "none"),
     "model.bag_activation": ("relu", "sigmoid", "none"),
@@ -232,6 +266,11 @@ _NON_NEGATIVE = (
     "optim.weight_decay",
     "eval.radius",
     "eval.topk",
+    "eval.ndcg_k",
+    "eval.acg_k",
+    "eval.wmap_topk",
+    "loss.balance_weight",
+    "data.num_labels",
     "trainer.checkpoint_every_n_steps",
 )
 
@@ -371,6 +410,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.data.sampling == "balanced" and cfg.data.batch_size // cfg.data.images_per_class < 2:
         raise ConfigError("data.sampling=balanced needs at least 2 classes per batch (batch_size / images_per_class)")
+    if cfg.loss.ranking == "weighted" and cfg.data.sampling == "triplets":
+        raise ConfigError("loss.ranking=weighted mines multilevel triplets inside each batch: set "
+                          "data.sampling=random (or balanced for single-label data)")
+    if cfg.model.hash_input == "last_two" and not cfg.model.backbone.startswith("vgg"):
+        raise ConfigError(f"model.hash_input=last_two needs a VGG backbone (fc6 + fc7), not {cfg.model.backbone}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
     for k in cfg.eval.precision_at:

@@ -9,32 +9,36 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data.distributed import item_seed
-from .data.sampling import mine_all_triplets
-from .losses import classification_loss, effective_margin, orthogonality_penalty, triplet_ranking_loss
+from .data.sampling import mine_all_triplets, mine_multilevel_triplets
+from .losses import (balance_penalty, classification_loss, effective_margin, orthogonality_penalty,
+                     triplet_ranking_loss, weighted_ranking_loss)
 from .models import build_network
 
-__all__ = ["HashingModule", "compute_losses"]
+__all__ = ["HashingModule", "combine_losses"]
 
 
-def compute_losses(codes_q: torch.Tensor, codes_p: torch.Tensor, codes_n: torch.Tensor,
-                   orth_matrices: List[torch.Tensor], logits: Optional[torch.Tensor],
-                   labels: Optional[torch.Tensor], loss_cfg: DictConfig, bits: int) -> Dict[str, torch.Tensor]:
-    """The DSRH objective: ``w_t * triplet + lambda * orth + w_c * classification``.
+def combine_losses(ranking: torch.Tensor, orth_matrices: List[torch.Tensor], codes: torch.Tensor,
+                   logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                   loss_cfg: DictConfig) -> Dict[str, torch.Tensor]:
+    """The objective: ``w_t * ranking + lambda * orth + w_b * balance + w_c * classification``.
 
     Args:
-        codes_q, codes_p, codes_n: ``(t, k)`` relaxed codes of the triplets.
+        ranking: scalar ranking loss (triplet hinge or Zhao's weighted hinge).
         orth_matrices: code matrices the orthogonality penalty averages over.
+        codes: ``(b, k)`` all codes of the batch (for the balance penalty).
         logits, labels: classification stream output ``(b, c)`` and its labels (or None).
 
     Returns:
-        dict with ``loss`` (total) and each term.
+        dict with ``loss`` (total) and each active term.
     """
-    margin = effective_margin(loss_cfg.margin, bits, loss_cfg.margin_scaling)
-    out: Dict[str, torch.Tensor] = {"triplet": triplet_ranking_loss(codes_q, codes_p, codes_n, margin)}
-    total = loss_cfg.triplet_weight * out["triplet"]
+    out: Dict[str, torch.Tensor] = {"ranking": ranking}
+    total = loss_cfg.triplet_weight * ranking
     if loss_cfg.orth_weight > 0:
         out["orth"] = orthogonality_penalty(orth_matrices, loss_cfg.orth_norm)
         total = total + loss_cfg.orth_weight * out["orth"]
+    if loss_cfg.balance_weight > 0:
+        out["balance"] = balance_penalty(codes)
+        total = total + loss_cfg.balance_weight * out["balance"]
     if logits is not None and labels is not None and loss_cfg.cls_weight > 0:
         out["cls"] = classification_loss(logits, labels)
         total = total + loss_cfg.cls_weight * out["cls"]
@@ -68,26 +72,31 @@ class HashingModule(pl.LightningModule):
         torch.manual_seed(step_seed)
         self._mine_gen.manual_seed(step_seed)
 
+    def _ranking(self, out, labels, images_per_item: int):
+        """Ranking loss, the matrices for the orthogonality penalty, all codes, flat labels."""
+        lc = self.cfg.loss
+        margin = effective_margin(lc.margin, self.cfg.model.bits, lc.margin_scaling)
+        if images_per_item == 3:
+            # Explicit triplets: rows are (query, positive, negative) of each triplet.
+            codes = out["codes"].view(-1, 3, self.cfg.model.bits)
+            q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
+            return triplet_ranking_loss(q, p, n, margin), [q, p, n], out["codes"], labels.flatten(0, 1)
+        codes = out["codes"]
+        if lc.ranking == "weighted":
+            q, i, j, w = mine_multilevel_triplets(labels, self.cfg.data.max_triplets, self._mine_gen)
+            self.log("train/triplets_per_batch", float(len(q)), on_step=True)
+            return weighted_ranking_loss(codes, q, i, j, w, margin), [codes], codes, labels
+        a, p, n = mine_all_triplets(labels, self.cfg.data.max_triplets, self._mine_gen)
+        self.log("train/triplets_per_batch", float(len(a)), on_step=True)
+        return triplet_ranking_loss(codes[a], codes[p], codes[n], margin), [codes], codes, labels
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        bits = self.cfg.model.bits
-        if self.cfg.data.sampling == "triplets":
-            # images (b, 3, C, H, W): query, positive, negative of each triplet.
-            b = images.shape[0]
-            out = self.net(images.flatten(0, 1))
-            codes = out["codes"].view(b, 3, -1)
-            q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
-            orth = [q, p, n]
-            flat_labels = labels.flatten(0, 1)
-        else:
-            out = self.net(images)
-            codes = out["codes"]
-            a, p_idx, n_idx = mine_all_triplets(labels, self.cfg.data.max_triplets, self._mine_gen)
-            q, p, n = codes[a], codes[p_idx], codes[n_idx]
-            orth = [codes]
-            flat_labels = labels
-            self.log("train/triplets_per_batch", float(len(a)), on_step=True)
-        losses = compute_losses(q, p, n, orth, out["logits"], flat_labels, self.cfg.loss, bits)
+        explicit = self.cfg.data.sampling == "triplets"
+        # Explicit triplets arrive as (b, 3, C, H, W); in-batch modes as (b, C, H, W).
+        out = self.net(images.flatten(0, 1) if explicit else images)
+        ranking, orth, codes, flat_labels = self._ranking(out, labels, 3 if explicit else 1)
+        losses = combine_losses(ranking, orth, codes, out["logits"], flat_labels, self.cfg.loss)
         finite = bool(torch.isfinite(losses["loss"]))
         if self._trainer is not None and self.trainer.world_size > 1:
             # Stop every rank together (a rank that stopped alone would leave the others waiting).
@@ -97,8 +106,8 @@ class HashingModule(pl.LightningModule):
                 f"non-finite loss at step {self.global_step}: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 + "; lower optim.lr or check the input data. The last checkpoint is kept.")
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, on_step=True)
-        self.log("train/loss_total", losses["loss"].detach(), prog_bar=True, on_step=True, logger=False)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True)
+        self.log("loss", losses["loss"].detach(), prog_bar=True, on_step=True, logger=False)
         self.log("train/bit_balance", (codes.detach().float().mean(0) - 0.5).abs().mean(), on_step=True)
         return losses["loss"]
 

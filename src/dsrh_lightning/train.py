@@ -159,12 +159,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     # The final state, whatever the step (periodic and validation checkpoints may be older).
     assert_finite_parameters(module)
     trainer.save_checkpoint(str(last))
-    best = checkpoint.best_model_score
     results: Dict[str, Any] = {"run_dir": str(run_dir), "best_checkpoint": checkpoint.best_model_path or None,
                                "last_checkpoint": str(last), "global_step": trainer.global_step}
     results.update(evaluation.last.get("val", {}))
-    if best is not None:
-        results["val/map_best"] = float(best)
+    if checkpoint.best_model_score is not None:
+        results["best_val_map"] = float(checkpoint.best_model_score)
     if cfg.trainer.test_after_fit:
         ckpt = checkpoint.best_model_path or None
         trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)

@@ -96,13 +96,14 @@ class RetrievalEvaluation(pl.Callback):
             q_codes, db_codes, q_labels, db_labels,
             topk=topk, radius=self.cfg.radius, precision_at=tuple(self.cfg.precision_at),
             ties=self.cfg.ties, empty_queries=self.cfg.empty_queries,
+            ndcg_k=self.cfg.ndcg_k or None, acg_k=self.cfg.acg_k or None, wmap_topk=self.cfg.wmap_topk or None,
         )
         scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self.last[stage] = scalars
         pl_module.log_dict(scalars, prog_bar=False, logger=True, sync_dist=False)
         pl_module.print(f"[{stage} step {trainer.global_step}] "
                         + "  ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items()
-                                    if k.split('/')[1] in ("map", "precision_radius")))
+                                    if k.split('/')[1] in ("map", "precision_radius", "ndcg", "wmap")))
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._reset()

@@ -14,25 +14,74 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .datasets import IndexedImageDataset, TripletDataset
-from .protocol import Split, load_or_make_split, make_single_label_split, save_split
+from .image_list import ImageFiles, check_images
+from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
+from .protocol import (Split, load_or_make_split, make_multilabel_split, make_single_label_split, save_split,
+                       split_from_lists)
 from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
-from .sources import Source, load_cifar10, make_synthetic, resolve_root
+from .sources import DataNotFoundError, Source, load_cifar10, make_synthetic, resolve_root
 from .transforms import build_transform, resolve_image_size
 
-__all__ = ["HashingDataModule", "load_source"]
+__all__ = ["HashingDataModule", "load_source", "make_split"]
 
 log = logging.getLogger(__name__)
 
 
-def load_source(data_cfg: DictConfig, seed: int, download: bool = False) -> Source:
-    """Load the configured data set into memory."""
-    if data_cfg.dataset == "synthetic":
-        return make_synthetic(data_cfg.synthetic_classes, data_cfg.synthetic_per_class,
-                              data_cfg.synthetic_image_size, seed=seed)
-    if data_cfg.dataset == "cifar10":
-        return load_cifar10(resolve_root(data_cfg.root, "cifar10"), download=download)
-    raise ValueError(f"data.dataset={data_cfg.dataset!r} has no loader")
+def _nuswide_mode(d: DictConfig, root: Path) -> str:
+    if d.nuswide_source != "auto":
+        return d.nuswide_source
+    lists = [d.train_list, d.query_list, d.database_list, d.list_file]
+    if any(l and ((root / l).is_file() or Path(l).is_file()) for l in lists):
+        return "lists"
+    if (root / "ImageList" / "Imagelist.txt").is_file():
+        return "official"
+    raise DataNotFoundError(
+        f"NUS-WIDE not found under '{root}': looked for the list files {[l for l in lists if l]} and for "
+        f"NUS-WIDE's own {root}/ImageList/Imagelist.txt. Set data.root=PATH (DATA_DIR=PATH with make); "
+        "data/README.md explains how to obtain NUS-WIDE.")
+
+
+def load_source(data_cfg: DictConfig, seed: int, download: bool = False) -> tuple[Source, Optional[ListPartition]]:
+    """Load the configured data set; list-based sets also return the lists' partition."""
+    d = data_cfg
+    if d.dataset == "synthetic":
+        return make_synthetic(d.synthetic_classes, d.synthetic_per_class, d.synthetic_image_size, seed=seed), None
+    if d.dataset == "cifar10":
+        return load_cifar10(resolve_root(d.root, "cifar10"), download=download), None
+    if d.dataset == "custom":
+        return load_list_source(d, "custom")
+    if d.dataset == "nuswide":
+        root = resolve_root(d.root, "nuswide")
+        if _nuswide_mode(d, root) == "lists":
+            return load_list_source(d, "nuswide", NUSWIDE21_CONCEPTS)
+        paths, labels = load_nuswide_official(root)
+        files = ImageFiles(root, paths)
+        bad = check_images(files, d.check_images, d.on_bad)
+        if bad:
+            keep = np.setdiff1d(np.arange(len(paths)), bad)
+            files, labels = ImageFiles(root, [paths[i] for i in keep]), labels[keep]
+        return Source(files, labels, NUSWIDE21_CONCEPTS, "nuswide"), None
+    raise ValueError(f"data.dataset={d.dataset!r} has no loader")
+
+
+def make_split(source: Source, partition: Optional[ListPartition], data_cfg: DictConfig) -> Split:
+    """The protocol split: from the lists when they define one, else seeded per-class/per-concept draws."""
+    p = data_cfg.protocol
+    if partition is not None and partition.all is None:
+        missing = [k for k in ("train", "query", "database") if getattr(partition, k) is None]
+        if missing:
+            raise DataNotFoundError(f"data.dataset={source.name}: missing {', '.join('data.' + m + '_list' for m in missing)}; "
+                                    "give all three lists, or one data.list_file to split by data.protocol")
+        return split_from_lists(partition.query, partition.database, partition.train, source.labels,
+                                source.class_names, p.val_per_class, p.val_database_size, p.seed)
+    params = dict(query_per_class=p.query_per_class, train_per_class=p.train_per_class,
+                  val_per_class=p.val_per_class, val_database_size=p.val_database_size, seed=p.seed)
+    labels = source.labels
+    make = make_multilabel_split if labels.ndim == 2 else make_single_label_split
+    split_dir = Path(data_cfg.split_dir) if data_cfg.split_dir else None
+    return load_or_make_split(lambda: make(labels, source.class_names, **params), source.name, labels, params,
+                              split_dir)
 
 
 class HashingDataModule(pl.LightningDataModule):
@@ -51,6 +100,7 @@ class HashingDataModule(pl.LightningDataModule):
         self.split: Optional[Split] = None
         self._balanced_sampler: Optional[ClassBalancedBatchSampler] = None
         self._triplet_sampler: Optional[EpochBatchSampler] = None
+        self._random_sampler: Optional[EpochBatchSampler] = None
         self._triplets: Optional[TripletDataset] = None
 
     # Lightning calls prepare_data on one process: the only place that downloads.
@@ -63,20 +113,13 @@ class HashingDataModule(pl.LightningDataModule):
         if self.source is not None:
             return
         d = self.cfg.data
-        self.source = load_source(d, self.cfg.seed, download=False)
-        p = d.protocol
-        params = dict(query_per_class=p.query_per_class, train_per_class=p.train_per_class,
-                      val_per_class=p.val_per_class, val_database_size=p.val_database_size, seed=p.seed)
-        labels = self.source.labels
-        self.split = load_or_make_split(
-            lambda: make_single_label_split(labels, self.source.class_names, **params),
-            self.source.name, labels, params, Path(d.split_dir) if d.split_dir else None,
-        )
+        self.source, partition = load_source(d, self.cfg.seed, download=False)
+        self.split = make_split(self.source, partition, d)
         if self.split_copy is not None:
-            save_split(self.split, self.split_copy, params)
+            save_split(self.split, self.split_copy, {"dataset": self.source.name})
         log.info("split %s: %s", self.source.name, self.split.summary())
-        native = self.source.images.shape[1]
-        self.image_size = resolve_image_size(d.image_size, self.cfg.model.weights, native)
+        native = self.source.native_size
+        self.image_size = resolve_image_size(d.image_size, self.cfg.model.weights, native or 224)
         train_tf = build_transform(self.image_size, native, True, d.augment, d.mean, d.std)
         eval_tf = build_transform(self.image_size, native, False, False, d.mean, d.std)
         img, lab = self.source.images, self.source.labels
@@ -98,7 +141,8 @@ class HashingDataModule(pl.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """Redraw explicit triplets / balanced batches for ``epoch`` (seeded)."""
-        for obj in (self._triplets, self._triplet_sampler, self._balanced_sampler, getattr(self, "train", None)):
+        for obj in (self._triplets, self._triplet_sampler, self._random_sampler, self._balanced_sampler,
+                    getattr(self, "train", None)):
             if obj is not None:
                 obj.set_epoch(epoch)
 
@@ -130,6 +174,11 @@ class HashingDataModule(pl.LightningDataModule):
                 self._triplet_sampler = EpochBatchSampler(len(self._triplets), d.batch_size, seed=self.cfg.seed,
                                                           rank=rank, world_size=world)
             dataset, batches = self._triplets, self._triplet_sampler
+        elif d.sampling == "random":
+            if self._random_sampler is None:
+                self._random_sampler = EpochBatchSampler(len(self.train), d.batch_size, seed=self.cfg.seed,
+                                                         rank=rank, world_size=world)
+            dataset, batches = self.train, self._random_sampler
         else:
             if self._balanced_sampler is None:
                 self._balanced_sampler = ClassBalancedBatchSampler(

@@ -18,7 +18,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-__all__ = ["Split", "SPLIT_KEYS", "make_single_label_split", "split_fingerprint", "load_or_make_split"]
+__all__ = [
+    "Split", "SPLIT_KEYS", "make_single_label_split", "make_multilabel_split", "split_from_lists",
+    "split_fingerprint", "load_or_make_split",
+]
 
 SPLIT_KEYS = ("query", "database", "train", "val", "val_database")
 
@@ -86,14 +89,92 @@ def make_single_label_split(
     query = _per_class_draw(everything, labels, query_per_class, rng, "query set", class_names)
     database = np.setdiff1d(everything, query)
     train = _per_class_draw(database, labels, train_per_class, rng, "training set", class_names)
+    val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
+    return Split(query, database, train, val, val_database)
+
+
+def _per_concept_draw(pool: np.ndarray, labels: np.ndarray, per_concept: int, rng: np.random.Generator,
+                      what: str, class_names) -> np.ndarray:
+    """For each concept in turn, draw ``per_concept`` not-yet-drawn images carrying it."""
+    taken = np.zeros(len(labels), dtype=bool)
+    chosen = []
+    for c in range(labels.shape[1]):
+        members = pool[(labels[pool, c] == 1) & ~taken[pool]]
+        if len(members) < per_concept:
+            raise ValueError(
+                f"{what}: concept {c} ({class_names[c]}) has {len(members)} images left, {per_concept} needed; "
+                "lower the per-class count in data.protocol"
+            )
+        pick = rng.choice(members, size=per_concept, replace=False)
+        taken[pick] = True
+        chosen.append(pick)
+    return np.sort(np.concatenate(chosen))
+
+
+def _val_sets(database: np.ndarray, train: np.ndarray, labels: np.ndarray, class_names, val_per_class: int,
+              val_database_size: int, rng: np.random.Generator):
     rest = np.setdiff1d(database, train)
-    val = _per_class_draw(rest, labels, val_per_class, rng, "validation set", class_names)
+    draw = _per_concept_draw if labels.ndim == 2 else _per_class_draw
+    val = draw(rest, labels, val_per_class, rng, "validation set", class_names) if val_per_class else \
+        np.empty(0, np.int64)
     val_pool = np.setdiff1d(database, val)
     if val_database_size and val_database_size < len(val_pool):
-        val_database = np.sort(rng.choice(val_pool, size=val_database_size, replace=False))
-    else:
-        val_database = val_pool
+        return val, np.sort(rng.choice(val_pool, size=val_database_size, replace=False))
+    return val, val_pool
+
+
+def make_multilabel_split(
+    labels: np.ndarray,
+    class_names,
+    query_per_class: int,
+    train_per_class: int,
+    val_per_class: int,
+    val_database_size: int,
+    seed: int,
+) -> Split:
+    """Seeded multi-label protocol split (NUS-WIDE-21: 100 queries and 500 training images per concept).
+
+    Args:
+        labels: ``(n, c)`` multi-hot; every image needs at least one label.
+
+    For each concept in turn, ``query_per_class`` images carrying it are drawn
+    from the images not drawn yet (so the query set has ``c * query_per_class``
+    distinct images); the database is the rest; training images are drawn the
+    same way from the database, then validation queries from the database minus
+    the training images.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"multi-label split needs (n, c) multi-hot labels, got shape {labels.shape}")
+    unlabelled = np.flatnonzero(labels.sum(1) == 0)
+    if len(unlabelled):
+        raise ValueError(f"{len(unlabelled)} image(s) have no label (first: row {unlabelled[0]}); "
+                         "remove them before splitting")
+    rng = np.random.default_rng(seed)
+    everything = np.arange(len(labels))
+    query = _per_concept_draw(everything, labels, query_per_class, rng, "query set", class_names)
+    database = np.setdiff1d(everything, query)
+    train = _per_concept_draw(database, labels, train_per_class, rng, "training set", class_names)
+    val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
     return Split(query, database, train, val, val_database)
+
+
+def split_from_lists(query: np.ndarray, database: np.ndarray, train: np.ndarray, labels: np.ndarray,
+                     class_names, val_per_class: int, val_database_size: int, seed: int) -> Split:
+    """Split given by the user's lists; validation queries are carved from database minus train.
+
+    ``train`` must lie inside the database (the usual convention) or be disjoint
+    from the queries; queries and database must not overlap.
+    """
+    overlap = np.intersect1d(query, database)
+    if len(overlap):
+        raise ValueError(f"{len(overlap)} image(s) are both queries and database items; the query list and the "
+                         "database list must be disjoint")
+    if len(np.intersect1d(query, train)):
+        raise ValueError("some training images are also queries; the train and query lists must be disjoint")
+    rng = np.random.default_rng(seed)
+    val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
+    return Split(np.sort(query), np.sort(database), np.sort(train), val, val_database)
 
 
 def split_fingerprint(dataset: str, labels: np.ndarray, params: dict) -> str:

@@ -30,7 +30,8 @@ class Source:
     """All images of a data set in memory.
 
     Attributes:
-        images: ``(n, h, w, 3)`` uint8 RGB.
+        images: ``(n, h, w, 3)`` uint8 RGB array, or lazy image files
+            (:class:`~dsrh_lightning.data.image_list.ImageFiles`).
         labels: ``(n,)`` int64 class ids (or ``(n, c)`` multi-hot for multi-label sets).
         class_names: one name per class / label column.
         name: data set name (used in split file names).
@@ -42,6 +43,10 @@ class Source:
     name: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.images, np.ndarray):  # lazy image files (ImageFiles)
+            if len(self.images) != len(self.labels):
+                raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+            return
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise ValueError(
                 f"{self.name}: images must be uint8 of shape (n, h, w, 3), got {self.images.dtype} {self.images.shape}"
@@ -52,6 +57,11 @@ class Source:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def native_size(self) -> Optional[int]:
+        """Side of the (square) in-memory images; None for image files of varying size."""
+        return int(self.images.shape[1]) if isinstance(self.images, np.ndarray) else None
 
 
 def resolve_root(root: str, dataset: str) -> Path:

@@ -3,7 +3,7 @@ crop/flip augmentation for training, normalisation."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torchvision.transforms import v2 as T
@@ -21,12 +21,13 @@ def resolve_image_size(image_size: int, weights: str, native_size: int) -> int:
     return 224 if weights == "imagenet" else native_size
 
 
-def build_transform(size: int, native_size: int, train: bool, augment: bool,
+def build_transform(size: int, native_size: Optional[int], train: bool, augment: bool,
                     mean: Sequence[float] = (), std: Sequence[float] = ()) -> T.Compose:
     """uint8 HWC numpy image -> normalised float CHW tensor of ``size`` x ``size``.
 
     Training augmentation: random crop (padding of 1/8 of the native size at the
-    native resolution, or random-resized-crop when upscaling) and horizontal flip.
+    native resolution, or random-resized-crop when resizing) and horizontal flip.
+    ``native_size`` is None for image files of varying size (always resized).
     """
     mean = tuple(mean) or IMAGENET_MEAN
     std = tuple(std) or IMAGENET_STD

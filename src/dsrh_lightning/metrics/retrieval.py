@@ -34,7 +34,7 @@ import torch
 
 from ..relevance import relevance_matrix, shared_label_counts, validate_labels
 from .codes import bits_to_pm1, codes_to_bits, _distances_from_pm1
-from .ranking import bucket_histogram, within_bucket_prefix
+from .ranking import bucket_histogram, pad_distances, within_bucket_rank
 
 __all__ = ["retrieval_metrics"]
 
@@ -223,18 +223,29 @@ def retrieval_metrics(
     for q0 in range(0, nq, block_size):
         q1 = min(nq, q0 + block_size)
         b = q1 - q0
-        dist = _distances_from_pm1(q_pm1[q0:q1], db_pm1, k).to(ddtype)
+        distf = _distances_from_pm1(q_pm1[q0:q1], db_pm1, k)
         rel = relevance_matrix(ql[q0:q1], dl)
-        rel_i = rel.to(torch.int32)
         r = shared_label_counts(ql[q0:q1], dl).to(torch.int32) if multilevel else None
-
-        cnt = bucket_histogram(dist, None, V)
-        relc = bucket_histogram(dist, rel_i, V).to(torch.int64)
-        ncum, rcum = cnt.cumsum(1), relc.cumsum(1)
-        nless, rless = ncum - cnt, rcum - relc
-        rtot = rcum[:, -1]
+        if ties == "stable":
+            dist_p = pad_distances(distf, V)  # (b, padded) with an out-of-range sentinel
+            dist = dist_p[:, :nd]
+            idx = dist_p.long()
+            cnt = bucket_histogram(idx, None, V + 1)[:, :V]
+        else:
+            dist = distf.to(ddtype)
+            idx = dist.long()
+            cnt = bucket_histogram(idx, None, V)
+        del distf
+        ncum = cnt.cumsum(1)
+        nless = ncum - cnt
+        rtot = rel.sum(1)
         n_rel_total[q0:q1] = rtot
-        prec_r[q0:q1] = _safe_div(rcum[:, rad], ncum[:, rad])
+        prec_r[q0:q1] = _safe_div((rel & (dist <= rad)).sum(1), ncum[:, rad])
+        if pr_curve or ties == "average":
+            rel_i = rel.to(torch.int32)
+            relc = bucket_histogram(idx[:, :nd], rel_i, V).to(torch.int64)
+            rcum = relc.cumsum(1)
+            rless = rcum - relc
         if pr_curve:
             pr_items += ncum.sum(0)
             pr_rel += rcum.sum(0)
@@ -245,13 +256,17 @@ def retrieval_metrics(
         if ties == "stable":
             vcut = _cut_bucket(ncum, k_max)
             rows, cols = torch.nonzero(rel & (dist <= vcut.view(-1, 1).to(dist.dtype)), as_tuple=True)
-            vals = [None, rel_i] + ([r] if k_wmap is not None else [])
-            pref, tot = within_bucket_prefix(dist, vals, rows, cols, V)
             dsel = dist[rows, cols].long()
-            pos = nless[rows, dsel] + pref[0]
-            cumrel = rless[rows, dsel] + pref[1]
+            pos = nless[rows, dsel] + within_bucket_rank(dist_p, idx, rows, cols, int(vcut.max()))
             keep = pos <= k_max
-            rows, cols, dsel, pos, cumrel = rows[keep], cols[keep], dsel[keep], pos[keep], cumrel[keep]
+            rows, cols, pos = rows[keep], cols[keep], pos[keep]
+            # every relevant item ranked before a selected one is selected too, so the
+            # cumulative relevant count is the item's rank among the selected of its query
+            order = torch.argsort(rows * (nd + 1) + pos)
+            rows, cols, pos = rows[order], cols[order], pos[order]
+            first = torch.zeros(b, dtype=torch.int64, device=dev)
+            first[1:] = torch.bincount(rows, minlength=b).cumsum(0)[:-1]
+            cumrel = torch.arange(rows.numel(), device=dev) - first[rows] + 1
             posf = pos.to(torch.float64)
 
             def per_query(values: torch.Tensor) -> torch.Tensor:
@@ -271,8 +286,9 @@ def retrieval_metrics(
             if k_acg is not None:
                 acg[q0:q1] = per_query(torch.where(pos <= k_acg, r_sel, torch.zeros_like(posf))) / k_acg
             if k_wmap is not None:
-                gless = tot[2].cumsum(1) - tot[2]
-                cumr = (gless[rows, dsel] + pref[2][keep]).to(torch.float64)
+                csum = torch.cumsum(r_sel, 0)
+                start = torch.cat([torch.zeros(1, **f64), csum])[first[rows]]
+                cumr = csum - start
                 in_w = pos <= k_wmap
                 wnum = per_query(torch.where(in_w, cumr / posf, torch.zeros_like(posf)))
                 wmap[q0:q1] = _safe_div(wnum, per_query(in_w))
@@ -283,13 +299,13 @@ def retrieval_metrics(
             for _, c in p_ks:
                 p_at[c][q0:q1] = (_positions_in(nless, cnt, c).to(torch.float64) * _safe_div(relf, cntf)).sum(1)
             if k_ndcg is not None:
-                gains = bucket_histogram(dist, torch.pow(2.0, r.to(torch.float64)) - 1, V)
+                gains = bucket_histogram(idx[:, :nd], torch.pow(2.0, r.to(torch.float64)) - 1, V)
                 npos = _positions_in(nless, cnt, k_ndcg)
                 dsum = disc[(nless + npos)] - disc[nless]
                 dcg = (_safe_div(gains, cntf) * dsum).sum(1)
                 ndcg[q0:q1] = _safe_div(dcg, _ideal_dcg(idcg_cache, k_ndcg, disc))
             if k_acg is not None:
-                rs = bucket_histogram(dist, r.to(torch.float64), V)
+                rs = bucket_histogram(idx[:, :nd], r.to(torch.float64), V)
                 npos = _positions_in(nless, cnt, k_acg).to(torch.float64)
                 acg[q0:q1] = (_safe_div(rs, cntf) * npos).sum(1) / k_acg
             del nlf, rlf

@@ -69,8 +69,25 @@ def _load_torchvision(name: str, weights: str) -> nn.Module:
         ) from None
 
 
-def build_backbone(name: str, weights: str = "none") -> Tuple[nn.Module, int]:
-    """Return ``(module, feature_dim)``: ``module(x (b,3,h,w)) -> (b, feature_dim)``."""
+class VGGLastTwo(nn.Module):
+    """VGG whose features are fc6 and fc7 outputs concatenated (Zhao et al.'s hash layer input)."""
+
+    def __init__(self, vgg: nn.Module) -> None:
+        super().__init__()
+        self.features, self.avgpool = vgg.features, vgg.avgpool
+        layers = list(vgg.classifier.children())  # fc6, relu, drop, fc7, relu, drop
+        self.fc6, self.fc7 = nn.Sequential(*layers[:3]), nn.Sequential(*layers[3:6])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h6 = self.fc6(torch.flatten(self.avgpool(self.features(x)), 1))
+        return torch.cat([h6, self.fc7(h6)], dim=1)
+
+
+def build_backbone(name: str, weights: str = "none", hash_input: str = "last") -> Tuple[nn.Module, int]:
+    """Return ``(module, feature_dim)``: ``module(x (b,3,h,w)) -> (b, feature_dim)``.
+
+    ``hash_input="last_two"`` (VGG only) returns fc6 and fc7 concatenated (8192-d).
+    """
     if name == "small_cnn":
         if weights != "none":
             raise WeightsUnavailableError("model.backbone=small_cnn has no pretrained weights; use model.weights=none")
@@ -81,6 +98,8 @@ def build_backbone(name: str, weights: str = "none") -> Tuple[nn.Module, int]:
 
         return efficientnet_lite0(weights)
     model = _load_torchvision(name, weights)
+    if name.startswith("vgg") and hash_input == "last_two":
+        return VGGLastTwo(model), 8192
     if name.startswith("vgg"):
         # Shared features = fc7 output (drop the 1000-way ImageNet layer).
         model.classifier = nn.Sequential(*list(model.classifier.children())[:-1])

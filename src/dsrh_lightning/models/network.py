@@ -34,7 +34,7 @@ class HashingNetwork(nn.Module):
 
 
 def build_network(model_cfg: DictConfig, num_classes: int) -> HashingNetwork:
-    backbone, dim = build_backbone(model_cfg.backbone, model_cfg.weights)
+    backbone, dim = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.hash_input)
     if model_cfg.freeze_backbone:
         for p in backbone.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,90 @@
+"""eval-codes CLI: JSON output and clear exit-code-2 errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dsrh_lightning import eval_codes
+from dsrh_lightning.metrics import retrieval_metrics
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    q = tmp_path / "q.npz"
+    d = tmp_path / "d.npz"
+    qc, dc = rng.integers(0, 2, (8, 16)), rng.integers(0, 2, (60, 16)) * 2 - 1
+    ql, dl = (rng.random((8, 5)) < 0.4).astype(int), (rng.random((60, 5)) < 0.4).astype(int)
+    np.savez(q, codes=qc, labels=ql)
+    np.savez(d, codes=dc, labels=dl)
+    return tmp_path, q, d, (qc, dc, ql, dl)
+
+
+def test_json_output_matches_function(files, capsys):
+    _, q, d, case = files
+    rc = eval_codes.main(["--query", str(q), "--database", str(d), "--topk", "20", "--ndcg-k", "10",
+                          "--acg-k", "10", "--wmap-topk", "20", "--precision-at", "5", "10", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = retrieval_metrics(*case, topk=20, ndcg_k=10, acg_k=10, wmap_topk=20, precision_at=(5, 10))
+    for key in ("map", "precision_radius", "ndcg", "acg", "wmap", "precision@5", "recall@10"):
+        assert out[key] == pytest.approx(ref[key])
+    assert (out["num_queries"], out["num_database"], out["bits"]) == (8, 60, 16)
+
+
+def test_table_output(files, capsys):
+    _, q, d, _ = files
+    assert eval_codes.main(["--query", str(q), "--database", str(d)]) == 0
+    assert "map" in capsys.readouterr().out
+
+
+def _err(capsys, argv):
+    rc = eval_codes.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def test_bad_files(files, capsys):
+    tmp, q, d, (qc, dc, ql, dl) = files
+    missing = tmp / "nope.npz"
+    assert str(missing) in _err(capsys, ["--query", str(missing), "--database", str(d)])
+    txt = tmp / "text.npz"
+    txt.write_text("not an archive")
+    msg = _err(capsys, ["--query", str(txt), "--database", str(d)])
+    assert str(txt) in msg and "npz" in msg
+    nokey = tmp / "nokey.npz"
+    np.savez(nokey, bits=qc)
+    msg = _err(capsys, ["--query", str(q), "--database", str(nokey)])
+    assert str(nokey) in msg and "'bits'" in msg and "codes" in msg
+    width = tmp / "width.npz"
+    np.savez(width, codes=dc[:, :8], labels=dl)
+    msg = _err(capsys, ["--query", str(q), "--database", str(width)])
+    assert str(width) in msg and "bits" in msg
+    lw = tmp / "labelwidth.npz"
+    np.savez(lw, codes=dc, labels=np.concatenate([dl, dl], 1))
+    assert str(lw) in _err(capsys, ["--query", str(q), "--database", str(lw)])
+    cnt = tmp / "count.npz"
+    np.savez(cnt, codes=dc, labels=dl[:10])
+    msg = _err(capsys, ["--query", str(q), "--database", str(cnt)])
+    assert str(cnt) in msg and "rows" in msg
+    vals = tmp / "values.npz"
+    np.savez(vals, codes=np.where(dc > 0, 1, 0) - (np.arange(60)[:, None] == 0), labels=dl)
+    msg = _err(capsys, ["--query", str(q), "--database", str(vals)])
+    assert str(vals) in msg and "-1" in msg
+
+
+def test_build_parser_and_run_for_subcommand(files, capsys):
+    import argparse
+
+    _, q, d, _ = files
+    parser = argparse.ArgumentParser(prog="dsrh")
+    sub = parser.add_subparsers(dest="cmd").add_parser("eval-codes")
+    eval_codes.build_parser(sub)
+    args = parser.parse_args(["eval-codes", "--query", str(q), "--database", str(d), "--json"])
+    assert eval_codes.run(args) == 0
+    assert "map" in json.loads(capsys.readouterr().out)
