@@ -7,8 +7,8 @@ DATASET ?= cifar10
 EXPERIMENT ?= dsrh
 # Where the data lives; defaults to ../shared/data/<dataset> when that folder exists.
 DATA_DIR ?= $(if $(wildcard ../shared/data/$(DATASET)),../shared/data/$(DATASET),)
-# imagenet | none (empty = the dataset config's choice)
-WEIGHTS ?=
+# auto (ImageNet weights when they can be loaded, else from scratch with a warning) | imagenet (required) | none
+WEIGHTS ?= auto
 # Extra overrides, e.g. ARGS="model.bits=12 trainer.max_steps=2000"
 ARGS ?=
 PYTEST_ARGS ?=

@@ -66,3 +66,8 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config([], config_files=[tmp_path / "config.yaml"])
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_empty_value_is_empty_string():
+    cfg = load_config(["data.split_dir=", "--logger.entity="])
+    assert cfg.data.split_dir == "" and cfg.logger.entity == ""

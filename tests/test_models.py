@@ -79,3 +79,21 @@ def test_efficientnet_lite0_imagenet_weights_load_offline():
     assert not torch.equal(first, next(iter(rand.state_dict().values())))
     net.eval()
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 1280)
+
+
+def test_weights_auto_falls_back_loudly_and_records_it(monkeypatch, tmp_path, capsys):
+    from dsrh_lightning.train import resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    cfg = load_config(["model.backbone=resnet18", "model.weights=auto"])
+    resolve_weights(cfg)
+    assert cfg.model.weights == "none"
+    assert "TRAINING FROM SCRATCH" in capsys.readouterr().out
+    cfg = load_config(["model.backbone=resnet18", "model.weights=imagenet"])
+    resolve_weights(cfg)  # explicit imagenet is left alone (and fails later, clearly)
+    assert cfg.model.weights == "imagenet"

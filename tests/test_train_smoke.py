@@ -30,6 +30,12 @@ def test_train_synthetic_end_to_end(tiny_overrides, tmp_path):
     # The checkpoint carries the resolved config as hyperparameters.
     ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["model"]["bits"] == cfg.model.bits
+    # `dsrh eval` on the best checkpoint reproduces the test metrics of the run.
+    from dsrh_lightning.evaluate import evaluate_checkpoint
+
+    again = evaluate_checkpoint(Path(results["best_checkpoint"]), ["trainer.progress_bar=false"])
+    assert again["test/map"] == pytest.approx(results["test/map"], abs=1e-9)
+    assert again["test/precision_radius"] == pytest.approx(results["test/precision_radius"], abs=1e-9)
 
 
 @pytest.mark.parametrize("experiment", ["drh", "drh_plus", "dsrh_balanced"])
@@ -70,3 +76,37 @@ def test_missing_cifar_data_fails_before_training(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert "CIFAR-10 not found" in r.stderr and str(tmp_path / "empty") in r.stderr
+
+
+def _list_overrides(root, tmp_path, dataset):
+    return [f"dataset={dataset}", f"data.root={root}", f"output_dir={tmp_path / 'runs'}", "name=lists",
+            "data.train_list=train.txt", "data.query_list=test.txt", "data.database_list=database.txt",
+            "data.num_labels=6", "data.protocol.val_per_class=2", "data.protocol.val_database_size=0",
+            "model.backbone=small_cnn", "model.weights=none", "model.bits=12", "data.image_size=32",
+            "data.batch_size=8", "data.eval_batch_size=64", "data.num_workers=0", "data.split_dir=",
+            "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.progress_bar=false",
+            "trainer.accelerator=cpu", "logger.name=csv", "eval.topk=50", "eval.ndcg_k=20", "eval.acg_k=20",
+            "eval.wmap_topk=50"]
+
+
+@pytest.mark.parametrize("experiment", ["dsrh_yao", "dsrh_zhao"])
+def test_train_on_nuswide_layout_folder(tmp_path, experiment):
+    from dsrh_lightning.data.synthetic_folder import write_synthetic_list_dataset
+
+    root = tmp_path / "nuswide"
+    write_synthetic_list_dataset(root, num_labels=6, n=160, query=20, train=60)
+    over = _list_overrides(root, tmp_path, "nuswide") + [f"experiment={experiment}", "model.hash_input=last"]
+    results = train(load_config(over))
+    for key in ("test/map", "test/ndcg", "test/acg", "test/wmap", "val/map"):
+        assert key in results and results[key] >= 0.0, key
+    assert results["test/ndcg"] <= 1.0 and results["test/num_queries"] == 20
+
+
+def test_train_custom_single_label_lists(tmp_path):
+    from dsrh_lightning.data.synthetic_folder import write_synthetic_list_dataset
+
+    root = tmp_path / "mine"
+    write_synthetic_list_dataset(root, num_labels=6, n=160, query=20, train=60, multilabel=False)
+    over = [o for o in _list_overrides(root, tmp_path, "custom") if not o.startswith("data.num_labels")]
+    results = train(load_config(over))
+    assert 0.0 <= results["test/map"] <= 1.0 and results["test/num_database"] == 140

@@ -105,7 +105,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "vgg19"
-    # "imagenet" (torchvision weights API, downloaded once) or "none" (random init).
+    # "imagenet" (torchvision weights API, downloaded once; fails clearly when unavailable), "none" (random
+    # init) or "auto" (imagenet when obtainable, else none with a warning; the saved config records the result).
     weights: str = "imagenet"
     bits: int = 48
     # Units per bag in the hash stream: the last FC has bag_size * bits units.
@@ -229,7 +230,7 @@ _CHOICES = {
     "model.hash_input": ("last", "last_two"),
     "loss.ranking": ("triplet", "weighted"),
     "model.backbone": BACKBONES,
-    "model.weights": ("imagenet", "none"),
+    "model.weights": ("imagenet", "none", "auto"),
     "model.bag_activation": ("relu", "sigmoid", "none"),
     "loss.margin_scaling": ("constant", "per_bit"),
     "loss.orth_norm": ("none", "bits", "bits2"),
@@ -356,7 +357,8 @@ def load_config(
         elif key == "experiment":
             experiment = value
         else:
-            rest.append(item)
+            # "key=" means the empty string (OmegaConf would read None).
+            rest.append(item if value else f"{key}=''")
     cfg = OmegaConf.structured(Config)
     files: List[Path] = []
     if dataset:

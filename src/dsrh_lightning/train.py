@@ -99,6 +99,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Train
     )
 
 
+def resolve_weights(cfg: DictConfig) -> None:
+    """Turn ``model.weights=auto`` into ``imagenet`` (if the weights load) or ``none`` (with a warning)."""
+    if cfg.model.weights != "auto":
+        return
+    from .models.backbones import WeightsUnavailableError, build_backbone
+
+    try:
+        build_backbone(cfg.model.backbone, "imagenet", cfg.model.hash_input)
+        cfg.model.weights = "imagenet"
+    except WeightsUnavailableError as exc:
+        cfg.model.weights = "none"
+        print(f"WARNING: model.weights=auto: ImageNet weights unavailable, TRAINING FROM SCRATCH "
+              f"(model.weights=none; the saved config records this). Reason: {exc}", flush=True)
+
+
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Train, select the checkpoint with the best validation MAP, evaluate it on the test queries.
 
@@ -109,6 +124,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     Returns the metrics dict.
     """
     pl.seed_everything(cfg.seed, workers=True)
+    resolve_weights(cfg)
     if os.environ.get(_RUN_DIR_ENV):  # a process started by Lightning's DDP launcher
         run_dir, resume = Path(os.environ[_RUN_DIR_ENV]), (Path(os.environ[_RESUME_ENV]) if os.environ.get(_RESUME_ENV) else None)
     else:

@@ -144,7 +144,7 @@ class ImageFiles:
         path = self.root / self.paths[i]
         try:
             with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"))
+                return np.array(img.convert("RGB"))
         except Exception as exc:
             raise OSError(f"cannot read image {path}: {exc}") from None
 

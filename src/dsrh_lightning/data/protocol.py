@@ -84,13 +84,8 @@ def make_single_label_split(
     empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
     if empty:
         raise ValueError(f"classes with no image: {empty}; every class needs images for the per-class protocol")
-    rng = np.random.default_rng(seed)
-    everything = np.arange(len(labels))
-    query = _per_class_draw(everything, labels, query_per_class, rng, "query set", class_names)
-    database = np.setdiff1d(everything, query)
-    train = _per_class_draw(database, labels, train_per_class, rng, "training set", class_names)
-    val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
-    return Split(query, database, train, val, val_database)
+    return _draw_split(_per_class_draw, labels, class_names, query_per_class, train_per_class, val_per_class,
+                       val_database_size, seed)
 
 
 def _per_concept_draw(pool: np.ndarray, labels: np.ndarray, per_concept: int, rng: np.random.Generator,
@@ -123,6 +118,18 @@ def _val_sets(database: np.ndarray, train: np.ndarray, labels: np.ndarray, class
     return val, val_pool
 
 
+def _draw_split(draw, labels, class_names, query_per_class, train_per_class, val_per_class, val_database_size,
+                seed) -> Split:
+    """Queries from all images, database = the rest, training images from the database, then validation."""
+    rng = np.random.default_rng(seed)
+    everything = np.arange(len(labels))
+    query = draw(everything, labels, query_per_class, rng, "query set", class_names)
+    database = np.setdiff1d(everything, query)
+    train = draw(database, labels, train_per_class, rng, "training set", class_names)
+    val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
+    return Split(query, database, train, val, val_database)
+
+
 def make_multilabel_split(
     labels: np.ndarray,
     class_names,
@@ -150,13 +157,8 @@ def make_multilabel_split(
     if len(unlabelled):
         raise ValueError(f"{len(unlabelled)} image(s) have no label (first: row {unlabelled[0]}); "
                          "remove them before splitting")
-    rng = np.random.default_rng(seed)
-    everything = np.arange(len(labels))
-    query = _per_concept_draw(everything, labels, query_per_class, rng, "query set", class_names)
-    database = np.setdiff1d(everything, query)
-    train = _per_concept_draw(database, labels, train_per_class, rng, "training set", class_names)
-    val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
-    return Split(query, database, train, val, val_database)
+    return _draw_split(_per_concept_draw, labels, class_names, query_per_class, train_per_class, val_per_class,
+                       val_database_size, seed)
 
 
 def split_from_lists(query: np.ndarray, database: np.ndarray, train: np.ndarray, labels: np.ndarray,

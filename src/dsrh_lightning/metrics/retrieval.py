@@ -238,9 +238,9 @@ def retrieval_metrics(
         del distf
         ncum = cnt.cumsum(1)
         nless = ncum - cnt
-        rtot = rel.sum(1)
+        rtot = rel.view(torch.uint8).sum(1, dtype=torch.int64)
         n_rel_total[q0:q1] = rtot
-        prec_r[q0:q1] = _safe_div((rel & (dist <= rad)).sum(1), ncum[:, rad])
+        prec_r[q0:q1] = _safe_div((rel & (dist <= rad)).view(torch.uint8).sum(1, dtype=torch.int64), ncum[:, rad])
         if pr_curve or ties == "average":
             rel_i = rel.to(torch.int32)
             relc = bucket_histogram(idx[:, :nd], rel_i, V).to(torch.int64)
@@ -257,7 +257,7 @@ def retrieval_metrics(
             vcut = _cut_bucket(ncum, k_max)
             rows, cols = torch.nonzero(rel & (dist <= vcut.view(-1, 1).to(dist.dtype)), as_tuple=True)
             dsel = dist[rows, cols].long()
-            pos = nless[rows, dsel] + within_bucket_rank(dist_p, idx, rows, cols, int(vcut.max()))
+            pos = nless[rows, dsel] + within_bucket_rank(dist_p, idx, rows, cols, int(vcut.max()), V)
             keep = pos <= k_max
             rows, cols, pos = rows[keep], cols[keep], pos[keep]
             # every relevant item ranked before a selected one is selected too, so the

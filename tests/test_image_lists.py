@@ -1,0 +1,183 @@
+"""List files: parsing, every bad-input case named by file and line, skip policy, merging lists."""
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from dsrh_lightning.config import load_config
+from dsrh_lightning.data.datamodule import load_source, make_split
+from dsrh_lightning.data.image_list import ImageFiles, ImageListError, check_images, read_image_list
+from dsrh_lightning.data.synthetic_folder import write_synthetic_list_dataset
+
+
+def _write(tmp_path, text, name="list.txt"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+def _touch_images(tmp_path, names):
+    from PIL import Image
+
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / n)
+
+
+def test_parse_multihot_and_class_ids(tmp_path):
+    lst = read_image_list(_write(tmp_path, "a.jpg 1 0 1\nb.jpg 0 1 0\n"), tmp_path)
+    assert lst.paths == ["a.jpg", "b.jpg"] and lst.labels.tolist() == [[1, 0, 1], [0, 1, 0]]
+    lst = read_image_list(_write(tmp_path, "a.jpg 3\n\nb.jpg 0\n"), tmp_path)
+    assert lst.labels.tolist() == [3, 0] and not lst.multilabel
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ("a.jpg 1 0 1\nb.jpg 0 1\n", 2, "has 2 label values, expected 3"),
+    ("a.jpg 1 0 1\nb.jpg 0 0 0\n", 2, "no positive label"),
+    ("a.jpg 1 0 1\nb.jpg\n", 2, "has no label"),
+    ("a.jpg 1 0 1\nb.jpg 1 2 0\n", 2, "must be 0/1"),
+    ("a.jpg 1 0 1\na.jpg 1 0 1\n", 2, "repeats line 1"),
+    ("a.jpg 1 0 1\n../escape.jpg 1 0 0\n", 2, "escapes the data root"),
+    ("/etc/passwd 1 0 0\n", 1, "escapes the data root"),
+    ("a.jpg x y z\n", 1, "not integers"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, text, line, fragment):
+    f = _write(tmp_path, text)
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:{line}:" in str(err.value) and fragment in str(err.value)
+
+
+def test_expected_width_from_config(tmp_path):
+    with pytest.raises(ImageListError, match="expected 21"):
+        read_image_list(_write(tmp_path, "a.jpg 1 0 1\n"), tmp_path, num_labels=21)
+
+
+def test_skip_policy_drops_and_records(tmp_path):
+    f = _write(tmp_path, "a.jpg 1 0 1\nb.jpg 0 1\nc.jpg 0 0 0\nd.jpg 0 1 0\n")
+    lst = read_image_list(f, tmp_path, on_bad="skip")
+    assert lst.paths == ["a.jpg", "d.jpg"]
+    assert [n for n, _ in lst.skipped] == [2, 3]
+    # Duplicates stay errors even when skipping (they usually mean a broken list).
+    with pytest.raises(ImageListError):
+        read_image_list(_write(tmp_path, "a.jpg 1 0\na.jpg 1 0\n"), tmp_path, on_bad="skip")
+
+
+def test_missing_and_unreadable_images(tmp_path):
+    _touch_images(tmp_path, ["ok.png"])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    files = ImageFiles(tmp_path, ["ok.png", "missing.png", "broken.png"])
+    with pytest.raises(ImageListError, match="missing.png is missing"):
+        check_images(files, "exists")
+    assert check_images(files, "exists", on_bad="skip") == [1]
+    assert check_images(files, "header", on_bad="skip") == [1, 2]
+    with pytest.raises(ImageListError, match="broken.png is unreadable"):
+        check_images(ImageFiles(tmp_path, ["ok.png", "broken.png"]), "header")
+    with pytest.raises(OSError, match="broken.png"):
+        files[2]
+    assert files[0].shape == (8, 8, 3)
+
+
+def _custom_cfg(root, **extra):
+    over = ["dataset=custom", f"data.root={root}", "data.train_list=train.txt", "data.query_list=test.txt",
+            "data.database_list=database.txt", "data.protocol.val_per_class=3", "data.protocol.val_database_size=0"]
+    return load_config(over + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_custom_lists_give_the_split(tmp_path):
+    lists = write_synthetic_list_dataset(tmp_path, num_labels=6, n=120, query=20, train=50)
+    cfg = _custom_cfg(tmp_path)
+    source, part = load_source(cfg.data, seed=0)
+    split = make_split(source, part, cfg.data)
+    assert len(source.images) == 120 and source.labels.shape == (120, 6)
+    assert len(split.query) == 20 and len(split.database) == 100 and len(split.train) == 50
+    assert np.isin(split.train, split.database).all()
+    assert len(np.intersect1d(split.val, split.train)) == 0 and len(np.intersect1d(split.val, split.query)) == 0
+    # Positions map back to the right list lines.
+    q_paths = [l.split()[0] for l in lists["test"].read_text().splitlines()]
+    assert sorted(source.images.paths[i] for i in split.query) == sorted(q_paths)
+
+
+def test_conflicting_labels_between_lists(tmp_path):
+    write_synthetic_list_dataset(tmp_path, num_labels=4, n=40, query=10, train=10)
+    lines = (tmp_path / "train.txt").read_text().splitlines()
+    path, *vals = lines[0].split()
+    flipped = [str(1 - int(v)) for v in vals]
+    if not any(int(v) for v in flipped):
+        flipped[0] = "1"
+    lines[0] = " ".join([path] + flipped)
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ImageListError, match=path):
+        load_source(_custom_cfg(tmp_path).data, seed=0)
+
+
+def test_overlapping_query_and_database_is_an_error(tmp_path):
+    write_synthetic_list_dataset(tmp_path, num_labels=4, n=40, query=10, train=10)
+    extra = (tmp_path / "test.txt").read_text().splitlines()[0]
+    with open(tmp_path / "database.txt", "a") as fh:
+        fh.write(extra + "\n")
+    cfg = _custom_cfg(tmp_path)
+    source, part = load_source(cfg.data, seed=0)
+    with pytest.raises(ValueError, match="both queries and database"):
+        make_split(source, part, cfg.data)
+
+
+def test_missing_list_file_and_missing_root(tmp_path):
+    write_synthetic_list_dataset(tmp_path, num_labels=4, n=40, query=10, train=10)
+    with pytest.raises(FileNotFoundError, match="query_list"):
+        load_source(_custom_cfg(tmp_path, **{"data.query_list": "nope.txt"}).data, seed=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_source(_custom_cfg(tmp_path / "absent").data, seed=0)
+
+
+def test_single_list_split_by_protocol(tmp_path):
+    lists = write_synthetic_list_dataset(tmp_path, num_labels=4, n=200, query=10, train=10, multilabel=False)
+    all_lines = sum((lists[k].read_text().splitlines() for k in ("test", "database")), [])
+    (tmp_path / "all.txt").write_text("\n".join(all_lines) + "\n")
+    cfg = load_config(["dataset=custom", f"data.root={tmp_path}", "data.list_file=all.txt",
+                       "data.protocol.query_per_class=2", "data.protocol.train_per_class=3",
+                       "data.protocol.val_per_class=1", "data.protocol.val_database_size=0"])
+    source, part = load_source(cfg.data, seed=0)
+    split = make_split(source, part, cfg.data)
+    assert source.labels.ndim == 1
+    assert (np.bincount(source.labels[split.query]) == 2).all()
+    assert (np.bincount(source.labels[split.train]) == 3).all()
+
+
+def test_nuswide_from_official_files(tmp_path):
+    """ImageList/Imagelist.txt + Groundtruth/AllLabels/Labels_<concept>.txt -> seeded per-concept split."""
+    from dsrh_lightning.data.list_source import NUSWIDE21_CONCEPTS
+
+    rng = np.random.default_rng(0)
+    n = 400
+    names = [f"{i:04d}_{1000 + i}.jpg" for i in range(n)]
+    (tmp_path / "ImageList").mkdir()
+    (tmp_path / "ImageList" / "Imagelist.txt").write_text(
+        "\n".join(f"C:\\ImageData\\Flickr\\folder{i % 3}\\{nm}" for i, nm in enumerate(names)) + "\n")
+    labels = (rng.random((n, 21)) < 0.25).astype(int)
+    labels[5] = 0  # an image with none of the 21 concepts is dropped
+    (tmp_path / "Groundtruth" / "AllLabels").mkdir(parents=True)
+    for c, concept in enumerate(NUSWIDE21_CONCEPTS):
+        (tmp_path / "Groundtruth" / "AllLabels" / f"Labels_{concept}.txt").write_text(
+            "\n".join(str(v) for v in labels[:, c]) + "\n")
+    _touch_images(tmp_path, [f"Flickr/folder{i % 3}/{nm}" for i, nm in enumerate(names)])
+    cfg = load_config(["dataset=nuswide", f"data.root={tmp_path}", "data.protocol.query_per_class=2",
+                       "data.protocol.train_per_class=4", "data.protocol.val_per_class=1",
+                       "data.protocol.val_database_size=0", "data.split_dir="])
+    source, part = load_source(cfg.data, seed=0)
+    assert part is None and len(source.images) == n - 1 - int((labels.sum(1) == 0).sum() - 1)
+    assert "Flickr/folder0/0000_1000.jpg" in source.images.paths
+    assert "Flickr/folder2/0005_1005.jpg" not in source.images.paths
+    split = make_split(source, part, cfg.data)
+    assert len(split.query) == 42 and len(split.train) == 84
+    # A concept file of the wrong length is named in the error.
+    (tmp_path / "Groundtruth" / "AllLabels" / "Labels_sky.txt").write_text("1\n0\n")
+    with pytest.raises(ImageListError, match="Labels_sky.txt"):
+        load_source(cfg.data, seed=0)
+
+
+def test_nuswide_missing_everything_says_what_to_do(tmp_path):
+    cfg = load_config(["dataset=nuswide", f"data.root={tmp_path}"])
+    with pytest.raises(FileNotFoundError) as err:
+        load_source(cfg.data, seed=0)
+    assert "Imagelist.txt" in str(err.value) and "data/README.md" in str(err.value)
