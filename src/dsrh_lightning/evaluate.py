@@ -37,8 +37,11 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
     dm.setup("test")
     module = HashingModule.load_from_checkpoint(str(path), map_location="cpu")
     evaluation = RetrievalEvaluation(cfg.eval)
-    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
-                         callbacks=[evaluation], enable_progress_bar=cfg.trainer.progress_bar,
-                         precision=cfg.trainer.precision)
+    # trainer.devices / num_nodes / strategy apply: under DDP the callback gathers every rank's codes.
+    t = cfg.trainer
+    devices = int(t.devices) if str(t.devices).isdigit() else t.devices
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                         logger=False, callbacks=[evaluation], enable_progress_bar=t.progress_bar,
+                         precision=t.precision, use_distributed_sampler=False)
     trainer.test(module, datamodule=dm, verbose=False)
     return evaluation.last.get("test", {})
