@@ -1,4 +1,4 @@
-"""Command line: ``dsrh train | eval | eval-codes | index | search | config``. Parses, loads config, calls; nothing else."""
+"""Command line: ``dsrh train | eval | eval-codes | index | search | config | sweep-local``. Parses, loads config, calls; nothing else."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _user_errors():
     from .models.backbones import WeightsUnavailableError
 
     return (ConfigError, DataNotFoundError, WeightsUnavailableError, UserError, FileNotFoundError, ValueError,
-            ImageInputError, IndexFileError)
+            FloatingPointError, ImageInputError, IndexFileError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write the retrieval plots as PNG files to DIR")
+
+    p = sub.add_parser("sweep-local", help="run a W&B sweep file locally and offline (sweeps engine proposes runs)",
+                       description="Extra overrides (key=value) are added to every run after the swept values.")
+    from . import sweep_local
+
+    sweep_local.build_parser(p)
 
     from . import eval_codes, index
 
@@ -86,12 +92,22 @@ def cmd_eval(args, overrides: List[str]) -> int:
     from .evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(Path(args.ckpt), overrides, plots_dir=Path(args.plots) if args.plots else None)
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP evaluation: every rank has the same gathered metrics; print once
+        return 0
     if args.json:
         print(json.dumps(results))
     else:
         for k, v in results.items():
             print(f"{k:>28s}  {v}")
     return 0
+
+
+def cmd_sweep_local(args, overrides: List[str]) -> int:
+    from . import sweep_local
+
+    return sweep_local.run(args, overrides)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -107,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return eval_codes.run(args)
     from . import index
 
-    handlers = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval,
+    handlers = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "sweep-local": cmd_sweep_local,
                 "index": index.run_index, "search": index.run_search}
     try:
         return handlers[args.command](args, unknown)

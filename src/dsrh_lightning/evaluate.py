@@ -38,9 +38,12 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
     dm.setup("test")
     module = HashingModule.load_from_checkpoint(str(path), map_location="cpu")
     evaluation = RetrievalEvaluation(cfg.eval)
+    # trainer.devices / num_nodes / strategy apply: under DDP the callback gathers every rank's codes.
+    t = cfg.trainer
     callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir)] if plots_dir else [])
-    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
-                         callbacks=callbacks, enable_progress_bar=cfg.trainer.progress_bar,
-                         precision=cfg.trainer.precision)
+    devices = int(t.devices) if str(t.devices).isdigit() else t.devices
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                         logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,
+                         precision=t.precision, use_distributed_sampler=False)
     trainer.test(module, datamodule=dm, verbose=False)
     return evaluation.last.get("test", {})

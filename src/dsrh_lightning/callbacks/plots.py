@@ -1,13 +1,13 @@
 """Retrieval pictures at test end: logged to W&B (only with a WandbLogger) and/or written as PNG files.
 
-Collects the binarised test codes itself (queries: loader 0, database: loader 1)
-and draws the figures of :mod:`dsrh_lightning.plots`. Does nothing when there is
+Collects the binarised test codes itself (queries: loader 0, database: loader 1;
+under DDP gathered from all ranks like :class:`RetrievalEvaluation`) and draws the
+figures of :mod:`dsrh_lightning.plots` on rank 0. Does nothing when there is
 neither a W&B logger nor an output folder.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,10 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from ..metrics import binarize
+from .retrieval import all_gather_cat, dedupe_by_position
 
 __all__ = ["RetrievalPlots"]
-
-log = logging.getLogger(__name__)
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list:
@@ -67,22 +66,22 @@ class RetrievalPlots(pl.Callback):
         self._labels[dataloader_idx].append(batch[1].detach().cpu())
         self._pos[dataloader_idx].append(torch.as_tensor(batch[2]).cpu())
 
-    def _ordered(self, i: int):
-        order = torch.argsort(torch.cat(self._pos[i]))
-        return torch.cat(self._codes[i])[order], torch.cat(self._labels[i])[order]
+    def _gathered(self, trainer, i: int):
+        codes, labels, pos = torch.cat(self._codes[i]), torch.cat(self._labels[i]), torch.cat(self._pos[i]).long()
+        if trainer.world_size > 1:
+            codes, labels, pos = (all_gather_cat(trainer, t) for t in (codes, labels, pos))
+        _, codes, labels = dedupe_by_position(pos, codes, labels)
+        return codes, labels
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if not self._active(trainer) or not self._codes[0] or not self._codes[1]:
             self._reset()
             return
-        if trainer.world_size > 1:
-            log.warning("retrieval plots are skipped when testing on %d processes", trainer.world_size)
-            self._reset()
+        (qc, ql), (dc, dl) = self._gathered(trainer, 0), self._gathered(trainer, 1)  # every rank takes part
+        self._reset()
+        if not trainer.is_global_zero:
             return
         from ..plots import figure_to_image, make_figures, save_figures
-
-        (qc, ql), (dc, dl) = self._ordered(0), self._ordered(1)
-        self._reset()
         dm = getattr(trainer, "datamodule", None)
         q_img = _raw_image_getter(getattr(dm, "query", None))
         d_img = _raw_image_getter(getattr(dm, "database", None))
