@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from .callbacks import RetrievalEvaluation
+from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .callbacks.checkpoint import FiniteModelCheckpoint, assert_finite_parameters
 from .config import save_config, to_dict
 from .data.datamodule import HashingDataModule
@@ -156,7 +156,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
         dirpath=str(ckpt_dir), monitor="val/map", mode="max", save_last=True, save_top_k=1,
         filename="best-step{step}-map{val/map:.4f}", auto_insert_metric_name=False,
     )
-    callbacks = [evaluation, checkpoint]
+    callbacks = [evaluation, checkpoint, RetrievalPlots(cfg.eval)]  # plots go to W&B only
     if cfg.trainer.checkpoint_every_n_steps > 0:
         callbacks.append(FiniteModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                                                save_top_k=0, save_last=True))
