@@ -12,11 +12,16 @@ WEIGHTS ?= auto
 # Extra overrides, e.g. ARGS="model.bits=12 trainer.max_steps=2000"
 ARGS ?=
 PYTEST_ARGS ?=
+# Sweeps: a file under experiments/sweeps/ (name or path), the W&B sweep id, the number of runs.
+SWEEP ?= bits.yaml
+SWEEP_ID ?=
+COUNT ?=
+SWEEP_FILE = $(if $(wildcard $(SWEEP)),$(SWEEP),experiments/sweeps/$(SWEEP))
 
 TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
-.PHONY: help venv train test bench bench-eval bench-results bench-report bench-train-speed clean
+.PHONY: help venv train test bench bench-eval bench-results bench-report bench-train-speed clean sweep agent sweep-local
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -32,6 +37,16 @@ venv: $(VENV)/.installed ## create/update the virtualenv and install the project
 
 train: venv ## train: make train DATASET=cifar10|synthetic EXPERIMENT=dsrh|drh|drh_plus|dsrh_balanced [DATA_DIR=..] [WEIGHTS=none] [ARGS=..]
 	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
+
+sweep: venv ## create a W&B sweep: make sweep SWEEP=bits.yaml (prints the SWEEP_ID for make agent)
+	$(VENV)/bin/wandb sweep $(SWEEP_FILE)
+
+agent: venv ## run a W&B agent: make agent SWEEP_ID=entity/project/id [COUNT=n]
+	@test -n "$(SWEEP_ID)" || { echo "make agent needs SWEEP_ID=entity/project/id (from make sweep)"; exit 2; }
+	$(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT),) $(SWEEP_ID)
+
+sweep-local: venv ## run a sweep file offline, no W&B server: make sweep-local SWEEP=bits.yaml COUNT=n [ARGS=..]
+	$(VENV)/bin/dsrh sweep-local $(SWEEP_FILE) $(if $(COUNT),--count $(COUNT),) $(ARGS)
 
 test: venv ## run the test suite on CPU
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""Command line: ``dsrh train | eval | eval-codes | config``. Parses, loads config, calls; nothing else."""
+"""Command line: ``dsrh train | eval | eval-codes | index | search | config | sweep-local``. Parses, loads config, calls; nothing else."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ class UserError(Exception):
 
 def _user_errors():
     from .data.sources import DataNotFoundError
+    from .index import ImageInputError, IndexFileError
     from .models.backbones import WeightsUnavailableError
 
-    return (ConfigError, DataNotFoundError, WeightsUnavailableError, UserError, FileNotFoundError, ValueError)
+    return (ConfigError, DataNotFoundError, WeightsUnavailableError, UserError, FileNotFoundError, ValueError,
+            FloatingPointError, ImageInputError, IndexFileError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,11 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test queries vs the database")
     p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write the retrieval plots as PNG files to DIR")
 
-    from . import eval_codes
+    p = sub.add_parser("sweep-local", help="run a W&B sweep file locally and offline (sweeps engine proposes runs)",
+                       description="Extra overrides (key=value) are added to every run after the swept values.")
+    from . import sweep_local
+
+    sweep_local.build_parser(p)
+
+    from . import eval_codes, index
 
     p = sub.add_parser("eval-codes", help="evaluate binary codes from any method (.npz files)")
     eval_codes.build_parser(p)
+
+    p = sub.add_parser("index", help="encode a data split or image folders into a codes file")
+    index.build_index_parser(p)
+    p = sub.add_parser("search", help="exact Hamming search of query images in a codes file")
+    index.build_search_parser(p)
     return parser
 
 
@@ -77,13 +91,23 @@ def cmd_config(args, overrides: List[str]) -> int:
 def cmd_eval(args, overrides: List[str]) -> int:
     from .evaluate import evaluate_checkpoint
 
-    results = evaluate_checkpoint(Path(args.ckpt), overrides)
+    results = evaluate_checkpoint(Path(args.ckpt), overrides, plots_dir=Path(args.plots) if args.plots else None)
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP evaluation: every rank has the same gathered metrics; print once
+        return 0
     if args.json:
         print(json.dumps(results))
     else:
         for k, v in results.items():
             print(f"{k:>28s}  {v}")
     return 0
+
+
+def cmd_sweep_local(args, overrides: List[str]) -> int:
+    from . import sweep_local
+
+    return sweep_local.run(args, overrides)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -97,7 +121,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import eval_codes
 
         return eval_codes.run(args)
-    handlers = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval}
+    from . import index
+
+    handlers = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "sweep-local": cmd_sweep_local,
+                "index": index.run_index, "search": index.run_search}
     try:
         return handlers[args.command](args, unknown)
     except _user_errors() as exc:

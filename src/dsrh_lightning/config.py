@@ -175,7 +175,10 @@ class TrainerConfig:
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    # 32 / 32-true, bf16-mixed (CPU or Ampere+ GPUs) or 16-mixed (GPUs); losses and metrics run in fp32.
     precision: str = "32-true"
+    # Save <run>/checkpoints/last.ckpt every N optimiser steps (0 = only at validation and at the end).
+    checkpoint_every_n_steps: int = 1000
     gradient_clip_val: float = 0.0
     log_every_n_steps: int = 50
     limit_val_batches: float = 1.0
@@ -220,6 +223,8 @@ class Config:
     name: str = ""
     experiment: str = "dsrh"
     output_dir: str = "runs"
+    # Continue a run: a checkpoint path, or "auto" = <output_dir>/<name>/checkpoints/last.ckpt when it exists.
+    resume: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -246,6 +251,7 @@ _CHOICES = {
     "eval.ties": ("stable", "average"),
     "logger.name": ("wandb", "csv", "none"),
     "logger.mode": ("", "online", "offline", "disabled"),
+    "trainer.precision": ("32", "32-true", "bf16-mixed", "16-mixed"),
 }
 
 _POSITIVE = (
@@ -282,6 +288,7 @@ _NON_NEGATIVE = (
     "loss.hashnet_alpha",
     "loss.hashnet_gamma",
     "data.num_labels",
+    "trainer.checkpoint_every_n_steps",
 )
 
 
@@ -410,6 +417,8 @@ def validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
+        raise ConfigError("trainer.precision='16-mixed' needs a GPU; use trainer.precision=bf16-mixed on CPU")
     if not 0.0 < cfg.eval.threshold < 1.0:
         raise ConfigError(f"eval.threshold={cfg.eval.threshold}: must be in (0, 1) (codes are sigmoid outputs)")
     if cfg.data.sampling == "balanced" and cfg.data.batch_size % cfg.data.images_per_class:

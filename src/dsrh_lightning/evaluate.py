@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from .callbacks import RetrievalEvaluation
+from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .config import Config, ConfigError, normalise_overrides, validate
 from .data.datamodule import HashingDataModule
 from .module import HashingModule
@@ -31,14 +31,19 @@ def config_from_checkpoint(path: Path, overrides: Sequence[str] = ()):
     return cfg, hp
 
 
-def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Test metrics of a checkpoint; with ``plots_dir``, also the retrieval plots as PNG files there."""
     cfg, hp = config_from_checkpoint(path, overrides)
     dm = HashingDataModule(cfg)
     dm.setup("test")
     module = HashingModule.load_from_checkpoint(str(path), map_location="cpu")
     evaluation = RetrievalEvaluation(cfg.eval)
-    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1, logger=False,
-                         callbacks=[evaluation], enable_progress_bar=cfg.trainer.progress_bar,
-                         precision=cfg.trainer.precision)
+    # trainer.devices / num_nodes / strategy apply: under DDP the callback gathers every rank's codes.
+    t = cfg.trainer
+    callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir)] if plots_dir else [])
+    devices = int(t.devices) if str(t.devices).isdigit() else t.devices
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                         logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,
+                         precision=t.precision, use_distributed_sampler=False)
     trainer.test(module, datamodule=dm, verbose=False)
     return evaluation.last.get("test", {})

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .data.distributed import item_seed
 from .data.sampling import mine_all_triplets, mine_multilevel_triplets
 from .losses import (balance_penalty, classification_loss, effective_margin, orthogonality_penalty,
                      triplet_ranking_loss, weighted_ranking_loss)
@@ -69,6 +70,13 @@ class HashingModule(pl.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout and in-batch mining draw from generators seeded by (seed, step, rank): the random
+        # numbers of step t do not depend on what ran before, so a resumed run matches an uninterrupted one.
+        step_seed = item_seed(int(self.cfg.seed), self.global_step, self.global_rank, slot=1)
+        torch.manual_seed(step_seed)
+        self._mine_gen.manual_seed(step_seed)
+
     def _peer(self, out, labels, images_per_item: int):
         """A peer method's loss (DPSH, DTSH, HashNet, CSQ) on all codes of the batch."""
         lc = self.cfg.loss
@@ -119,7 +127,11 @@ class HashingModule(pl.LightningModule):
         out = self.net(images.flatten(0, 1) if explicit else images)
         ranking, orth, codes, flat_labels = self._ranking(out, labels, 3 if explicit else 1)
         losses = combine_losses(ranking, orth, codes, out["logits"], flat_labels, self.cfg.loss)
-        if not torch.isfinite(losses["loss"]):
+        finite = bool(torch.isfinite(losses["loss"]))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Stop every rank together (a rank that stopped alone would leave the others waiting).
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step}: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())

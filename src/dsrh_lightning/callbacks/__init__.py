@@ -1,5 +1,6 @@
-"""Lightning callbacks: retrieval evaluation."""
+"""Lightning callbacks: retrieval evaluation, retrieval plots."""
 
+from .plots import RetrievalPlots
 from .retrieval import RetrievalEvaluation
 
-__all__ = ["RetrievalEvaluation"]
+__all__ = ["RetrievalEvaluation", "RetrievalPlots"]

@@ -4,11 +4,17 @@ Validation and test loaders come in pairs (queries first, database second). The
 callback collects the codes the module returns for each batch, and at epoch end
 computes the metrics with :func:`dsrh_lightning.metrics.retrieval_metrics` and
 logs them as ``val/...`` or ``test/...`` (``val/map`` drives checkpoint selection).
+
+Under DDP each rank encodes a share of the items (a ``DistributedSampler`` that
+pads the last share by repeating items). At epoch end the callback gathers codes,
+labels and item positions (``batch[2]``) from all ranks, drops the repeated
+positions and restores the subset order, so every rank computes the metrics of
+exactly the items a single process would see: MAP on N processes equals MAP on one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -16,31 +22,78 @@ from omegaconf import DictConfig
 
 from ..metrics import binarize, retrieval_metrics
 
-__all__ = ["RetrievalEvaluation"]
+__all__ = ["RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
+
+
+def all_gather_cat(trainer: pl.Trainer, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (rows may differ per rank) over all ranks, rank 0 first; ``x`` itself on one process."""
+    world = trainer.world_size
+    if world == 1:
+        return x
+    strategy = trainer.strategy
+    sizes = strategy.all_gather(torch.tensor([x.shape[0]], device=strategy.root_device)).view(-1).tolist()
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=strategy.root_device)
+    padded[: x.shape[0]] = x.to(strategy.root_device)
+    gathered = strategy.all_gather(padded).view(world, longest, *x.shape[1:])
+    return torch.cat([gathered[r, : int(sizes[r])] for r in range(world)]).cpu()
+
+
+def dedupe_by_position(positions: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Keep the first row of each position and sort rows by position.
+
+    Removes the items a distributed sampler repeats to pad the ranks' shares, and
+    restores the dataset order. Returns ``(positions, *tensors)`` reindexed.
+    """
+    if positions.ndim != 1:
+        raise ValueError(f"positions must be 1-D, got shape {tuple(positions.shape)}")
+    for t in tensors:
+        if t.shape[0] != positions.shape[0]:
+            raise ValueError(f"a tensor has {t.shape[0]} rows but there are {positions.shape[0]} positions")
+    order = torch.argsort(positions, stable=True)
+    sorted_pos = positions[order]
+    keep = torch.ones_like(sorted_pos, dtype=torch.bool)
+    keep[1:] = sorted_pos[1:] != sorted_pos[:-1]
+    sel = order[keep]
+    return (positions[sel],) + tuple(t[sel] for t in tensors)
 
 
 class RetrievalEvaluation(pl.Callback):
     def __init__(self, eval_cfg: DictConfig) -> None:
         self.cfg = eval_cfg
         self.last: Dict[str, Dict[str, Any]] = {}
+        # Items evaluated in the last epoch (after gathering and dropping distributed padding).
+        self.counts: Dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
         self._codes: List[List[torch.Tensor]] = [[], []]
         self._labels: List[List[torch.Tensor]] = [[], []]
+        self._positions: List[List[torch.Tensor]] = [[], []]
 
     def _collect(self, outputs, batch, dataloader_idx: int) -> None:
-        self._codes[dataloader_idx].append(binarize(outputs.detach().float(), self.cfg.threshold))
-        self._labels[dataloader_idx].append(batch[1].detach())
+        self._codes[dataloader_idx].append(binarize(outputs.detach().float(), self.cfg.threshold).cpu())
+        self._labels[dataloader_idx].append(batch[1].detach().cpu())
+        self._positions[dataloader_idx].append(torch.as_tensor(batch[2]).detach().cpu().long())
+
+    def _gathered(self, trainer: pl.Trainer, idx: int) -> Sequence[torch.Tensor]:
+        codes, labels = torch.cat(self._codes[idx]), torch.cat(self._labels[idx])
+        positions = torch.cat(self._positions[idx])
+        if trainer.world_size > 1:
+            codes, labels, positions = (all_gather_cat(trainer, t) for t in (codes, labels, positions))
+        _, codes, labels = dedupe_by_position(positions, codes, labels)
+        return codes, labels
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        codes, labels = self._codes, self._labels
-        self._reset()
-        if trainer.sanity_checking or not codes[0] or not codes[1]:
+        if trainer.sanity_checking or not self._codes[0] or not self._codes[1]:
+            self._reset()
             return
+        (q_codes, q_labels), (db_codes, db_labels) = self._gathered(trainer, 0), self._gathered(trainer, 1)
+        self._reset()
+        self.counts = {"queries": int(q_codes.shape[0]), "database": int(db_codes.shape[0])}
         topk = self.cfg.topk or None
         metrics = retrieval_metrics(
-            torch.cat(codes[0]), torch.cat(codes[1]), torch.cat(labels[0]), torch.cat(labels[1]),
+            q_codes, db_codes, q_labels, db_labels,
             topk=topk, radius=self.cfg.radius, precision_at=tuple(self.cfg.precision_at),
             ties=self.cfg.ties, empty_queries=self.cfg.empty_queries,
             ndcg_k=self.cfg.ndcg_k or None, acg_k=self.cfg.acg_k or None, wmap_topk=self.cfg.wmap_topk or None,

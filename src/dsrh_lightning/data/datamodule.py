@@ -12,7 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .datasets import IndexedImageDataset, TripletDataset
 from .features import FeatureRows, data_fingerprint, feature_cache_path, load_or_extract_features
@@ -20,6 +20,7 @@ from .image_list import ImageFiles, check_images
 from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
 from .protocol import (Split, load_or_make_split, make_multilabel_split, make_single_label_split, save_split,
                        split_from_lists)
+from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
 from .sources import DataNotFoundError, Source, load_cifar10, make_synthetic, resolve_root
 from .transforms import build_transform, resolve_image_size
@@ -104,6 +105,8 @@ class HashingDataModule(pl.LightningDataModule):
         self.source: Optional[Source] = None
         self.split: Optional[Split] = None
         self._balanced_sampler: Optional[ClassBalancedBatchSampler] = None
+        self._triplet_sampler: Optional[EpochBatchSampler] = None
+        self._random_sampler: Optional[EpochBatchSampler] = None
         self._triplets: Optional[TripletDataset] = None
 
     # Lightning calls prepare_data on one process: the only place that downloads.
@@ -131,7 +134,9 @@ class HashingDataModule(pl.LightningDataModule):
             img = self._cached_features(eval_tf)
             self.feature_dim = img.dim
             train_tf = eval_tf = _identity  # features are fixed: no augmentation
-        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf)
+        # Seeded per-item augmentation; cached features have none.
+        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf,
+                                         seed=None if d.cache_features else self.cfg.seed)
         self.val = IndexedImageDataset(img, lab, self.split.val, eval_tf)
         self.val_database = IndexedImageDataset(img, lab, self.split.val_database, eval_tf)
         self.query = IndexedImageDataset(img, lab, self.split.query, eval_tf)
@@ -175,10 +180,23 @@ class HashingDataModule(pl.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """Redraw explicit triplets / balanced batches for ``epoch`` (seeded)."""
-        if self._triplets is not None:
-            self._triplets.set_epoch(epoch)
-        if self._balanced_sampler is not None:
-            self._balanced_sampler.set_epoch(epoch)
+        for obj in (self._triplets, self._triplet_sampler, self._random_sampler, self._balanced_sampler,
+                    getattr(self, "train", None)):
+            if obj is not None:
+                obj.set_epoch(epoch)
+
+    def _rank_world(self):
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch already consumed (saved in checkpoints for exact resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def _loader(self, dataset, batch_size: int, **kw) -> DataLoader:
         workers = self.cfg.data.num_workers
@@ -186,29 +204,38 @@ class HashingDataModule(pl.LightningDataModule):
                           persistent_workers=False, pin_memory=torch.cuda.is_available(), **kw)
 
     def train_dataloader(self) -> DataLoader:
+        """Seeded per epoch, a disjoint share per rank, resumable mid-epoch (see data/distributed.py)."""
         d = self.cfg.data
+        rank, world = self._rank_world()
         if d.sampling == "triplets":
             if self._triplets is None:
                 self._triplets = TripletDataset(self.train, d.triplets_per_image, seed=self.cfg.seed)
-            gen = torch.Generator().manual_seed(self.cfg.seed)
-            return self._loader(self._triplets, d.batch_size, shuffle=True, drop_last=True, generator=gen)
-        if d.sampling == "random":
-            gen = torch.Generator().manual_seed(self.cfg.seed)
-            return self._loader(self.train, d.batch_size, shuffle=True, drop_last=True, generator=gen)
-        if self._balanced_sampler is None:
-            trainer = getattr(self, "trainer", None)
-            rank = trainer.global_rank if trainer is not None else 0
-            world = trainer.world_size if trainer is not None else 1
-            self._balanced_sampler = ClassBalancedBatchSampler(
-                self.train.subset_labels.numpy(), d.batch_size, d.images_per_class,
-                seed=self.cfg.seed, rank=rank, world_size=world)
-        workers = d.num_workers
-        return DataLoader(self.train, batch_sampler=self._balanced_sampler, num_workers=workers,
-                          pin_memory=torch.cuda.is_available())
+                self._triplet_sampler = EpochBatchSampler(len(self._triplets), d.batch_size, seed=self.cfg.seed,
+                                                          rank=rank, world_size=world)
+            dataset, batches = self._triplets, self._triplet_sampler
+        elif d.sampling == "random":
+            if self._random_sampler is None:
+                self._random_sampler = EpochBatchSampler(len(self.train), d.batch_size, seed=self.cfg.seed,
+                                                         rank=rank, world_size=world)
+            dataset, batches = self.train, self._random_sampler
+        else:
+            if self._balanced_sampler is None:
+                self._balanced_sampler = ClassBalancedBatchSampler(
+                    self.train.subset_labels.numpy(), d.batch_size, d.images_per_class,
+                    seed=self.cfg.seed, rank=rank, world_size=world)
+            dataset, batches = self.train, self._balanced_sampler
+        return ResumableDataLoader(dataset, batch_sampler=batches, num_workers=d.num_workers,
+                                   pin_memory=torch.cuda.is_available(), position=self._batches_done)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        # Under DDP each rank encodes a padded share; the evaluation callback gathers the shares and
+        # drops the padding by item position (batch[2]).
+        rank, world = self._rank_world()
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return self._loader(dataset, self.cfg.data.eval_batch_size, shuffle=False, sampler=sampler)
 
     def _pair(self, queries, database) -> List[DataLoader]:
-        bs = self.cfg.data.eval_batch_size
-        return [self._loader(queries, bs, shuffle=False), self._loader(database, bs, shuffle=False)]
+        return [self._eval_loader(queries), self._eval_loader(database)]
 
     def val_dataloader(self) -> List[DataLoader]:
         return self._pair(self.val, self.val_database)

@@ -183,11 +183,16 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
         self.seed = seed
         self.epoch = 0
         self.rank, self.world_size = rank, world_size
+        self.start_batch = 0
         total = sum(len(m) for m in self.members)
         self.num_batches = max(1, total // batch_size // world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, batch: int) -> None:
+        """The next iteration skips the first ``batch`` batches of this rank's share (mid-epoch resume)."""
+        self.start_batch = int(batch)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -212,4 +217,5 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
                 del pools[c][: self.k]
             batches.append(batch)
         # Each rank takes a disjoint share of the epoch's batches.
-        yield from batches[self.rank :: self.world_size]
+        start, self.start_batch = self.start_batch, 0
+        yield from batches[self.rank :: self.world_size][start:]

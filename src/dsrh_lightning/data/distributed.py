@@ -1,0 +1,117 @@
+"""Distributed-aware, resumable training batches.
+
+Lightning's automatic ``DistributedSampler`` is not resumable mid-epoch: after a
+restart the epoch is replayed from its first batch while the step counter goes
+on, so a resumed run sees different triplets than an uninterrupted one. Here
+the training batches are a pure function of ``(seed, epoch, rank, world_size)``
+and the loader records its position in checkpoints:
+
+* :class:`EpochBatchSampler` shuffles the dataset with a ``(seed, epoch)`` seed and
+  gives each rank a disjoint share of whole batches;
+* :class:`ResumableDataLoader` is a ``DataLoader`` with ``state_dict`` /
+  ``load_state_dict`` (Lightning saves them in checkpoints and restores them
+  before the first batch), holding ``(epoch, batches done in the epoch)``; the
+  next iteration starts at that batch without loading the skipped ones.
+
+The trainer runs with ``use_distributed_sampler=False``; the data module adds a
+plain ``DistributedSampler`` (no shuffling, padded) to the evaluation loaders,
+and the evaluation callback drops the padding (see callbacks/retrieval.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = ["EpochBatchSampler", "ResumableDataLoader", "item_seed", "apply_seeded"]
+
+_MASK = (1 << 63) - 1
+
+
+def item_seed(seed: int, epoch: int, index: int, slot: int = 0) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, epoch, index, slot)``."""
+    return int(np.random.SeedSequence([int(seed) & _MASK, int(epoch), int(index), int(slot)]).generate_state(2, np.uint64)[0]) & _MASK
+
+
+def apply_seeded(transform: Callable, image: Any, seed: int):
+    """``transform(image)`` with torch's global CPU generator seeded by ``seed``, restored afterwards.
+
+    Random augmentation then depends on which item is drawn, not on how many random
+    numbers were consumed before (worker count, restarts, validation runs).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
+class EpochBatchSampler(Sampler[List[int]]):
+    """Shuffled batches of ``batch_size`` indices, seeded by ``(seed, epoch)``, split over ranks.
+
+    Each epoch permutes ``range(n)``, cuts it into ``len(self) * world_size`` full
+    batches (the remainder is dropped) and rank ``r`` takes batches ``r, r + world, ...``,
+    so the ranks' shares are disjoint. :meth:`resume_at` makes the next iteration
+    start at a given batch of the rank's share.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+        self.start_batch = 0
+        self.num_batches = self.n // (self.batch_size * self.world_size)
+        if self.num_batches == 0:
+            raise ValueError(f"{self.n} training items are fewer than one batch of {self.batch_size} per process "
+                             f"({self.world_size} processes); lower data.batch_size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume_at(self, batch: int) -> None:
+        """The next iteration skips the first ``batch`` batches of this rank's share."""
+        self.start_batch = int(batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batches(self) -> List[List[int]]:
+        """This rank's batches of the current epoch (ignoring :meth:`resume_at`)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(self.n)[: self.num_batches * self.world_size * self.batch_size]
+        all_batches = perm.reshape(-1, self.batch_size)
+        return [b.tolist() for b in all_batches[self.rank :: self.world_size]]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start, self.start_batch = self.start_batch, 0
+        yield from self.batches()[start:]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a batch sampler with ``set_epoch`` / ``resume_at``, resumable mid-epoch.
+
+    ``position`` returns the number of batches of the current epoch that training
+    has consumed (the data module reads it from the trainer), so the state is
+    exact even though Lightning prefetches a batch ahead.
+    """
+
+    def __init__(self, *args, position: Optional[Callable[[], int]] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> Dict[str, int]:
+        bs = self.batch_sampler
+        done = int(self._position()) if self._position is not None else 0
+        return {"epoch": int(getattr(bs, "epoch", 0)), "batches_done": done}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        for obj in (self.batch_sampler, self.dataset):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+        self.batch_sampler.resume_at(done)

@@ -1,0 +1,180 @@
+"""Retrieval pictures (matplotlib, Agg): precision-recall by Hamming radius, precision@k,
+precision within Hamming radius 0..r, and a retrieval grid like Fig. 5 of the DSRH paper.
+
+Data functions (``curve_data``, ``grid_data``) are separate from the drawing
+functions, which each return a :class:`matplotlib.figure.Figure`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .index import search_torch  # noqa: E402
+from .metrics import codes_to_bits, retrieval_metrics  # noqa: E402
+from .relevance import relevance_matrix  # noqa: E402
+
+__all__ = ["curve_data", "grid_data", "fixed_queries", "plot_pr_curve", "plot_precision_at_k",
+           "plot_precision_radius", "plot_retrieval_grid", "make_figures", "save_figures", "figure_to_image"]
+
+CORRECT, WRONG = "#1a9850", "#d73027"
+
+
+def _default_ks(nd: int) -> list:
+    ks = [1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+    return [k for k in ks if k < nd] + [nd]
+
+
+def curve_data(q_codes, db_codes, q_labels, db_labels, max_radius: int = 3, ks: Optional[Sequence[int]] = None,
+               empty_queries: str = "zero") -> dict:
+    """Everything the curves need, from :func:`~dsrh_lightning.metrics.retrieval_metrics`.
+
+    Returns:
+        ``pr_curve`` (micro-averaged precision/recall by radius 0..bits), ``ks`` and
+        ``precision_at_k``, ``radii`` and ``precision_radius`` (mean per query, 0 for an
+        empty ball, as the metric ``precision_radius``).
+    """
+    q, db = codes_to_bits(q_codes, "query codes"), codes_to_bits(db_codes, "database codes")
+    nd = db.shape[0]
+    ks = sorted(set(int(k) for k in (ks or _default_ks(nd)) if 1 <= k <= nd))
+    base = retrieval_metrics(q, db, q_labels, db_labels, topk=1, radius=0, precision_at=tuple(ks), pr_curve=True,
+                             empty_queries=empty_queries)
+    radii = list(range(0, min(max_radius, q.shape[1]) + 1))
+    prec_r = [base["precision_radius"]] + [
+        retrieval_metrics(q, db, q_labels, db_labels, topk=1, radius=r, empty_queries=empty_queries)["precision_radius"]
+        for r in radii[1:]]
+    return {"pr_curve": base["pr_curve"], "ks": ks, "precision_at_k": [base[f"precision@{k}"] for k in ks],
+            "radii": radii, "precision_radius": prec_r, "bits": int(q.shape[1]), "num_queries": int(q.shape[0]),
+            "num_database": int(nd)}
+
+
+def fixed_queries(num_queries: int, n: int) -> np.ndarray:
+    """``num_queries`` query positions spread evenly over ``0..n-1`` (the same every run)."""
+    return np.unique(np.linspace(0, n - 1, num=min(num_queries, n)).round().astype(np.int64))
+
+
+def grid_data(q_codes, db_codes, q_labels, db_labels, queries: Sequence[int], topn: int = 10) -> dict:
+    """Top ``topn`` (stable Hamming ranking) of the selected ``queries``: indices, distances, correctness."""
+    q, db = codes_to_bits(q_codes, "query codes"), codes_to_bits(db_codes, "database codes")
+    queries = np.asarray(queries, dtype=np.int64)
+    dist, idx = search_torch(q[queries].numpy(), db.numpy(), topn)
+    ql = torch.as_tensor(np.asarray(q_labels))[torch.as_tensor(queries)]
+    rel = relevance_matrix(ql, torch.as_tensor(np.asarray(db_labels)))
+    correct = np.take_along_axis(rel.numpy(), idx, 1)
+    return {"queries": queries, "indices": idx, "distances": dist, "correct": correct.astype(bool)}
+
+
+def plot_pr_curve(pr: dict, title: str = "Precision-recall (Hamming ranking)"):
+    """Precision vs recall of the Hamming ball of radius 0..bits (labels mark some radii)."""
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=100)
+    rec, prec = np.asarray(pr["recall"]), np.asarray(pr["precision"])
+    ax.plot(rec, prec, "-o", color="#2166ac", markersize=3)
+    last = None
+    for r in range(len(rec)):  # label a radius only where the curve has moved visibly
+        if last is None or np.hypot(rec[r] - rec[last], prec[r] - prec[last]) > 0.04:
+            ax.annotate(f"r={r}", (rec[r], prec[r]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            last = r
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_precision_at_k(ks: Sequence[int], precision: Sequence[float], title: str = "Precision@k"):
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=100)
+    ax.plot(ks, precision, "-o", color="#b2182b", markersize=3)
+    ax.set_xscale("log")
+    ax.set(ylim=(0, 1.02), xlabel="number of top returned items k", ylabel="precision", title=title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def plot_precision_radius(radii: Sequence[int], precision: Sequence[float],
+                          title: str = "Precision within Hamming radius"):
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=100)
+    bars = ax.bar(list(radii), precision, color="#4393c3")
+    ax.set_xticks(list(radii))
+    for b, v in zip(bars, precision):
+        ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=8)
+    ax.set(ylim=(0, 1.08), xlabel="Hamming radius r", ylabel="precision (mean over queries)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval_grid(query_images: Sequence[np.ndarray], result_images: Sequence[Sequence[np.ndarray]],
+                        correct: np.ndarray, distances: Optional[np.ndarray] = None,
+                        title: str = "Top retrieved images (green: relevant, red: not)"):
+    """One row per query: the query, then its results with a green (relevant) or red border."""
+    rows = len(query_images)
+    cols = 1 + max(len(r) for r in result_images)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 0.3, 1.15 * rows + 0.5), dpi=100, squeeze=False)
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                img, color, width = query_images[i], "black", 1.0
+                ax.set_ylabel(f"query {i + 1}", fontsize=7)
+            elif j - 1 < len(result_images[i]):
+                img = result_images[i][j - 1]
+                color, width = (CORRECT if correct[i, j - 1] else WRONG), 3.5
+                if distances is not None:
+                    ax.set_title(f"d={int(distances[i, j - 1])}", fontsize=7, pad=2)
+            else:
+                ax.axis("off")
+                continue
+            ax.imshow(np.asarray(img), interpolation="nearest")
+            for s in ax.spines.values():
+                s.set_edgecolor(color)
+                s.set_linewidth(width)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def make_figures(q_codes, db_codes, q_labels, db_labels, max_radius: int = 3, num_queries: int = 5,
+                 topn: int = 10, query_image: Optional[Callable[[int], np.ndarray]] = None,
+                 db_image: Optional[Callable[[int], np.ndarray]] = None, empty_queries: str = "zero") -> dict:
+    """All retrieval figures by name (the grid only when image getters are given), plus ``data``."""
+    data = curve_data(q_codes, db_codes, q_labels, db_labels, max_radius, empty_queries=empty_queries)
+    figs = {"pr_curve": plot_pr_curve(data["pr_curve"]),
+            "precision_at_k": plot_precision_at_k(data["ks"], data["precision_at_k"]),
+            "precision_radius": plot_precision_radius(data["radii"], data["precision_radius"])}
+    if query_image is not None and db_image is not None:
+        n = len(q_labels)
+        g = grid_data(q_codes, db_codes, q_labels, db_labels, fixed_queries(num_queries, n), topn)
+        figs["retrieval_grid"] = plot_retrieval_grid(
+            [query_image(int(p)) for p in g["queries"]],
+            [[db_image(int(j)) for j in row] for row in g["indices"]], g["correct"], g["distances"])
+        data["grid"] = g
+    return {"figures": figs, "data": data}
+
+
+def save_figures(figs: Dict[str, "plt.Figure"], out_dir, close: bool = True) -> Dict[str, Path]:
+    """Write each figure as ``<out_dir>/<name>.png``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in figs.items():
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=fig.dpi)
+        if close:
+            plt.close(fig)
+    return paths
+
+
+def figure_to_image(fig) -> np.ndarray:
+    """The rendered figure as an ``(h, w, 3)`` uint8 array."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -1,0 +1,156 @@
+"""Retrieval plots: curve data vs brute force, PNG files, `dsrh eval --plots`, W&B logging guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _tiny_ckpt import tiny_ckpt  # noqa: F401  (fixture)
+from dsrh_lightning import cli
+from dsrh_lightning.data.sources import make_synthetic
+from dsrh_lightning.plots import fixed_queries, make_figures, save_figures
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path, min_w: int, min_h: int) -> tuple:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    with Image.open(path) as im:
+        im.load()
+        w, h = im.size
+        arr = np.asarray(im.convert("RGB"))
+    assert w >= min_w and h >= min_h and w <= 4000 and h <= 4000, (path, w, h)
+    assert arr.std() > 5, f"{path} looks blank"
+    return w, h
+
+
+def structured_codes(rng, labels: np.ndarray, bits: int, flips: int) -> np.ndarray:
+    protos = rng.integers(0, 2, (labels.max() + 1, bits), dtype=np.uint8)
+    x = protos[labels].copy()
+    for row in x:
+        row[rng.choice(bits, rng.integers(0, flips + 1), replace=False)] ^= 1
+    return x
+
+
+def test_plot_data_matches_brute_force_and_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    src = make_synthetic(6, 40, 32, seed=1)
+    labels = src.labels
+    codes = structured_codes(rng, labels, 16, flips=5)
+    q_pos = np.arange(0, 240, 8)  # 30 queries
+    db_pos = np.setdiff1d(np.arange(240), q_pos)
+    qc, dc, ql, dl = codes[q_pos], codes[db_pos], labels[q_pos], labels[db_pos]
+    out = make_figures(qc, dc, ql, dl, max_radius=3, num_queries=4, topn=10,
+                       query_image=lambda i: src.images[q_pos[i]], db_image=lambda j: src.images[db_pos[j]])
+    data = out["data"]
+
+    dist = (qc[:, None] != dc[None]).sum(-1)
+    rel = ql[:, None] == dl[None]
+    # PR by radius: micro-averaged counts; recall can only grow with the radius and reaches 1.
+    pr = data["pr_curve"]
+    for r in range(17):
+        inside = dist <= r
+        assert pr["precision"][r] == pytest.approx((rel & inside).sum() / max(inside.sum(), 1))
+        assert pr["recall"][r] == pytest.approx((rel & inside).sum() / rel.sum())
+    assert np.all(np.diff(pr["recall"]) >= 0) and pr["recall"][-1] == pytest.approx(1.0)
+    assert pr["precision"][-1] == pytest.approx(rel.mean())
+    # Precision within radius r: mean over queries, 0 for an empty ball.
+    for r, p in zip(data["radii"], data["precision_radius"]):
+        inside = dist <= r
+        per_q = np.where(inside.sum(1) > 0, (rel & inside).sum(1) / np.maximum(inside.sum(1), 1), 0.0)
+        assert p == pytest.approx(per_q.mean()), r
+    # Precision@k under the stable ranking (distance, then database index).
+    order = np.stack([np.lexsort((np.arange(len(dc)), d)) for d in dist])
+    ranked_rel = np.take_along_axis(rel, order, 1)
+    assert data["ks"][-1] == len(dc)
+    for k, p in zip(data["ks"], data["precision_at_k"]):
+        assert p == pytest.approx(ranked_rel[:, :k].mean()), k
+    # The grid shows the stable top 10 of fixed, evenly spread queries, marked by relevance.
+    g = data["grid"]
+    np.testing.assert_array_equal(g["queries"], fixed_queries(4, len(qc)))
+    np.testing.assert_array_equal(g["indices"], order[g["queries"], :10])
+    np.testing.assert_array_equal(g["correct"], ranked_rel[g["queries"], :10])
+    assert g["correct"].any() and (~g["correct"]).any()  # both border colours appear
+
+    paths = save_figures(out["figures"], tmp_path / "plots")
+    assert set(paths) == {"pr_curve", "precision_at_k", "precision_radius", "retrieval_grid"}
+    for name in ("pr_curve", "precision_at_k", "precision_radius"):
+        check_png(paths[name], 300, 250)
+    w, h = check_png(paths["retrieval_grid"], 11 * 60, 4 * 60)
+    assert w > h  # 11 columns, 4 rows
+    # Borders: the grid contains the green and the red marker colours.
+    arr = np.asarray(Image.open(paths["retrieval_grid"]).convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((0x1a, 0x98, 0x50), (0xd7, 0x30, 0x27)):
+        assert (np.abs(arr - colour).sum(1) < 30).sum() > 200, colour
+
+
+def test_eval_cli_writes_plots(tiny_ckpt, tmp_path, capsys):
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "plots"
+    rc = cli.main(["eval", "--ckpt", str(ckpt), "--plots", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("pr_curve", "precision_at_k", "precision_radius", "retrieval_grid"):
+        check_png(out / f"{name}.png", 300, 250)
+
+
+def _test_with_logger(ckpt, logger):
+    import pytorch_lightning as pl
+
+    from dsrh_lightning.callbacks import RetrievalPlots
+    from dsrh_lightning.data.datamodule import HashingDataModule
+    from dsrh_lightning.evaluate import config_from_checkpoint
+    from dsrh_lightning.module import HashingModule
+
+    cfg, _ = config_from_checkpoint(ckpt)
+    dm = HashingDataModule(cfg)
+    plots = RetrievalPlots(cfg.eval)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[plots], enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.test(HashingModule.load_from_checkpoint(str(ckpt), map_location="cpu"), datamodule=dm, verbose=False)
+    return plots
+
+
+def test_plots_logged_to_wandb_only(tiny_ckpt, tmp_path):
+    import wandb
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    ckpt, _ = tiny_ckpt
+
+    class Run:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, data, *args, **kwargs):
+            self.logged.append(data)
+
+    class RecordingWandb(WandbLogger):  # a WandbLogger whose run records instead of uploading
+        def __init__(self):
+            super().__init__(project="test", save_dir=str(tmp_path), offline=True)
+            self._run_stub = Run()
+
+        @property
+        def experiment(self):
+            return self._run_stub
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    wb = RecordingWandb()
+    plots = _test_with_logger(ckpt, wb)
+    images = {k: v for d in wb.experiment.logged for k, v in d.items() if isinstance(v, wandb.Image)}
+    assert set(images) == {f"test/plots/{n}" for n in ("pr_curve", "precision_at_k", "precision_radius",
+                                                        "retrieval_grid")}
+    assert plots.data["pr_curve"]["recall"][-1] == pytest.approx(1.0)
+    # CSV logger and no logger: nothing is computed or written.
+    for logger in (CSVLogger(str(tmp_path), name="csv"), False):
+        plots = _test_with_logger(ckpt, logger)
+        assert plots.data == {} and plots.written == {}
