@@ -23,6 +23,12 @@ Definitions (``K`` = cut-off, ``pos`` = 1-based rank, ``rel`` = binary relevance
 ``empty_queries``: a query without any relevant item in the database gets 0 for
 every per-query metric (``"zero"``) or is left out of every per-query mean
 (``"skip"``). Cut-offs larger than the database mean the whole database.
+
+Engines (``engine=``): ``"numba"`` (:mod:`.engine_numba`: popcount on packed bits and
+two O(N) passes per query, parallel over queries; CPU, ``ties="stable"`` only) and
+``"torch"`` (the blockwise tensor path below: any device, both tie rules).
+``"auto"`` (default) picks numba for CPU inputs with ``ties="stable"`` when numba
+imports, torch otherwise. Both give the same numbers (up to float64 rounding).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from ..relevance import relevance_matrix, shared_label_counts, validate_labels
+from . import engine_numba
 from .codes import bits_to_pm1, codes_to_bits, _distances_from_pm1
 from .ranking import bucket_histogram, pad_distances, within_bucket_rank
 
@@ -149,6 +156,7 @@ def retrieval_metrics(
     ties: str = "stable",
     empty_queries: str = "zero",
     block_size: int | None = None,
+    engine: str = "auto",
 ) -> dict:
     """Hamming-ranking retrieval metrics in one blockwise pass over the queries.
 
@@ -165,7 +173,10 @@ def retrieval_metrics(
         ties: ``"stable"`` (rank by distance, then database index) or ``"average"``
             (exact expectation over random orders inside groups of equal distance).
         empty_queries: ``"zero"`` or ``"skip"`` for queries without a relevant item.
-        block_size: queries per block (None = from a ~512 MiB memory budget).
+        block_size: queries per block of the torch engine (None = from a ~512 MiB
+            memory budget); the numba engine ignores it.
+        engine: ``"auto"`` (numba for CPU inputs with ``ties="stable"`` when numba is
+            installed, else torch), ``"numba"`` or ``"torch"``.
 
     Returns:
         dict with ``map``, ``precision_radius``, ``precision@k``/``recall@k``,
@@ -176,6 +187,13 @@ def retrieval_metrics(
         raise ValueError(f"ties must be 'stable' or 'average', got {ties!r}")
     if empty_queries not in ("zero", "skip"):
         raise ValueError(f"empty_queries must be 'zero' or 'skip', got {empty_queries!r}")
+    if engine not in ("auto", "numba", "torch"):
+        raise ValueError(f"engine must be 'auto', 'numba' or 'torch', got {engine!r}")
+    if engine == "numba":
+        if ties != "stable":
+            raise ValueError("engine='numba' supports ties='stable' only (use engine='torch' or 'auto')")
+        if not engine_numba.HAVE_NUMBA:
+            raise ImportError("engine='numba' needs numba: pip install 'numba>=0.59'")
     qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels)
     nq, k = qb.shape
     nd = db.shape[0]
@@ -196,6 +214,13 @@ def retrieval_metrics(
         block_size = max(1, min(nq, _MEMORY_BUDGET // (_BYTES_PER_PAIR * nd)))
     elif block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+    use_numba = engine == "numba" or (
+        engine == "auto" and ties == "stable" and engine_numba.HAVE_NUMBA and qb.device.type == "cpu"
+    )
+    if use_numba:
+        return _numba_metrics(qb, db, ql, dl, radius=int(radius), k_map=k_map, p_ks=p_ks, k_ndcg=k_ndcg,
+                              k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve, empty_queries=empty_queries)
 
     dev = qb.device
     V = k + 1
@@ -341,6 +366,62 @@ def retrieval_metrics(
         bits=int(k),
         topk=int(k_map),
         ties=ties,
+        empty_queries=empty_queries,
+        num_queries_without_relevant=n_empty,
+    )
+    return out
+
+
+def _numba_metrics(qb, db, ql, dl, *, radius, k_map, p_ks, k_ndcg, k_acg, k_wmap, pr_curve, empty_queries):
+    """``retrieval_metrics`` (ties="stable") through the numba kernel; same keys and definitions."""
+    nq, k = qb.shape
+    nd = db.shape[0]
+    multi = ql.ndim == 2
+    if multi:
+        qlab, dlab = (ql > 0.5).cpu().numpy(), (dl > 0.5).cpu().numpy()
+    else:
+        qlab, dlab = ql.cpu().numpy(), dl.cpu().numpy()
+    res = engine_numba.numba_retrieval_arrays(
+        qb.cpu().numpy(), db.cpu().numpy(), qlab, dlab, multi=multi, radius=radius, k_map=k_map,
+        ks=[c for _, c in p_ks], k_ndcg=k_ndcg, k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve)
+    rtot = res["rtot"]
+    has_rel = rtot > 0
+    n_empty = int((~has_rel).sum())
+    mask = has_rel if empty_queries == "skip" else np.ones(nq, dtype=bool)
+    n_kept = int(mask.sum())
+
+    def mean(x: np.ndarray) -> float:
+        return float(x[mask].sum() / n_kept) if n_kept else 0.0
+
+    def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        den = np.asarray(den, dtype=np.float64)
+        return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+
+    out: dict = {"map": mean(res["ap"]), "precision_radius": mean(res["prec_r"])}
+    for t, (p, c) in enumerate(p_ks):
+        hits = res["pat"][:, t].astype(np.float64)
+        out[f"precision@{p}"] = mean(hits / c)
+        out[f"recall@{p}"] = mean(safe_div(hits, rtot))
+    if k_ndcg is not None:
+        out["ndcg"] = mean(res["ndcg"])
+    if k_acg is not None:
+        out["acg"] = mean(res["acg"])
+    if k_wmap is not None:
+        out["wmap"] = mean(res["wmap"])
+    if pr_curve:
+        pr_rel = res["pr_rel"].astype(np.float64)
+        out["pr_curve"] = {
+            "radius": list(range(k + 1)),
+            "precision": safe_div(pr_rel, res["pr_cnt"]).tolist(),
+            "recall": safe_div(pr_rel, np.full(k + 1, rtot.sum())).tolist(),
+            "averaging": "micro",
+        }
+    out.update(
+        num_queries=int(nq),
+        num_database=int(nd),
+        bits=int(k),
+        topk=int(k_map),
+        ties="stable",
         empty_queries=empty_queries,
         num_queries_without_relevant=n_empty,
     )
