@@ -282,6 +282,12 @@ def test_validation_errors_name_the_argument():
 def test_codes_to_bits_and_binarize():
     assert codes_to_bits(np.array([[-1, 1]]), "x").tolist() == [[0, 1]]
     assert codes_to_bits(torch.tensor([[0.0, 1.0]]), "x").tolist() == [[0, 1]]
+    # dtypes numpy lacks take the torch path; both paths give the same errors
+    assert codes_to_bits(torch.tensor([[-1.0, 1.0]], dtype=torch.bfloat16), "x").tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match=r"bf.*-1.*0.*1"):
+        codes_to_bits(torch.tensor([[-1.0, 0.0, 1.0]], dtype=torch.bfloat16), "bf")
+    with pytest.raises(ValueError, match=r"tt.*-1.*0.*1"):
+        codes_to_bits(torch.tensor([[-1, 0, 1]]), "tt")
     with pytest.raises(ValueError, match=r"myname.*-1.*0.*1"):
         codes_to_bits(np.array([[-1, 0, 1]]), "myname")
     with pytest.raises(ValueError, match="0.5"):

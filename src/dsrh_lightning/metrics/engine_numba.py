@@ -272,7 +272,7 @@ if HAVE_NUMBA:
 
 def numba_retrieval_arrays(q_bits, db_bits, q_labels, db_labels, *, multi: bool, radius: int,
                            k_map: int, ks, k_ndcg, k_acg, k_wmap, pr_curve: bool,
-                           chunks_per_thread: int = 4):
+                           chunks_per_thread: int = 16):
     """Per-query metric arrays from the numba kernel.
 
     Args:
@@ -306,8 +306,14 @@ def numba_retrieval_arrays(q_bits, db_bits, q_labels, db_labels, *, multi: bool,
     sdtype = np.uint8 if 2 * k + 1 < 256 else np.uint16
     scratch = np.empty((nchunks, nd), dtype=sdtype)
     ks_arr = np.asarray(list(ks), dtype=np.int64)
-    ap, prec_r, rtot, pat, ndcg, acg, wmap, pr_cnt, pr_rel = _kernel(
-        qc, dc, ql, dl, bool(multi), scratch, int(k), int(min(radius, k)), int(k_map), ks_arr,
-        int(k_ndcg or 0), int(k_acg or 0), int(k_wmap or 0), int(nlevels), bool(pr_curve))
+    # chunks are handed out one at a time (dynamic), so a thread slowed by other work on a
+    # shared machine does not hold up the rest
+    old = numba.set_parallel_chunksize(1)
+    try:
+        ap, prec_r, rtot, pat, ndcg, acg, wmap, pr_cnt, pr_rel = _kernel(
+            qc, dc, ql, dl, bool(multi), scratch, int(k), int(min(radius, k)), int(k_map), ks_arr,
+            int(k_ndcg or 0), int(k_acg or 0), int(k_wmap or 0), int(nlevels), bool(pr_curve))
+    finally:
+        numba.set_parallel_chunksize(old)
     return dict(ap=ap, prec_r=prec_r, rtot=rtot, pat=pat, ndcg=ndcg, acg=acg, wmap=wmap,
                 pr_cnt=pr_cnt, pr_rel=pr_rel)

@@ -68,7 +68,9 @@ def _check_cutoff(value, name: str, nd: int) -> int | None:
     return int(min(int(value), nd))
 
 
-def _validate_inputs(query_codes, db_codes, query_labels, db_labels):
+def _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy: bool = False):
+    """Checked ``(q_bits, db_bits, q_labels, db_labels)``: torch tensors on the codes' device, or,
+    with ``as_numpy`` (CPU inputs only), numpy arrays (uint8 bits; int64 ids or uint8 multi-hot)."""
     qb = codes_to_bits(query_codes, "query_codes")
     db = codes_to_bits(db_codes, "db_codes")
     if qb.shape[1] != db.shape[1]:
@@ -96,6 +98,13 @@ def _validate_inputs(query_codes, db_codes, query_labels, db_labels):
         )
     if ql.ndim == 2 and ql.shape[1] != dl.shape[1]:
         raise ValueError(f"label widths differ: query_labels have {ql.shape[1]} columns, db_labels have {dl.shape[1]}")
+    if as_numpy:
+        qln, dln = ql.detach().cpu().numpy(), dl.detach().cpu().numpy()
+        if qln.ndim == 2:
+            qln, dln = (qln != 0).view(np.uint8), (dln != 0).view(np.uint8)
+        else:
+            qln, dln = qln.astype(np.int64, copy=False), dln.astype(np.int64, copy=False)
+        return qb.numpy(), db.numpy(), qln, dln
     if ql.ndim == 2:
         ql, dl = ql.to(torch.float32), dl.to(torch.float32)
     else:
@@ -194,7 +203,10 @@ def retrieval_metrics(
             raise ValueError("engine='numba' supports ties='stable' only (use engine='torch' or 'auto')")
         if not engine_numba.HAVE_NUMBA:
             raise ImportError("engine='numba' needs numba: pip install 'numba>=0.59'")
-    qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels)
+    on_cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu"
+                     for x in (query_codes, db_codes, query_labels, db_labels))
+    use_numba = engine == "numba" or (engine == "auto" and ties == "stable" and engine_numba.HAVE_NUMBA and on_cpu)
+    qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy=use_numba and on_cpu)
     nq, k = qb.shape
     nd = db.shape[0]
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
@@ -215,9 +227,6 @@ def retrieval_metrics(
     elif block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
-    use_numba = engine == "numba" or (
-        engine == "auto" and ties == "stable" and engine_numba.HAVE_NUMBA and qb.device.type == "cpu"
-    )
     if use_numba:
         return _numba_metrics(qb, db, ql, dl, radius=int(radius), k_map=k_map, p_ks=p_ks, k_ndcg=k_ndcg,
                               k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve, empty_queries=empty_queries)
@@ -377,12 +386,14 @@ def _numba_metrics(qb, db, ql, dl, *, radius, k_map, p_ks, k_ndcg, k_acg, k_wmap
     nq, k = qb.shape
     nd = db.shape[0]
     multi = ql.ndim == 2
-    if multi:
-        qlab, dlab = (ql > 0.5).cpu().numpy(), (dl > 0.5).cpu().numpy()
-    else:
-        qlab, dlab = ql.cpu().numpy(), dl.cpu().numpy()
+    if isinstance(qb, torch.Tensor):  # engine="numba" with inputs on another device
+        qb, db = qb.cpu().numpy(), db.cpu().numpy()
+        if multi:
+            ql, dl = (ql > 0.5).cpu().numpy().view(np.uint8), (dl > 0.5).cpu().numpy().view(np.uint8)
+        else:
+            ql, dl = ql.cpu().numpy(), dl.cpu().numpy()
     res = engine_numba.numba_retrieval_arrays(
-        qb.cpu().numpy(), db.cpu().numpy(), qlab, dlab, multi=multi, radius=radius, k_map=k_map,
+        qb, db, ql, dl, multi=multi, radius=radius, k_map=k_map,
         ks=[c for _, c in p_ks], k_ndcg=k_ndcg, k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve)
     rtot = res["rtot"]
     has_rel = rtot > 0
