@@ -1,8 +1,11 @@
 """Benchmark retrieval_metrics against a naive per-query numpy argsort and faiss.
 
-    python benchmarks/bench_eval.py [--cases cifar,nuswide,million] [--repeat N]
+    python benchmarks/bench_eval.py [--cases cifar,nuswide,million] [--repeat N] [--torch-engine]
 
 Each case runs in its own subprocess; peak extra memory = sampled RSS peak minus RSS before the call.
+``ours`` is ``retrieval_metrics`` with its default engine (numba on CPU when installed); the first
+call of each case runs against an empty numba cache (a fresh NUMBA_CACHE_DIR), so it includes
+the JIT compilation and is reported on its own. ``--torch-engine`` also times ``engine="torch"``.
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ def faiss_map(qc, dc, ql, dl, topk):
     return float(np.mean(aps)), time.perf_counter() - t, t_search
 
 
+LOAD_START = os.getloadavg()[0]
+
+
 def rss_mib():
     """Current resident set size of this process (MiB), from /proc/self/statm."""
     with open("/proc/self/statm") as f:
@@ -139,18 +145,22 @@ class PeakRSS:
         self.extra = self.peak - self.base
 
 
-def run_case(name, repeat, threads):
+def run_case(name, repeat, threads, torch_engine=False):
     import torch
 
     if threads:
         torch.set_num_threads(threads)
 
-    from dsrh_lightning.metrics import retrieval_metrics
+    from dsrh_lightning.metrics import engine_numba, retrieval_metrics
 
     cfg = CASES[name]
     qc, dc, ql, dl, src = make_case(cfg)
     tq, td = torch.from_numpy(qc), torch.from_numpy(dc)
     tql, tdl = torch.from_numpy(ql.astype(np.int64)), torch.from_numpy(dl.astype(np.int64))
+    engine = "numba" if engine_numba.HAVE_NUMBA else "torch"
+    t = time.perf_counter()
+    retrieval_metrics(tq, td, tql, tdl, topk=cfg["topk"])  # first call: JIT compile (empty cache) + run
+    t_first = time.perf_counter() - t
     times = []
     with PeakRSS() as mem:
         for _ in range(repeat):
@@ -158,6 +168,15 @@ def run_case(name, repeat, threads):
             res = retrieval_metrics(tq, td, tql, tdl, topk=cfg["topk"])
             times.append(time.perf_counter() - t)
     peak = mem.extra
+    t_torch = None
+    if torch_engine:
+        torch_times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            res_t = retrieval_metrics(tq, td, tql, tdl, topk=cfg["topk"], engine="torch")
+            torch_times.append(time.perf_counter() - t)
+        assert abs(res_t["map"] - res["map"]) < 1e-9, (res_t["map"], res["map"])
+        t_torch = min(torch_times)
     nq_run = cfg["naive_q"]
     naive_times = []
     for _ in range(repeat):
@@ -168,6 +187,9 @@ def run_case(name, repeat, threads):
     full = retrieval_metrics(tq[:nq_run], td, tql[:nq_run], tdl, topk=cfg["topk"])["map"]
     assert abs(full - naive.mean()) < 1e-9, (full, naive.mean())
     out = dict(case=name, shape=f"{cfg['nq']}x{cfg['nd']}x{cfg['bits']}", labels=src, topk=cfg["topk"],
+               engine=engine, t_first_call=t_first, t_torch_engine=t_torch,
+               numba_threads=engine_numba.numba.get_num_threads() if engine_numba.HAVE_NUMBA else None,
+               loadavg_1min_start=LOAD_START,
                map=res["map"], t_ours=min(times), t_naive=t_naive, naive_extrapolated=nq_run < cfg["nq"],
                naive_queries=nq_run, peak_extra_mib=peak, threads=torch.get_num_threads(),
                loadavg_1min_end=os.getloadavg()[0])
@@ -186,29 +208,40 @@ def main(argv=None):
     ap.add_argument("--cases", default="cifar,nuswide,million")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--torch-engine", action="store_true", help='also time engine="torch"')
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        print(json.dumps(run_case(args._child, args.repeat, args.threads)))
+        print(json.dumps(run_case(args._child, args.repeat, args.threads, args.torch_engine)))
         return 0
     rows = []
+    import tempfile
+
     for name in args.cases.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--_child", name, "--repeat", str(args.repeat),
-                               "--threads", str(args.threads)],
-                              capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(prefix="bench-numba-cache-") as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            proc = subprocess.run([sys.executable, __file__, "--_child", name, "--repeat", str(args.repeat),
+                                   "--threads", str(args.threads)] + (["--torch-engine"] if args.torch_engine else []),
+                                  capture_output=True, text=True, env=env)
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    hdr = f"{'case':8} {'shape':22} {'topk':>5} {'MAP':>8} {'ours s':>8} {'naive s':>9} {'x naive':>8} {'faiss s':>8} {'x faiss':>8} {'peak MiB':>9} {'load':>5}"
+    hdr = (f"{'case':8} {'shape':22} {'topk':>5} {'MAP':>8} {'ours s':>8} {'naive s':>9} {'x naive':>8} "
+           f"{'faiss s':>8} {'x faiss':>8} {'torch s':>8} {'peak MiB':>9} {'1st call':>9} {'load':>9}")
     print(hdr)
     for r in rows:
         naive = f"{r['t_naive']:.2f}" + ("*" if r["naive_extrapolated"] else "")
         fa = r.get("t_faiss")
-        print(f"{r['case']:8} {r['shape']:22} {str(r['topk']):>5} {r['map']:8.4f} {r['t_ours']:8.2f} {naive:>9} "
+        tt = r.get("t_torch_engine")
+        print(f"{r['case']:8} {r['shape']:22} {str(r['topk']):>5} {r['map']:8.4f} {r['t_ours']:8.3f} {naive:>9} "
               f"{r['t_naive'] / r['t_ours']:8.1f} {fa if fa is None else format(fa, '.2f'):>8} "
-              f"{'' if fa is None else format(fa / r['t_ours'], '.2f'):>8} {r['peak_extra_mib']:9.0f} {r['loadavg_1min_end']:5.1f}")
-    print("times: best of --repeat runs; load = 1-min load average at the end of the case (2 cores)")
+              f"{'' if fa is None else format(fa / r['t_ours'], '.1f'):>8} {'' if tt is None else format(tt, '.2f'):>8} "
+              f"{r['peak_extra_mib']:9.0f} {r['t_first_call']:9.2f} "
+              f"{r['loadavg_1min_start']:4.1f}/{r['loadavg_1min_end']:<4.1f}")
+    print(f"ours = retrieval_metrics, engine {rows[0]['engine'] if rows else '?'}; times: best of --repeat runs; "
+          "1st call = first call with an empty numba cache (JIT compile + one run); "
+          "load = 1-min load average at start/end of the case (2 cores)")
     print("* naive time extrapolated from a subset of queries; MAP equal (1e-9) to naive stable argsort; faiss MAP within 1e-2 (its tie order differs)")
     print(json.dumps(rows))
     return 0

@@ -101,3 +101,30 @@ def test_real_cifar10_paper_protocol():
     assert (np.bincount(src.labels[s.train], minlength=10) == 500).all()
     assert len(s.val) == 500 and len(s.val_database) == 5000
     assert len(np.intersect1d(s.query, s.database)) == 0
+
+
+def test_database_order_does_not_follow_the_source_order():
+    """Ties are broken by database position; a class-sorted source must not leak labels through it."""
+    labels = np.repeat(np.arange(5), 40)  # class-sorted, like cifar10.npz
+    s = _split(labels, val_database_size=50)
+    for db in (s.database, s.val_database):
+        assert not (np.diff(db) > 0).all(), "database kept the source order"
+        # Classes are interleaved: the first quarter of the order holds images of every class.
+        assert len(np.unique(labels[db[: len(db) // 4]])) == 5
+    again = _split(labels, val_database_size=50)
+    assert (again.database == s.database).all() and (again.val_database == s.val_database).all()
+
+
+def test_class_sorted_source_gives_unbiased_map_for_collapsed_codes():
+    """All-identical codes must score chance-level MAP, whatever the order of the source rows."""
+    import torch
+
+    from dsrh_lightning.metrics import retrieval_metrics
+
+    labels = np.repeat(np.arange(5), 40)
+    s = _split(labels)
+    codes_q = torch.zeros(len(s.query), 8, dtype=torch.uint8)
+    codes_db = torch.zeros(len(s.database), 8, dtype=torch.uint8)
+    m = retrieval_metrics(codes_q, codes_db, torch.as_tensor(labels[s.query]), torch.as_tensor(labels[s.database]))
+    # Class-sorted database order would give class-0 queries AP ~1 and a mean far above 0.2.
+    assert abs(m["map"] - 0.2) < 0.06, m["map"]

@@ -28,7 +28,13 @@ SPLIT_KEYS = ("query", "database", "train", "val", "val_database")
 
 @dataclass
 class Split:
-    """Index arrays into a :class:`~dsrh_lightning.data.sources.Source` (all sorted int64)."""
+    """Index arrays into a :class:`~dsrh_lightning.data.sources.Source` (int64).
+
+    ``query``, ``train`` and ``val`` are sorted. ``database`` and ``val_database`` are in a
+    seeded random order (see :func:`shuffle_databases`): evaluation breaks Hamming ties by
+    database position, and a source stored by class (``cifar10.npz`` is, and many list
+    files are) would otherwise leak labels through the tie order.
+    """
 
     query: np.ndarray
     database: np.ndarray
@@ -118,6 +124,22 @@ def _val_sets(database: np.ndarray, train: np.ndarray, labels: np.ndarray, class
     return val, val_pool
 
 
+# Bumped when the meaning of a cached split file changes (v2: databases in seeded random order).
+SPLIT_FORMAT = 2
+
+
+def shuffle_databases(split: Split, seed: int) -> Split:
+    """Put ``database`` and ``val_database`` in a seeded random order (their tie-break order).
+
+    The permutation comes from its own stream (``[seed, 7]``), so it does not change which
+    images are drawn for the other sets.
+    """
+    rng = np.random.default_rng([seed, 7])
+    split.database = rng.permutation(np.sort(split.database))
+    split.val_database = rng.permutation(np.sort(split.val_database))
+    return split
+
+
 def _draw_split(draw, labels, class_names, query_per_class, train_per_class, val_per_class, val_database_size,
                 seed) -> Split:
     """Queries from all images, database = the rest, training images from the database, then validation."""
@@ -127,7 +149,7 @@ def _draw_split(draw, labels, class_names, query_per_class, train_per_class, val
     database = np.setdiff1d(everything, query)
     train = draw(database, labels, train_per_class, rng, "training set", class_names)
     val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
-    return Split(query, database, train, val, val_database)
+    return shuffle_databases(Split(query, database, train, val, val_database), seed)
 
 
 def make_multilabel_split(
@@ -176,7 +198,7 @@ def split_from_lists(query: np.ndarray, database: np.ndarray, train: np.ndarray,
         raise ValueError("some training images are also queries; the train and query lists must be disjoint")
     rng = np.random.default_rng(seed)
     val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
-    return Split(np.sort(query), np.sort(database), np.sort(train), val, val_database)
+    return shuffle_databases(Split(np.sort(query), np.sort(database), np.sort(train), val, val_database), seed)
 
 
 def split_fingerprint(dataset: str, labels: np.ndarray, params: dict) -> str:
@@ -184,7 +206,7 @@ def split_fingerprint(dataset: str, labels: np.ndarray, params: dict) -> str:
     h = hashlib.sha256()
     h.update(dataset.encode())
     h.update(np.ascontiguousarray(labels).tobytes())
-    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update(json.dumps(dict(params, split_format=SPLIT_FORMAT), sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 

@@ -29,7 +29,38 @@ def codes_to_bits(codes, name: str = "codes") -> torch.Tensor:
     Raises ``ValueError`` naming ``name`` when the values are anything else,
     including a mix of -1, 0 and 1.
     """
-    t = codes if isinstance(codes, torch.Tensor) else torch.as_tensor(np.asarray(codes))
+    if isinstance(codes, torch.Tensor):
+        if codes.device.type != "cpu":
+            return _codes_to_bits_torch(codes, name)
+        try:
+            arr = codes.detach().numpy()
+        except (TypeError, RuntimeError):  # e.g. bfloat16, which numpy lacks
+            return _codes_to_bits_torch(codes, name)
+    else:
+        arr = np.asarray(codes)
+    # CPU: checked in numpy (single-threaded, no wake-up of torch's thread pool)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (n, k) code matrix, got shape {tuple(arr.shape)}")
+    if arr.dtype == np.bool_:
+        return torch.from_numpy(arr.astype(np.uint8))
+    if arr.size == 0:
+        return torch.from_numpy(arr.astype(np.uint8))
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name}: complex codes are not supported")
+    if not (np.issubdtype(arr.dtype, np.number)):
+        raise ValueError(f"{name}: codes must be numeric, got dtype {arr.dtype}")
+    ones = arr == 1
+    if arr.dtype == np.uint8:
+        if bool((arr <= 1).all()):
+            return torch.from_numpy(ones.view(np.uint8))
+    elif bool((ones | (arr == 0)).all()) or bool((ones | (arr == -1)).all()):
+        return torch.from_numpy(ones.view(np.uint8))
+    vals = np.unique(arr)
+    shown = vals[:8].tolist() + (["..."] if vals.size > 8 else [])
+    raise ValueError(f"{name}: codes must be all {{0,1}} or all {{-1,+1}}; found values {shown}")
+
+
+def _codes_to_bits_torch(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D (n, k) code matrix, got shape {tuple(t.shape)}")
     if t.dtype == torch.bool:

@@ -23,6 +23,12 @@ Definitions (``K`` = cut-off, ``pos`` = 1-based rank, ``rel`` = binary relevance
 ``empty_queries``: a query without any relevant item in the database gets 0 for
 every per-query metric (``"zero"``) or is left out of every per-query mean
 (``"skip"``). Cut-offs larger than the database mean the whole database.
+
+Engines (``engine=``): ``"numba"`` (:mod:`.engine_numba`: popcount on packed bits and
+two O(N) passes per query, parallel over queries; CPU, ``ties="stable"`` only) and
+``"torch"`` (the blockwise tensor path below: any device, both tie rules).
+``"auto"`` (default) picks numba for CPU inputs with ``ties="stable"`` when numba
+imports, torch otherwise. Both give the same numbers (up to float64 rounding).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from ..relevance import relevance_matrix, shared_label_counts, validate_labels
+from . import engine_numba
 from .codes import bits_to_pm1, codes_to_bits, _distances_from_pm1
 from .ranking import bucket_histogram, pad_distances, within_bucket_rank
 
@@ -61,7 +68,9 @@ def _check_cutoff(value, name: str, nd: int) -> int | None:
     return int(min(int(value), nd))
 
 
-def _validate_inputs(query_codes, db_codes, query_labels, db_labels):
+def _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy: bool = False):
+    """Checked ``(q_bits, db_bits, q_labels, db_labels)``: torch tensors on the codes' device, or,
+    with ``as_numpy`` (CPU inputs only), numpy arrays (uint8 bits; int64 ids or uint8 multi-hot)."""
     qb = codes_to_bits(query_codes, "query_codes")
     db = codes_to_bits(db_codes, "db_codes")
     if qb.shape[1] != db.shape[1]:
@@ -89,6 +98,13 @@ def _validate_inputs(query_codes, db_codes, query_labels, db_labels):
         )
     if ql.ndim == 2 and ql.shape[1] != dl.shape[1]:
         raise ValueError(f"label widths differ: query_labels have {ql.shape[1]} columns, db_labels have {dl.shape[1]}")
+    if as_numpy:
+        qln, dln = ql.detach().cpu().numpy(), dl.detach().cpu().numpy()
+        if qln.ndim == 2:
+            qln, dln = (qln != 0).view(np.uint8), (dln != 0).view(np.uint8)
+        else:
+            qln, dln = qln.astype(np.int64, copy=False), dln.astype(np.int64, copy=False)
+        return qb.numpy(), db.numpy(), qln, dln
     if ql.ndim == 2:
         ql, dl = ql.to(torch.float32), dl.to(torch.float32)
     else:
@@ -149,6 +165,7 @@ def retrieval_metrics(
     ties: str = "stable",
     empty_queries: str = "zero",
     block_size: int | None = None,
+    engine: str = "auto",
 ) -> dict:
     """Hamming-ranking retrieval metrics in one blockwise pass over the queries.
 
@@ -165,7 +182,10 @@ def retrieval_metrics(
         ties: ``"stable"`` (rank by distance, then database index) or ``"average"``
             (exact expectation over random orders inside groups of equal distance).
         empty_queries: ``"zero"`` or ``"skip"`` for queries without a relevant item.
-        block_size: queries per block (None = from a ~512 MiB memory budget).
+        block_size: queries per block of the torch engine (None = from a ~512 MiB
+            memory budget); the numba engine ignores it.
+        engine: ``"auto"`` (numba for CPU inputs with ``ties="stable"`` when numba is
+            installed, else torch), ``"numba"`` or ``"torch"``.
 
     Returns:
         dict with ``map``, ``precision_radius``, ``precision@k``/``recall@k``,
@@ -176,7 +196,17 @@ def retrieval_metrics(
         raise ValueError(f"ties must be 'stable' or 'average', got {ties!r}")
     if empty_queries not in ("zero", "skip"):
         raise ValueError(f"empty_queries must be 'zero' or 'skip', got {empty_queries!r}")
-    qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels)
+    if engine not in ("auto", "numba", "torch"):
+        raise ValueError(f"engine must be 'auto', 'numba' or 'torch', got {engine!r}")
+    if engine == "numba":
+        if ties != "stable":
+            raise ValueError("engine='numba' supports ties='stable' only (use engine='torch' or 'auto')")
+        if not engine_numba.HAVE_NUMBA:
+            raise ImportError("engine='numba' needs numba: pip install 'numba>=0.59'")
+    on_cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu"
+                     for x in (query_codes, db_codes, query_labels, db_labels))
+    use_numba = engine == "numba" or (engine == "auto" and ties == "stable" and engine_numba.HAVE_NUMBA and on_cpu)
+    qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy=use_numba and on_cpu)
     nq, k = qb.shape
     nd = db.shape[0]
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
@@ -196,6 +226,10 @@ def retrieval_metrics(
         block_size = max(1, min(nq, _MEMORY_BUDGET // (_BYTES_PER_PAIR * nd)))
     elif block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+    if use_numba:
+        return _numba_metrics(qb, db, ql, dl, radius=int(radius), k_map=k_map, p_ks=p_ks, k_ndcg=k_ndcg,
+                              k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve, empty_queries=empty_queries)
 
     dev = qb.device
     V = k + 1
@@ -341,6 +375,64 @@ def retrieval_metrics(
         bits=int(k),
         topk=int(k_map),
         ties=ties,
+        empty_queries=empty_queries,
+        num_queries_without_relevant=n_empty,
+    )
+    return out
+
+
+def _numba_metrics(qb, db, ql, dl, *, radius, k_map, p_ks, k_ndcg, k_acg, k_wmap, pr_curve, empty_queries):
+    """``retrieval_metrics`` (ties="stable") through the numba kernel; same keys and definitions."""
+    nq, k = qb.shape
+    nd = db.shape[0]
+    multi = ql.ndim == 2
+    if isinstance(qb, torch.Tensor):  # engine="numba" with inputs on another device
+        qb, db = qb.cpu().numpy(), db.cpu().numpy()
+        if multi:
+            ql, dl = (ql > 0.5).cpu().numpy().view(np.uint8), (dl > 0.5).cpu().numpy().view(np.uint8)
+        else:
+            ql, dl = ql.cpu().numpy(), dl.cpu().numpy()
+    res = engine_numba.numba_retrieval_arrays(
+        qb, db, ql, dl, multi=multi, radius=radius, k_map=k_map,
+        ks=[c for _, c in p_ks], k_ndcg=k_ndcg, k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve)
+    rtot = res["rtot"]
+    has_rel = rtot > 0
+    n_empty = int((~has_rel).sum())
+    mask = has_rel if empty_queries == "skip" else np.ones(nq, dtype=bool)
+    n_kept = int(mask.sum())
+
+    def mean(x: np.ndarray) -> float:
+        return float(x[mask].sum() / n_kept) if n_kept else 0.0
+
+    def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        den = np.asarray(den, dtype=np.float64)
+        return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+
+    out: dict = {"map": mean(res["ap"]), "precision_radius": mean(res["prec_r"])}
+    for t, (p, c) in enumerate(p_ks):
+        hits = res["pat"][:, t].astype(np.float64)
+        out[f"precision@{p}"] = mean(hits / c)
+        out[f"recall@{p}"] = mean(safe_div(hits, rtot))
+    if k_ndcg is not None:
+        out["ndcg"] = mean(res["ndcg"])
+    if k_acg is not None:
+        out["acg"] = mean(res["acg"])
+    if k_wmap is not None:
+        out["wmap"] = mean(res["wmap"])
+    if pr_curve:
+        pr_rel = res["pr_rel"].astype(np.float64)
+        out["pr_curve"] = {
+            "radius": list(range(k + 1)),
+            "precision": safe_div(pr_rel, res["pr_cnt"]).tolist(),
+            "recall": safe_div(pr_rel, np.full(k + 1, rtot.sum())).tolist(),
+            "averaging": "micro",
+        }
+    out.update(
+        num_queries=int(nq),
+        num_database=int(nd),
+        bits=int(k),
+        topk=int(k_map),
+        ties="stable",
         empty_queries=empty_queries,
         num_queries_without_relevant=n_empty,
     )
