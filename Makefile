@@ -21,7 +21,7 @@ SWEEP_FILE = $(if $(wildcard $(SWEEP)),$(SWEEP),experiments/sweeps/$(SWEEP))
 TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
-.PHONY: help venv train test bench bench-eval clean sweep agent sweep-local
+.PHONY: help venv train test bench bench-eval bench-results bench-report bench-train-speed clean sweep agent sweep-local
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -54,7 +54,18 @@ test: venv ## run the test suite on CPU
 bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive argsort and faiss
 	$(PY) benchmarks/bench_eval.py
 
-bench: bench-eval ## all benchmarks
+# The CPU protocol: cached EfficientNet-Lite0 features, every method x bits x seed (resumes; see docs/RESULTS.md).
+RESULTS_ARGS ?=
+bench-results: venv ## CPU protocol: baselines + deep methods on cached features -> docs/RESULTS.md [RESULTS_ARGS=..]
+	$(PY) benchmarks/results_cpu.py $(RESULTS_ARGS)
+
+bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measured results
+	$(PY) benchmarks/results_cpu.py --report-only
+
+bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
+	$(PY) benchmarks/train_speed.py
+
+bench: bench-eval bench-train-speed bench-results ## all benchmarks
 
 clean: ## remove caches and runs (keeps the virtualenv)
 	rm -rf .pytest_cache runs lightning_logs wandb

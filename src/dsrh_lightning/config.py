@@ -96,6 +96,10 @@ class DataConfig:
     # Normalisation statistics; empty = ImageNet's.
     mean: List[float] = field(default_factory=list)
     std: List[float] = field(default_factory=list)
+    # Train the heads on backbone features computed once (eval mode, no augmentation) and cached in
+    # data.feature_dir, keyed by backbone, weights, image size and data fingerprint; the backbone is frozen.
+    cache_features: bool = False
+    feature_dir: str = "data/features"
     # Synthetic data set (dataset=synthetic).
     synthetic_classes: int = 10
     synthetic_per_class: int = 200
@@ -126,6 +130,8 @@ class ModelConfig:
 class LossConfig:
     # "triplet": the DSRH hinge on squared code distances (Yao et al.);
     # "weighted": Zhao et al.'s multilevel ranking hinge on a Hamming surrogate, weighted by (2^ri - 2^rj)/Z.
+    # Peer methods in place of the ranking term (losses/peers.py): "dpsh" (pairwise likelihood),
+    # "dtsh" (triplet likelihood), "hashnet" (weighted pairwise, tanh continuation), "csq" (hash centres).
     ranking: str = "triplet"
     triplet_weight: float = 1.0
     margin: float = 1.0
@@ -138,6 +144,13 @@ class LossConfig:
     cls_weight: float = 1.0
     # Bit balance penalty ||mean over the batch of (2h - 1)||^2 (Zhao et al.); 0 disables it.
     balance_weight: float = 0.0
+    # Peer losses: quantisation weight (DPSH eta, DTSH lambda, CSQ lambda), DTSH margin alpha,
+    # HashNet sigmoid scale (0 = 10/bits) and tanh-scale continuation beta = (1 + gamma*step)^power.
+    quant_weight: float = 0.1
+    dtsh_margin: float = 5.0
+    hashnet_alpha: float = 0.0
+    hashnet_gamma: float = 0.005
+    hashnet_power: float = 0.5
 
 
 @dataclass
@@ -228,7 +241,7 @@ _CHOICES = {
     "data.check_images": ("none", "exists", "header", "decode"),
     "data.nuswide_source": ("auto", "lists", "official"),
     "model.hash_input": ("last", "last_two"),
-    "loss.ranking": ("triplet", "weighted"),
+    "loss.ranking": ("triplet", "weighted", "dpsh", "dtsh", "hashnet", "csq"),
     "model.backbone": BACKBONES,
     "model.weights": ("imagenet", "none", "auto"),
     "model.bag_activation": ("relu", "sigmoid", "none"),
@@ -271,6 +284,9 @@ _NON_NEGATIVE = (
     "eval.acg_k",
     "eval.wmap_topk",
     "loss.balance_weight",
+    "loss.quant_weight",
+    "loss.hashnet_alpha",
+    "loss.hashnet_gamma",
     "data.num_labels",
     "trainer.checkpoint_every_n_steps",
 )

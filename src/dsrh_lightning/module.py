@@ -12,6 +12,7 @@ from .data.distributed import item_seed
 from .data.sampling import mine_all_triplets, mine_multilevel_triplets
 from .losses import (balance_penalty, classification_loss, effective_margin, orthogonality_penalty,
                      triplet_ranking_loss, weighted_ranking_loss)
+from .losses.peers import PEER_LOSSES, csq_centers, csq_loss, dpsh_loss, dtsh_loss, hashnet_loss, hashnet_scale
 from .models import build_network
 
 __all__ = ["HashingModule", "combine_losses"]
@@ -49,13 +50,17 @@ def combine_losses(ranking: torch.Tensor, orth_matrices: List[torch.Tensor], cod
 class HashingModule(pl.LightningModule):
     """DSRH training. ``forward(x)`` returns relaxed codes ``(b, bits)`` in (0, 1)."""
 
-    def __init__(self, config: Dict[str, Any], num_classes: int, multilabel: bool = False) -> None:
+    def __init__(self, config: Dict[str, Any], num_classes: int, multilabel: bool = False,
+                 feature_dim: Optional[int] = None) -> None:
         super().__init__()
         # The resolved config becomes the run's hyperparameters (logged to W&B, stored in checkpoints).
         self.save_hyperparameters()
         self.cfg: DictConfig = OmegaConf.create(config)
-        self.net = build_network(self.cfg.model, num_classes)
+        # feature_dim: inputs are cached backbone features (data.cache_features), the backbone is the identity.
+        self.net = build_network(self.cfg.model, num_classes, feature_dim)
         self._mine_gen = torch.Generator().manual_seed(int(self.cfg.seed))
+        if self.cfg.loss.ranking == "csq":
+            self.register_buffer("csq_centers", csq_centers(num_classes, int(self.cfg.model.bits)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["codes"]
@@ -72,9 +77,34 @@ class HashingModule(pl.LightningModule):
         torch.manual_seed(step_seed)
         self._mine_gen.manual_seed(step_seed)
 
+    def _peer(self, out, labels, images_per_item: int):
+        """A peer method's loss (DPSH, DTSH, HashNet, CSQ) on all codes of the batch."""
+        lc = self.cfg.loss
+        codes = out["codes"]
+        flat = labels.flatten(0, 1) if images_per_item == 3 else labels
+        u = 2 * codes - 1
+        if lc.ranking == "dpsh":
+            loss = dpsh_loss(u, flat, lc.quant_weight)
+        elif lc.ranking == "csq":
+            loss = csq_loss(u, flat, self.csq_centers, lc.quant_weight)
+        elif lc.ranking == "hashnet":
+            beta = hashnet_scale(self.global_step, lc.hashnet_gamma, lc.hashnet_power)
+            self.log("train/hashnet_beta", beta, on_step=True)
+            loss = hashnet_loss(torch.tanh(beta * out["code_logits"].float()), flat, lc.hashnet_alpha or None)
+        else:  # dtsh
+            if images_per_item == 3:
+                a = torch.arange(0, len(codes), 3, device=codes.device)
+                p, n = a + 1, a + 2
+            else:
+                a, p, n = mine_all_triplets(flat, self.cfg.data.max_triplets, self._mine_gen)
+            loss = dtsh_loss(u, a, p, n, lc.dtsh_margin, lc.quant_weight)
+        return loss, [codes], codes, flat
+
     def _ranking(self, out, labels, images_per_item: int):
         """Ranking loss, the matrices for the orthogonality penalty, all codes, flat labels."""
         lc = self.cfg.loss
+        if lc.ranking in PEER_LOSSES:
+            return self._peer(out, labels, images_per_item)
         margin = effective_margin(lc.margin, self.cfg.model.bits, lc.margin_scaling)
         if images_per_item == 3:
             # Explicit triplets: rows are (query, positive, negative) of each triplet.

@@ -147,7 +147,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     dm.prepare_data()
     dm.setup("fit")  # fail fast on data problems, before the model is built
     print(f"data: {cfg.data.dataset} {dm.split.summary()}; image size {dm.image_size}", flush=True)
-    module = HashingModule(to_dict(cfg), num_classes=dm.num_classes, multilabel=dm.multilabel)
+    module = HashingModule(to_dict(cfg), num_classes=dm.num_classes, multilabel=dm.multilabel,
+                           feature_dim=dm.feature_dim)
     _write_wandb_id(cfg, run_dir)
     logger = build_logger(cfg, run_dir, name)
     evaluation = RetrievalEvaluation(cfg.eval)

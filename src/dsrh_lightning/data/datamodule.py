@@ -3,6 +3,7 @@ and (query, database) loader pairs for validation and test retrieval evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .datasets import IndexedImageDataset, TripletDataset
+from .features import FeatureRows, data_fingerprint, feature_cache_path, load_or_extract_features
 from .image_list import ImageFiles, check_images
 from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
 from .protocol import (Split, load_or_make_split, make_multilabel_split, make_single_label_split, save_split,
@@ -84,6 +86,10 @@ def make_split(source: Source, partition: Optional[ListPartition], data_cfg: Dic
                               split_dir)
 
 
+def _identity(x):
+    return x
+
+
 class HashingDataModule(pl.LightningDataModule):
     """Data for supervised hashing.
 
@@ -123,11 +129,44 @@ class HashingDataModule(pl.LightningDataModule):
         train_tf = build_transform(self.image_size, native, True, d.augment, d.mean, d.std)
         eval_tf = build_transform(self.image_size, native, False, False, d.mean, d.std)
         img, lab = self.source.images, self.source.labels
-        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf, seed=self.cfg.seed)
+        self.feature_dim: Optional[int] = None
+        if d.cache_features:
+            img = self._cached_features(eval_tf)
+            self.feature_dim = img.dim
+            train_tf = eval_tf = _identity  # features are fixed: no augmentation
+        # Seeded per-item augmentation; cached features have none.
+        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf,
+                                         seed=None if d.cache_features else self.cfg.seed)
         self.val = IndexedImageDataset(img, lab, self.split.val, eval_tf)
         self.val_database = IndexedImageDataset(img, lab, self.split.val_database, eval_tf)
         self.query = IndexedImageDataset(img, lab, self.split.query, eval_tf)
         self.database = IndexedImageDataset(img, lab, self.split.database, eval_tf)
+
+    def _cached_features(self, eval_tf) -> FeatureRows:
+        """Backbone features of every image in the split, from the on-disk cache (extracted once)."""
+        from ..models import build_backbone
+
+        d, m = self.cfg.data, self.cfg.model
+        fp = data_fingerprint(self.source.images, self.source.labels)
+        norm = "imagenet" if not d.mean else hashlib.sha1(str((list(d.mean), list(d.std))).encode()).hexdigest()[:8]
+        # A randomly initialised backbone depends on the seed; pretrained weights do not.
+        seed = int(self.cfg.seed) if m.weights == "none" else None
+        path = feature_cache_path(Path(d.feature_dir), self.source.name, m.backbone, m.weights, self.image_size,
+                                  fp, norm, seed)
+        needed = np.concatenate([getattr(self.split, k) for k in ("query", "database", "train", "val",
+                                                                   "val_database")])
+
+        def make_backbone():
+            if seed is not None:
+                torch.manual_seed(seed)
+            return build_backbone(m.backbone, m.weights, m.hash_input)[0]
+
+        meta = {"dataset": self.source.name, "backbone": m.backbone, "weights": m.weights,
+                "image_size": self.image_size, "fingerprint": fp, "norm": norm, "seed": seed}
+        feats, idx = load_or_extract_features(path, needed, make_backbone, self.source.images, eval_tf, meta,
+                                              batch_size=d.eval_batch_size, progress=self.cfg.trainer.progress_bar)
+        self.feature_cache = path
+        return FeatureRows(feats, idx, len(self.source.labels))
 
     @property
     def num_classes(self) -> int:

@@ -15,7 +15,8 @@ __all__ = ["HashingNetwork", "build_network"]
 
 
 class HashingNetwork(nn.Module):
-    """``forward(x) -> {"features", "codes" (b, bits) in (0,1), "logits" (b, classes) or None}``."""
+    """``forward(x) -> {"features", "codes" (b, bits) in (0,1), "code_logits" (b, bits) (pre-sigmoid),
+    "logits" (b, classes) or None}``."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, bag_size: int,
                  num_classes: Optional[int], bag_activation: str = "relu", dropout: float = 0.0) -> None:
@@ -26,15 +27,21 @@ class HashingNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
         features = self.backbone(x)
+        code_logits = self.hash_head.pre_activation(features)
         return {
             "features": features,
-            "codes": self.hash_head(features),
+            "codes": torch.sigmoid(code_logits),
+            "code_logits": code_logits,
             "logits": self.classifier(features) if self.classifier is not None else None,
         }
 
 
-def build_network(model_cfg: DictConfig, num_classes: int) -> HashingNetwork:
-    backbone, dim = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.hash_input)
+def build_network(model_cfg: DictConfig, num_classes: int, feature_dim: Optional[int] = None) -> HashingNetwork:
+    """The network; with ``feature_dim`` (cached backbone features) the backbone is the identity."""
+    if feature_dim:
+        backbone, dim = nn.Identity(), int(feature_dim)
+    else:
+        backbone, dim = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.hash_input)
     if model_cfg.freeze_backbone:
         for p in backbone.parameters():
             p.requires_grad_(False)

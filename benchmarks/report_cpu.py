@@ -1,0 +1,143 @@
+"""Tables and plots of the CPU protocol from results_cpu.jsonl (see results_cpu.py).
+
+Writes ``docs/RESULTS.md``'s generated block (between the BEGIN/END GENERATED markers;
+the text around it is kept), ``docs/results_map_vs_bits.png`` and
+``docs/results_pr_48bits.png``. Only measured rows are shown; each cell says how many
+seeds it averages.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/report_cpu.py) -->", "<!-- END GENERATED -->"
+
+
+def _order(rows):
+    from results_cpu import ALL_METHODS
+
+    present = {r["method"] for r in rows}
+    return [m for m in ALL_METHODS if m in present] + sorted(present - set(ALL_METHODS))
+
+
+def aggregate(rows, key):
+    """{(method, bits): (mean, std, n)} of ``key`` over seeds (std with ddof=1; 0 for one seed)."""
+    vals = defaultdict(list)
+    for r in rows:
+        vals[(r["method"], r["bits"])].append(r[key])
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in vals.items()}
+
+
+def table(rows, key, title):
+    agg = aggregate(rows, key)
+    bits = sorted({r["bits"] for r in rows})
+    lines = [f"**{title}** (mean ± std over seeds; n = number of seeds)", "",
+             "| method | " + " | ".join(f"{b} bits" for b in bits) + " |",
+             "|---|" + "---|" * len(bits)]
+    best = {b: max((agg[(m, b)][0] for m in _order(rows) if (m, b) in agg), default=None) for b in bits}
+    for m in _order(rows):
+        cells = []
+        for b in bits:
+            if (m, b) not in agg:
+                cells.append("not run")
+                continue
+            mean, std, n = agg[(m, b)]
+            cell = f"{mean:.4f} ± {std:.4f} (n={n})"
+            cells.append(f"**{cell}**" if mean == best[b] else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows, docs: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows, "map")
+    methods = _order(rows)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, m in enumerate(methods):
+        bits = sorted(b for (mm, b) in agg if mm == m)
+        mean = np.array([agg[(m, b)][0] for b in bits])
+        std = np.array([agg[(m, b)][1] for b in bits])
+        style = "--" if m in ("LSH", "PCAH", "ITQ", "SH") else "-"
+        ax.errorbar(bits, mean, yerr=std, fmt=style + "o", ms=4, capsize=3, label=m, color=plt.cm.tab20(i % 20))
+    ax.set_xlabel("bits")
+    ax.set_ylabel("MAP (whole database)")
+    ax.set_xticks(sorted({r["bits"] for r in rows}))
+    ax.set_title("CIFAR-10, EfficientNet-Lite0 cached features: MAP vs code length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(docs / "results_map_vs_bits.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for i, m in enumerate(methods):
+        curves = [r["pr_curve"] for r in rows if r["method"] == m and r["bits"] == 48 and "pr_curve" in r]
+        if not curves:
+            continue
+        # Micro-averaged counts per seed; the plotted curve is the mean over seeds at each radius.
+        prec = np.mean([c["precision"] for c in curves], axis=0)
+        rec = np.mean([c["recall"] for c in curves], axis=0)
+        style = "--" if m in ("LSH", "PCAH", "ITQ", "SH") else "-"
+        ax.plot(rec, prec, style, marker=".", ms=3, label=f"{m} (n={len(curves)})", color=plt.cm.tab20(i % 20))
+    ax.set_xlabel("recall (within Hamming radius r, r = 0..48)")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("PR curves by Hamming radius, 48 bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(docs / "results_pr_48bits.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows, docs: Path, args=None):
+    docs.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        print("no results yet")
+        return
+    plots(rows, docs)
+    commits = sorted({r["commit"] for r in rows})
+    machines = sorted({r["machine"] for r in rows})
+    dates = sorted(r["date"] for r in rows)
+    steps = sorted({r["steps"] for r in rows if r.get("steps")})
+    seeds = sorted({r["seed"] for r in rows})
+    secs = defaultdict(list)
+    for r in rows:
+        secs[r["method"]].append(r["seconds"])
+    block = [
+        BEGIN,
+        f"Generated {_dt.date.today().isoformat()} from `benchmarks/results/results_cpu.jsonl` "
+        f"({len(rows)} runs; seeds {seeds}; deep-model steps {steps}; commits {', '.join(commits)}; "
+        f"machine: {'; '.join(machines)}; measured {dates[0]} .. {dates[-1]}).",
+        "",
+        table(rows, "map", "MAP@all (test queries ranked against the whole database)"),
+        "",
+        table(rows, "precision_r2", "Precision within Hamming radius 2 (0 when no item is within radius 2)"),
+        "",
+        "Wall-clock seconds per run (fit or train + evaluation), mean over all runs of the method: "
+        + ", ".join(f"{m} {np.mean(secs[m]):.0f} s" for m in _order(rows)) + ".",
+        "",
+        "![MAP vs bits](results_map_vs_bits.png)",
+        "",
+        "![PR curves at 48 bits](results_pr_48bits.png)",
+        END,
+    ]
+    path = docs / "RESULTS.md"
+    text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + "\n".join(block) + tail
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(block) + "\n"
+    path.write_text(text)
+    print(f"wrote {path}")

@@ -1,0 +1,223 @@
+"""The CPU protocol: every method on the same cached backbone features, MAP / precision@r2 / PR curves.
+
+CIFAR-10 (paper split: 1,000 queries, 59,000 database, 5,000 training images),
+EfficientNet-Lite0 ImageNet features at ``--image-size`` px computed once and
+cached (``data.cache_features``), then
+
+* classical baselines (LSH, PCAH, ITQ, SH) fit on the training features;
+* deep methods: hash (+ classification) heads trained on the features through the
+  same LightningModule and losses (DRH, DRH+, DSRH with bags s in {1, 10, 30},
+  DPSH, DTSH, HashNet, CSQ), all with the same sampling, steps and batch size;
+
+evaluated on the test queries against the database by ``metrics.retrieval_metrics``.
+Each (method, bits, seed) result is appended to ``--results`` as one JSON line, so an
+interrupted run resumes where it stopped; ``--report`` writes docs/RESULTS.md's
+tables and plots from whatever has been measured.
+
+    PYTHONPATH=src python benchmarks/results_cpu.py --seeds 0 1 2     # run (resumes)
+    PYTHONPATH=src python benchmarks/results_cpu.py --report-only     # tables + plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from dsrh_lightning.baselines import build_baseline  # noqa: E402
+from dsrh_lightning.config import load_config  # noqa: E402
+from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
+from dsrh_lightning.metrics import binarize, retrieval_metrics  # noqa: E402
+
+BASELINES = ["lsh", "pcah", "itq", "sh"]
+# name -> (experiment config, extra overrides)
+DEEP = {
+    "DRH": ("drh", []),
+    "DRH+": ("drh_plus", []),
+    "DSRH": ("dsrh", []),  # bags s = 30 (the paper's)
+    "DSRH s=1": ("dsrh", ["model.bag_size=1"]),
+    "DSRH s=10": ("dsrh", ["model.bag_size=10"]),
+    "DPSH": ("dpsh", []),
+    "DTSH": ("dtsh", []),
+    "HashNet": ("hashnet", []),
+    "CSQ": ("csq", []),
+}
+NAMES = {"lsh": "LSH", "pcah": "PCAH", "itq": "ITQ", "sh": "SH"}
+ALL_METHODS = [NAMES[b] for b in BASELINES] + list(DEEP)
+
+
+def base_overrides(args, bits: int, seed: int) -> list[str]:
+    over = [
+        f"dataset={args.dataset}", "model.backbone=" + args.backbone, "model.weights=" + args.weights,
+        f"data.image_size={args.image_size}", "data.cache_features=true", f"data.feature_dir={args.feature_dir}",
+        "data.num_workers=0", "data.download=false", f"model.bits={bits}", f"seed={seed}",
+        f"data.protocol.seed={seed}", "trainer.accelerator=cpu",
+        "trainer.progress_bar=false", "logger.name=none", "data.eval_batch_size=2000",
+    ]
+    if args.data_root:
+        over.append(f"data.root={args.data_root}")
+    if args.split_dir:
+        over.append(f"data.split_dir={args.split_dir}")
+    return over + list(args.override)
+
+
+def _features(dm: HashingDataModule, split: str):
+    ds = getattr(dm, split)
+    x = torch.from_numpy(np.stack([dm.train.images.features[dm.train.images.position[j]] for j in ds.indices]))
+    return x, ds.labels[torch.as_tensor(ds.indices)]
+
+
+# The shared cifar10.npz is sorted by class, so breaking Hamming ties by database index ("stable")
+# ranks tied items in class order: a label leak that lifts MAP (constant codes score ~0.19, not ~0.10).
+# "average" is the exact expectation over random orders inside each tie and cannot leak.
+TIES = "average"
+
+
+def evaluate_codes(q_codes, db_codes, q_labels, db_labels, pr: bool) -> dict:
+    m = retrieval_metrics(q_codes, db_codes, q_labels, db_labels, radius=2, pr_curve=pr, ties=TIES)
+    out = {"map": float(m["map"]), "precision_r2": float(m["precision_radius"]), "ties": TIES}
+    if pr:
+        out["pr_curve"] = {k: [float(v) for v in m["pr_curve"][k]] for k in ("radius", "precision", "recall")}
+    return out
+
+
+def run_baseline(name: str, args, bits: int, seed: int, dm: HashingDataModule) -> dict:
+    xtr, _ = _features(dm, "train")
+    xq, yq = _features(dm, "query")
+    xdb, ydb = _features(dm, "database")
+    t0 = time.perf_counter()
+    model = build_baseline(name, bits, seed).fit(xtr.numpy())
+    fit_s = time.perf_counter() - t0
+    res = evaluate_codes(model.encode(xq.numpy()), model.encode(xdb.numpy()), yq, ydb, pr=True)
+    res["train_seconds"] = round(fit_s, 2)
+    return res
+
+
+def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
+    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.train import train
+
+    exp, extra = DEEP[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        over = base_overrides(args, bits, seed) + [
+            f"experiment={exp}", f"output_dir={tmp}", "name=run", f"trainer.max_steps={args.steps}",
+            f"trainer.val_check_interval={args.val_every}", "trainer.test_after_fit=false",
+            f"optim.lr_decay_steps={args.lr_decay_steps}", f"optim.lr={args.lr}", f"data.batch_size={args.batch_size}",
+        ] + extra
+        cfg = load_config(over)
+        t0 = time.perf_counter()
+        result = train(cfg)
+        train_s = time.perf_counter() - t0
+        module = HashingModule.load_from_checkpoint(result["best_checkpoint"], map_location="cpu").eval()
+        dm = dm_cache["dm"]
+        with torch.no_grad():
+            xq, yq = _features(dm, "query")
+            xdb, ydb = _features(dm, "database")
+            qc = binarize(module(xq), cfg.eval.threshold)
+            dbc = binarize(torch.cat([module(xdb[i:i + 8192]) for i in range(0, len(xdb), 8192)]), cfg.eval.threshold)
+    res = evaluate_codes(qc, dbc, yq, ydb, pr=True)
+    res.update(train_seconds=round(train_s, 1), best_val_map=result.get("best_val_map"))
+    return res
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def machine() -> str:
+    try:
+        name = [l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+                .splitlines() if l.startswith("Model name")][0]
+    except Exception:
+        name = platform.processor() or "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--feature-dir", default=str(REPO / "data" / "features"))
+    p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
+    p.add_argument("--bits", type=int, nargs="+", default=[12, 24, 32, 48])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, help=f"from {ALL_METHODS}")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--val-every", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32, help="triplets per batch (explicit triplets)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr-decay-steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
+    p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every deep run")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "results_cpu.jsonl"))
+    p.add_argument("--docs", default=str(REPO / "docs"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        unknown = set(args.methods) - set(ALL_METHODS)
+        if unknown:
+            p.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
+        torch.set_num_threads(args.threads)
+        for seed in args.seeds:
+            dm = None
+            for bits in args.bits:
+                for method in args.methods:
+                    done = {(r["method"], r["bits"], r["seed"]) for r in load_results(results_path)}
+                    if (method, bits, seed) in done:
+                        continue
+                    if dm is None:  # the features and split of this seed (split seed = seed)
+                        dm = HashingDataModule(load_config(base_overrides(args, bits, seed)))
+                        dm.setup("fit")
+                    t0 = time.perf_counter()
+                    if method in NAMES.values():
+                        key = [k for k, v in NAMES.items() if v == method][0]
+                        res = run_baseline(key, args, bits, seed, dm)
+                    else:
+                        res = run_deep(method, args, bits, seed, {"dm": dm})
+                    row = dict(method=method, bits=bits, seed=seed, steps=args.steps if method in DEEP else None,
+                               batch_size=args.batch_size if method in DEEP else None, lr=args.lr if method in DEEP else None,
+                               image_size=args.image_size, backbone=args.backbone,
+                               seconds=round(time.perf_counter() - t0, 1), commit=git_commit(),
+                               date=_dt.datetime.now().isoformat(timespec="seconds"), machine=machine(), **res)
+                    with results_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{method:10s} {bits:2d} bits seed {seed}: MAP {res['map']:.4f}  P@r2 "
+                          f"{res['precision_r2']:.4f}  ({row['seconds']} s)", flush=True)
+    from report_cpu import write_report  # noqa: E402  (benchmarks/report_cpu.py)
+
+    write_report(load_results(results_path), Path(args.docs), args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

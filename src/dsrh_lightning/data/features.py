@@ -1,0 +1,126 @@
+"""Frozen-backbone feature cache: backbone features computed once, stored on disk, reused.
+
+With ``data.cache_features=true`` the data module replaces every image by its
+backbone feature vector (eval mode, no augmentation), and the network's backbone
+becomes the identity: only the hash and classification heads train, through the
+same LightningModule, losses and evaluation callback. The cache file is keyed by
+backbone, weights, input size, normalisation and a fingerprint of the data (and by
+the seed when the backbone is randomly initialised), so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["FeatureRows", "data_fingerprint", "extract_features", "feature_cache_path", "load_or_extract_features"]
+
+log = logging.getLogger(__name__)
+
+
+def data_fingerprint(images, labels: np.ndarray) -> str:
+    """sha1 of the images (bytes of an in-memory array, or the file paths of lazy image files) and labels."""
+    h = hashlib.sha1()
+    if isinstance(images, np.ndarray):
+        h.update(str(images.shape).encode())
+        h.update(np.ascontiguousarray(images).data)
+    else:
+        h.update(str(len(images)).encode())
+        for p in getattr(images, "paths", []):
+            h.update(str(p).encode())
+    h.update(np.ascontiguousarray(labels).data)
+    return h.hexdigest()[:16]
+
+
+def feature_cache_path(cache_dir: Path, dataset: str, backbone: str, weights: str, image_size: int,
+                       fingerprint: str, norm: str = "imagenet", seed: Optional[int] = None) -> Path:
+    """``<cache_dir>/<dataset>-<backbone>-<weights>-<size>px-<norm>-<fingerprint>[-seed<s>].npz``."""
+    seed_part = f"-seed{seed}" if seed is not None else ""
+    return Path(cache_dir) / f"{dataset}-{backbone}-{weights}-{image_size}px-{norm}-{fingerprint}{seed_part}.npz"
+
+
+@torch.inference_mode()
+def extract_features(backbone: nn.Module, images, indices: np.ndarray, transform: Callable,
+                     batch_size: int = 128, progress: bool = True, desc: str = "features") -> np.ndarray:
+    """Backbone features of ``images[indices]`` in eval mode: ``(len(indices), d)`` float32.
+
+    ``transform`` maps one image to a ``(C, H, W)`` tensor (the evaluation
+    transform: resize + normalise, no augmentation).
+    """
+    from tqdm.auto import tqdm
+
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, mininterval=5.0)
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = torch.stack([transform(images[int(j)]) for j in indices[start:start + batch_size]])
+            feats = backbone(batch).float()
+            if feats.ndim != 2:
+                raise ValueError(f"backbone returned features of shape {tuple(feats.shape)}; expected (b, d)")
+            out.append(feats.cpu().numpy())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        backbone.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class FeatureRows:
+    """Row access ``rows[j] -> (d,) float32 tensor`` for source index ``j``, over features stored
+    for a subset ``indices`` of the source (drop-in for the image array of the datasets)."""
+
+    def __init__(self, features: np.ndarray, indices: np.ndarray, num_source: int) -> None:
+        self.features = features
+        self.position = np.full(num_source, -1, dtype=np.int64)
+        self.position[indices] = np.arange(len(indices))
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        pos = self.position[int(j)]
+        if pos < 0:
+            raise IndexError(f"source image {j} has no cached feature")
+        return torch.from_numpy(self.features[pos])
+
+
+def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Callable[[], nn.Module], images,
+                             transform: Callable, meta: dict, batch_size: int = 128,
+                             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Features for the source indices ``needed`` from the cache at ``path``, extracting (and saving)
+    when the file is missing or does not cover them. Returns ``(features (n, d), indices (n,))``."""
+    needed = np.unique(np.asarray(needed, dtype=np.int64))
+    path = Path(path)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            idx, feats = data["indices"], data["features"]
+        if np.isin(needed, idx).all():
+            log.info("feature cache hit: %s (%d x %d)", path, *feats.shape)
+            return feats, idx
+        log.info("feature cache %s lacks %d images; extracting all needed", path, int((~np.isin(needed, idx)).sum()))
+    backbone = make_backbone()
+    t0 = time.perf_counter()
+    feats = extract_features(backbone, images, needed, transform, batch_size, progress, desc=path.stem)
+    seconds = time.perf_counter() - t0
+    meta = dict(meta, seconds=round(seconds, 1), images=int(len(needed)),
+                images_per_second=round(len(needed) / max(seconds, 1e-9), 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, features=feats.astype(np.float32), indices=needed, meta=json.dumps(meta))
+    tmp.replace(path)
+    log.info("feature cache written: %s (%d x %d, %.1f img/s)", path, *feats.shape, meta["images_per_second"])
+    return feats, needed
