@@ -35,7 +35,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed ## create/update the virtualenv and install the project
 
-train: venv ## train: make train DATASET=cifar10|synthetic EXPERIMENT=dsrh|drh|drh_plus|dsrh_balanced [DATA_DIR=..] [WEIGHTS=none] [ARGS=..]
+train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERIMENT=dsrh|drh|drh_plus|dsrh_balanced|dsrh_yao|dsrh_zhao|dpsh|dtsh|hashnet|csq [DATA_DIR=..] [WEIGHTS=auto|imagenet|none] [ARGS=..]
 	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
 
 sweep: venv ## create a W&B sweep: make sweep SWEEP=bits.yaml (prints the SWEEP_ID for make agent)
@@ -65,7 +65,10 @@ bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measure
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
 	$(PY) benchmarks/train_speed.py
 
-bench: bench-eval bench-train-speed bench-results ## all benchmarks
+bench-scales: venv ## margin and orthogonality normalisation at 12 vs 48 bits (uses bench-results' feature cache)
+	$(PY) benchmarks/code_length_scales.py
+
+bench: bench-eval bench-train-speed bench-results bench-scales ## all benchmarks
 
 clean: ## remove caches and runs (keeps the virtualenv)
 	rm -rf .pytest_cache runs lightning_logs wandb

@@ -149,6 +149,18 @@ def _expected_prec_sum(m, n, N, R, npos, harm):
     return torch.where(m > 0, m / n.clamp_min(1) * inner, torch.zeros_like(m))
 
 
+def _pr_curve_dict(precision: list, recall: list) -> dict:
+    """PR curve by Hamming radius 0..k (micro-averaged counts), as both engines report it."""
+    return {"radius": list(range(len(precision))), "precision": precision, "recall": recall,
+            "averaging": "micro"}
+
+
+def _summary(nq, nd, k, k_map, ties, empty_queries, n_empty) -> dict:
+    """The bookkeeping fields every result carries."""
+    return dict(num_queries=int(nq), num_database=int(nd), bits=int(k), topk=int(k_map), ties=ties,
+                empty_queries=empty_queries, num_queries_without_relevant=n_empty)
+
+
 def retrieval_metrics(
     query_codes,
     db_codes,
@@ -363,21 +375,9 @@ def retrieval_metrics(
     if k_wmap is not None:
         out["wmap"] = mean(wmap)
     if pr_curve:
-        out["pr_curve"] = {
-            "radius": list(range(V)),
-            "precision": _safe_div(pr_rel, pr_items).tolist(),
-            "recall": _safe_div(pr_rel, n_rel_total.sum().expand(V)).tolist(),
-            "averaging": "micro",
-        }
-    out.update(
-        num_queries=int(nq),
-        num_database=int(nd),
-        bits=int(k),
-        topk=int(k_map),
-        ties=ties,
-        empty_queries=empty_queries,
-        num_queries_without_relevant=n_empty,
-    )
+        out["pr_curve"] = _pr_curve_dict(_safe_div(pr_rel, pr_items).tolist(),
+                                         _safe_div(pr_rel, n_rel_total.sum().expand(V)).tolist())
+    out.update(_summary(nq, nd, k, k_map, ties, empty_queries, n_empty))
     return out
 
 
@@ -421,21 +421,9 @@ def _numba_metrics(qb, db, ql, dl, *, radius, k_map, p_ks, k_ndcg, k_acg, k_wmap
         out["wmap"] = mean(res["wmap"])
     if pr_curve:
         pr_rel = res["pr_rel"].astype(np.float64)
-        out["pr_curve"] = {
-            "radius": list(range(k + 1)),
-            "precision": safe_div(pr_rel, res["pr_cnt"]).tolist(),
-            "recall": safe_div(pr_rel, np.full(k + 1, rtot.sum())).tolist(),
-            "averaging": "micro",
-        }
-    out.update(
-        num_queries=int(nq),
-        num_database=int(nd),
-        bits=int(k),
-        topk=int(k_map),
-        ties="stable",
-        empty_queries=empty_queries,
-        num_queries_without_relevant=n_empty,
-    )
+        out["pr_curve"] = _pr_curve_dict(safe_div(pr_rel, res["pr_cnt"]).tolist(),
+                                         safe_div(pr_rel, np.full(k + 1, rtot.sum())).tolist())
+    out.update(_summary(nq, nd, k, k_map, "stable", empty_queries, n_empty))
     return out
 
 
