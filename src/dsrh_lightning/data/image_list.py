@@ -17,7 +17,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageList", "ImageListError", "ImageFiles", "read_image_list", "check_images"]
+__all__ = ["ImageList", "ImageListError", "ImageFiles", "read_image_list", "check_images", "usable_images"]
 
 
 class ImageListError(ValueError):
@@ -186,3 +186,17 @@ def check_images(files: ImageFiles, mode: str = "header", on_bad: str = "error",
         log.warning("%d image(s) missing or unreadable under %s were skipped, first: %s",
                     len(bad), files.root, files.paths[bad[0]])
     return bad
+
+
+def usable_images(root: Path, paths: Sequence[str], mode: str, on_bad: str) -> tuple["ImageFiles", np.ndarray]:
+    """Check the images (:func:`check_images`) and keep the usable ones.
+
+    Returns the files and ``keep``, the positions in ``paths`` that were kept
+    (all of them unless ``on_bad="skip"`` dropped some).
+    """
+    files = ImageFiles(root, paths)
+    bad = check_images(files, mode, on_bad)
+    if not bad:
+        return files, np.arange(len(paths))
+    keep = np.setdiff1d(np.arange(len(paths)), bad)
+    return ImageFiles(root, [paths[i] for i in keep]), keep

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from omegaconf import DictConfig
 
-from .image_list import ImageFiles, ImageList, ImageListError, check_images, read_image_list
+from .image_list import ImageList, ImageListError, read_image_list, usable_images
 from .sources import DataNotFoundError, Source, resolve_root
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,10 @@ def load_list_source(d: DictConfig, name: str, class_names=None) -> tuple[Source
                                     "does not exist")
         lists[role] = read_image_list(file, root, d.num_labels or None, d.on_bad, d.allow_unlabelled)
     paths, labels, parts = _merge_lists(lists)
-    files = ImageFiles(root, paths)
-    bad = check_images(files, d.check_images, d.on_bad)
-    if bad:
-        keep = np.setdiff1d(np.arange(len(paths)), bad)
+    files, keep = usable_images(root, paths, d.check_images, d.on_bad)
+    if len(keep) < len(paths):
         remap = -np.ones(len(paths), dtype=np.int64)
         remap[keep] = np.arange(len(keep))
-        files = ImageFiles(root, [paths[i] for i in keep])
         labels = labels[keep]
         parts = {k: remap[v][remap[v] >= 0] for k, v in parts.items()}
     if labels.ndim == 2:
