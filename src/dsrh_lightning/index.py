@@ -355,11 +355,9 @@ def native_image_size(cfg) -> Optional[int]:
 
 def eval_transform(cfg):
     """The evaluation transform the checkpoint's model was validated with."""
-    from .data.transforms import build_transform, resolve_image_size
+    from .data.transforms import evaluation_transform
 
-    native = native_image_size(cfg)
-    size = resolve_image_size(cfg.data.image_size, cfg.model.weights, native or 224)
-    return build_transform(size, native, False, False, cfg.data.mean, cfg.data.std)
+    return evaluation_transform(cfg.data, cfg.model.weights, native_image_size(cfg))[1]
 
 
 def load_for_encoding(ckpt: Path, overrides: Sequence[str] = ()):

@@ -16,14 +16,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .datasets import IndexedImageDataset, TripletDataset
 from .features import FeatureRows, data_fingerprint, feature_cache_path, load_or_extract_features
-from .image_list import ImageFiles, check_images
+from .image_list import usable_images
 from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
 from .protocol import (Split, load_or_make_split, make_multilabel_split, make_single_label_split, save_split,
                        split_from_lists)
 from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
 from .sources import DataNotFoundError, Source, load_cifar10, make_synthetic, resolve_root
-from .transforms import build_transform, resolve_image_size
+from .transforms import build_transform, evaluation_transform
 
 __all__ = ["HashingDataModule", "load_source", "make_split"]
 
@@ -58,12 +58,8 @@ def load_source(data_cfg: DictConfig, seed: int, download: bool = False) -> tupl
         if _nuswide_mode(d, root) == "lists":
             return load_list_source(d, "nuswide", NUSWIDE21_CONCEPTS)
         paths, labels = load_nuswide_official(root)
-        files = ImageFiles(root, paths)
-        bad = check_images(files, d.check_images, d.on_bad)
-        if bad:
-            keep = np.setdiff1d(np.arange(len(paths)), bad)
-            files, labels = ImageFiles(root, [paths[i] for i in keep]), labels[keep]
-        return Source(files, labels, NUSWIDE21_CONCEPTS, "nuswide"), None
+        files, keep = usable_images(root, paths, d.check_images, d.on_bad)
+        return Source(files, labels[keep], NUSWIDE21_CONCEPTS, "nuswide"), None
     raise ValueError(f"data.dataset={d.dataset!r} has no loader")
 
 
@@ -125,9 +121,8 @@ class HashingDataModule(pl.LightningDataModule):
             save_split(self.split, self.split_copy, {"dataset": self.source.name})
         log.info("split %s: %s", self.source.name, self.split.summary())
         native = self.source.native_size
-        self.image_size = resolve_image_size(d.image_size, self.cfg.model.weights, native or 224)
+        self.image_size, eval_tf = evaluation_transform(d, self.cfg.model.weights, native)
         train_tf = build_transform(self.image_size, native, True, d.augment, d.mean, d.std)
-        eval_tf = build_transform(self.image_size, native, False, False, d.mean, d.std)
         img, lab = self.source.images, self.source.labels
         self.feature_dim: Optional[int] = None
         if d.cache_features:

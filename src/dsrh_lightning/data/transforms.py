@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torchvision.transforms import v2 as T
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resolve_image_size", "build_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resolve_image_size", "build_transform", "evaluation_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,3 +42,13 @@ def build_transform(size: int, native_size: Optional[int], train: bool, augment:
         steps.append(T.Resize((size, size), antialias=True))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     return T.Compose(steps)
+
+
+def evaluation_transform(data_cfg, weights: str, native_size: Optional[int]) -> tuple[int, T.Compose]:
+    """``(image size, evaluation transform)`` for a data config: the one place that decides both,
+    shared by the data module and by encoding with a checkpoint (dsrh index / search).
+
+    ``native_size`` is None for image files of varying size (then auto = 224).
+    """
+    size = resolve_image_size(data_cfg.image_size, weights, native_size or 224)
+    return size, build_transform(size, native_size, False, False, data_cfg.mean, data_cfg.std)
