@@ -442,6 +442,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.mean and data.std must have the same length (or both be empty)")
 
 
+def parse_devices(value: str):
+    """``trainer.devices`` for Lightning: an int for "2", the string otherwise ("auto", "0,1")."""
+    return int(value) if str(value).isdigit() else value
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved configuration as YAML."""
     path.parent.mkdir(parents=True, exist_ok=True)

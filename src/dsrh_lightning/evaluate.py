@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .callbacks import RetrievalEvaluation, RetrievalPlots
-from .config import Config, ConfigError, normalise_overrides, validate
+from .config import Config, ConfigError, normalise_overrides, parse_devices, validate
 from .data.datamodule import HashingDataModule
 from .module import HashingModule
 
@@ -41,8 +41,7 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
     # trainer.devices / num_nodes / strategy apply: under DDP the callback gathers every rank's codes.
     t = cfg.trainer
     callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir)] if plots_dir else [])
-    devices = int(t.devices) if str(t.devices).isdigit() else t.devices
-    trainer = pl.Trainer(accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
                          logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,
                          precision=t.precision, use_distributed_sampler=False)
     trainer.test(module, datamodule=dm, verbose=False)

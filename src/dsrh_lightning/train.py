@@ -17,7 +17,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .callbacks.checkpoint import FiniteModelCheckpoint, assert_finite_parameters
-from .config import save_config, to_dict
+from .config import parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
 from .module import HashingModule
@@ -77,10 +77,6 @@ def _write_wandb_id(cfg: DictConfig, run_dir: Path) -> None:
         path.write_text("".join(secrets.choice(alphabet) for _ in range(8)) + "\n")
 
 
-def _devices(value: str):
-    return int(value) if str(value).isdigit() else value
-
-
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Trainer:
     t = cfg.trainer
     by_steps = t.val_check_interval > 0
@@ -89,7 +85,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Train
         max_steps=t.max_steps, max_epochs=t.max_epochs,
         val_check_interval=t.val_check_interval if by_steps else 1.0,
         check_val_every_n_epoch=None if by_steps else 1,
-        accelerator=t.accelerator, devices=_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
         precision=t.precision, gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps, limit_val_batches=t.limit_val_batches,
         deterministic=t.deterministic, logger=logger, callbacks=callbacks,
