@@ -9,15 +9,13 @@ neither a W&B logger nor an output folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
-from ..metrics import binarize
-from .retrieval import all_gather_cat, dedupe_by_position
+from .retrieval import CodeCollector
 
 __all__ = ["RetrievalPlots"]
 
@@ -46,39 +44,25 @@ class RetrievalPlots(pl.Callback):
         self.num_queries, self.topn, self.max_radius = num_queries, topn, max_radius
         self.written: dict = {}
         self.data: dict = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        self._codes: List[List[torch.Tensor]] = [[], []]
-        self._labels: List[List[torch.Tensor]] = [[], []]
-        self._pos: List[List[torch.Tensor]] = [[], []]
+        self.collector = CodeCollector(eval_cfg.threshold)
 
     def _active(self, trainer: pl.Trainer) -> bool:
         return self.out_dir is not None or bool(_wandb_loggers(trainer))
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
+        self.collector.reset()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not self._active(trainer):
-            return
-        self._codes[dataloader_idx].append(binarize(outputs.detach().float(), self.cfg.threshold).cpu())
-        self._labels[dataloader_idx].append(batch[1].detach().cpu())
-        self._pos[dataloader_idx].append(torch.as_tensor(batch[2]).cpu())
-
-    def _gathered(self, trainer, i: int):
-        codes, labels, pos = torch.cat(self._codes[i]), torch.cat(self._labels[i]), torch.cat(self._pos[i]).long()
-        if trainer.world_size > 1:
-            codes, labels, pos = (all_gather_cat(trainer, t) for t in (codes, labels, pos))
-        _, codes, labels = dedupe_by_position(pos, codes, labels)
-        return codes, labels
+        if self._active(trainer):
+            self.collector.add(outputs, batch, dataloader_idx)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        if not self._active(trainer) or not self._codes[0] or not self._codes[1]:
-            self._reset()
+        col = self.collector
+        if not self._active(trainer) or not col.complete():
+            col.reset()
             return
-        (qc, ql), (dc, dl) = self._gathered(trainer, 0), self._gathered(trainer, 1)  # every rank takes part
-        self._reset()
+        (qc, ql), (dc, dl) = col.gathered(trainer, 0), col.gathered(trainer, 1)  # every rank takes part
+        col.reset()
         if not trainer.is_global_zero:
             return
         from ..plots import figure_to_image, make_figures, save_figures

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from ..metrics import binarize, retrieval_metrics
 
-__all__ = ["RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
+__all__ = ["CodeCollector", "RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
 
 
 def all_gather_cat(trainer: pl.Trainer, x: torch.Tensor) -> torch.Tensor:
@@ -58,38 +58,53 @@ def dedupe_by_position(positions: torch.Tensor, *tensors: torch.Tensor) -> Tuple
     return (positions[sel],) + tuple(t[sel] for t in tensors)
 
 
+class CodeCollector:
+    """Binarised codes, labels and item positions of an evaluation loader pair (0 = queries, 1 = database),
+    gathered over all ranks with the distributed padding dropped (used by the evaluation and plot callbacks)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self._codes: List[List[torch.Tensor]] = [[], []]
+        self._labels: List[List[torch.Tensor]] = [[], []]
+        self._positions: List[List[torch.Tensor]] = [[], []]
+
+    def add(self, outputs: torch.Tensor, batch, loader_idx: int) -> None:
+        self._codes[loader_idx].append(binarize(outputs.detach().float(), self.threshold).cpu())
+        self._labels[loader_idx].append(batch[1].detach().cpu())
+        self._positions[loader_idx].append(torch.as_tensor(batch[2]).detach().cpu().long())
+
+    def complete(self) -> bool:
+        """True when both queries and database were seen."""
+        return bool(self._codes[0]) and bool(self._codes[1])
+
+    def gathered(self, trainer: pl.Trainer, loader_idx: int) -> Sequence[torch.Tensor]:
+        """``(codes, labels)`` of every item once, in dataset order (every rank must call this)."""
+        codes, labels = torch.cat(self._codes[loader_idx]), torch.cat(self._labels[loader_idx])
+        positions = torch.cat(self._positions[loader_idx])
+        if trainer.world_size > 1:
+            codes, labels, positions = (all_gather_cat(trainer, t) for t in (codes, labels, positions))
+        _, codes, labels = dedupe_by_position(positions, codes, labels)
+        return codes, labels
+
+
 class RetrievalEvaluation(pl.Callback):
     def __init__(self, eval_cfg: DictConfig) -> None:
         self.cfg = eval_cfg
         self.last: Dict[str, Dict[str, Any]] = {}
         # Items evaluated in the last epoch (after gathering and dropping distributed padding).
         self.counts: Dict[str, int] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        self._codes: List[List[torch.Tensor]] = [[], []]
-        self._labels: List[List[torch.Tensor]] = [[], []]
-        self._positions: List[List[torch.Tensor]] = [[], []]
-
-    def _collect(self, outputs, batch, dataloader_idx: int) -> None:
-        self._codes[dataloader_idx].append(binarize(outputs.detach().float(), self.cfg.threshold).cpu())
-        self._labels[dataloader_idx].append(batch[1].detach().cpu())
-        self._positions[dataloader_idx].append(torch.as_tensor(batch[2]).detach().cpu().long())
-
-    def _gathered(self, trainer: pl.Trainer, idx: int) -> Sequence[torch.Tensor]:
-        codes, labels = torch.cat(self._codes[idx]), torch.cat(self._labels[idx])
-        positions = torch.cat(self._positions[idx])
-        if trainer.world_size > 1:
-            codes, labels, positions = (all_gather_cat(trainer, t) for t in (codes, labels, positions))
-        _, codes, labels = dedupe_by_position(positions, codes, labels)
-        return codes, labels
+        self.collector = CodeCollector(eval_cfg.threshold)
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.sanity_checking or not self._codes[0] or not self._codes[1]:
-            self._reset()
+        col = self.collector
+        if trainer.sanity_checking or not col.complete():
+            col.reset()
             return
-        (q_codes, q_labels), (db_codes, db_labels) = self._gathered(trainer, 0), self._gathered(trainer, 1)
-        self._reset()
+        (q_codes, q_labels), (db_codes, db_labels) = col.gathered(trainer, 0), col.gathered(trainer, 1)
+        col.reset()
         self.counts = {"queries": int(q_codes.shape[0]), "database": int(db_codes.shape[0])}
         topk = self.cfg.topk or None
         metrics = retrieval_metrics(
@@ -106,16 +121,16 @@ class RetrievalEvaluation(pl.Callback):
                                     if k.split('/')[1] in ("map", "precision_radius", "ndcg", "wmap")))
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
+        self.collector.reset()
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
+        self.collector.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs, batch, dataloader_idx)
+        self.collector.add(outputs, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs, batch, dataloader_idx)
+        self.collector.add(outputs, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "val")
