@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from dsrh_lightning.config import load_config
 from dsrh_lightning.data.datamodule import load_source, make_split

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dsrh_lightning.losses import classification_loss, effective_margin, orthogonality_penalty, triplet_ranking_loss
 

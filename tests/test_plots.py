@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from _tiny_ckpt import tiny_ckpt  # noqa: F401  (fixture)

@@ -1,7 +1,6 @@
 """Triplet sampling, in-batch mining and balanced batches, checked against brute force."""
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest

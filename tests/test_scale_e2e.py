@@ -134,7 +134,7 @@ def test_sweep_local_three_tiny_offline_runs(tiny_overrides, tmp_path):
     for run in state["runs"]:
         assert run["state"] == "finished" and 0.0 <= run["history"][0]["val/map"] <= 1.0
         run_dir = out / run["name"]
-        assert f"model:\n  backbone: small_cnn" in (run_dir / "config.yaml").read_text()
+        assert "model:\n  backbone: small_cnn" in (run_dir / "config.yaml").read_text()
         assert f"bits: {run['config']['model.bits']['value']}" in (run_dir / "config.yaml").read_text()
         run_id = (run_dir / "wandb_run_id").read_text().strip()
         offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))

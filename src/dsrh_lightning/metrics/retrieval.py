@@ -33,7 +33,6 @@ imports, torch otherwise. Both give the same numbers (up to float64 rounding).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -340,7 +339,6 @@ def retrieval_metrics(
                 wmap[q0:q1] = _safe_div(wnum, per_query(in_w))
         else:
             cntf, relf = cnt.to(torch.float64), relc.to(torch.float64)
-            nlf, rlf = nless.to(torch.float64), rless.to(torch.float64)
             ap[q0:q1] = _average_ap(cnt, relc, nless, rless, k_map, harm)
             for _, c in p_ks:
                 p_at[c][q0:q1] = (_positions_in(nless, cnt, c).to(torch.float64) * _safe_div(relf, cntf)).sum(1)
@@ -354,7 +352,6 @@ def retrieval_metrics(
                 rs = bucket_histogram(idx[:, :nd], r.to(torch.float64), V)
                 npos = _positions_in(nless, cnt, k_acg).to(torch.float64)
                 acg[q0:q1] = (_safe_div(rs, cntf) * npos).sum(1) / k_acg
-            del nlf, rlf
 
     has_rel = n_rel_total > 0
     n_empty = int((~has_rel).sum())
