@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data.distributed import item_seed
+from .seeding import SLOT_STEP, item_seed
 from .data.sampling import mine_all_triplets, mine_multilevel_triplets
 from .losses import (balance_penalty, classification_loss, effective_margin, orthogonality_penalty,
                      triplet_ranking_loss, weighted_ranking_loss)
@@ -73,7 +73,7 @@ class HashingModule(pl.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Dropout and in-batch mining draw from generators seeded by (seed, step, rank): the random
         # numbers of step t do not depend on what ran before, so a resumed run matches an uninterrupted one.
-        step_seed = item_seed(int(self.cfg.seed), self.global_step, self.global_rank, slot=1)
+        step_seed = item_seed(int(self.cfg.seed), self.global_step, self.global_rank, slot=SLOT_STEP)
         torch.manual_seed(step_seed)
         self._mine_gen.manual_seed(step_seed)
 

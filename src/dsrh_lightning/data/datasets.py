@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .distributed import apply_seeded, item_seed
+from ..seeding import apply_seeded, item_seed
 from .sampling import sample_triplets
 
 __all__ = ["IndexedImageDataset", "TripletDataset"]

@@ -20,32 +20,12 @@ and the evaluation callback drops the padding (see callbacks/retrieval.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["EpochBatchSampler", "ResumableDataLoader", "item_seed", "apply_seeded"]
-
-_MASK = (1 << 63) - 1
-
-
-def item_seed(seed: int, epoch: int, index: int, slot: int = 0) -> int:
-    """A 63-bit seed that is a pure function of ``(seed, epoch, index, slot)``."""
-    return int(np.random.SeedSequence([int(seed) & _MASK, int(epoch), int(index), int(slot)]).generate_state(2, np.uint64)[0]) & _MASK
-
-
-def apply_seeded(transform: Callable, image: Any, seed: int):
-    """``transform(image)`` with torch's global CPU generator seeded by ``seed``, restored afterwards.
-
-    Random augmentation then depends on which item is drawn, not on how many random
-    numbers were consumed before (worker count, restarts, validation runs).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transform(image)
-
+__all__ = ["EpochBatchSampler", "ResumableDataLoader"]
 
 class EpochBatchSampler(Sampler[List[int]]):
     """Shuffled batches of ``batch_size`` indices, seeded by ``(seed, epoch)``, split over ranks.

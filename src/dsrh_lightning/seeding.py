@@ -1,0 +1,37 @@
+"""Seeds as pure functions of (seed, position): the one place that derives them.
+
+Every random draw of training (triplets, batch order, augmentation, dropout, mining)
+is seeded from the run's ``seed`` and its position (epoch, item, step, rank, slot),
+so a resumed or multi-process run draws exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["item_seed", "apply_seeded", "SLOT_STEP"]
+
+_MASK = (1 << 63) - 1
+# ``slot`` values in use: 0, 1, 2 = the three images of an explicit triplet (items use 0);
+# SLOT_STEP = the per-step seed of dropout and in-batch mining.
+SLOT_STEP = 1
+
+
+def item_seed(seed: int, epoch: int, index: int, slot: int = 0) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, epoch, index, slot)``."""
+    state = np.random.SeedSequence([int(seed) & _MASK, int(epoch), int(index), int(slot)]).generate_state(2, np.uint64)
+    return int(state[0]) & _MASK
+
+
+def apply_seeded(transform: Callable, image: Any, seed: int):
+    """``transform(image)`` with torch's global CPU generator seeded by ``seed``, restored afterwards.
+
+    Random augmentation then depends on which item is drawn, not on how many random
+    numbers were consumed before (worker count, restarts, validation runs).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
