@@ -1,6 +1,7 @@
 """Benchmark retrieval_metrics against a naive per-query numpy argsort and faiss.
 
     python benchmarks/bench_eval.py [--cases cifar,nuswide,million] [--repeat N] [--torch-engine]
+    python benchmarks/bench_eval.py --cases tiny --torch-engine   # smoke check, not a timing
 
 Each case runs in its own subprocess; peak extra memory = sampled RSS peak minus RSS before the call.
 ``ours`` is ``retrieval_metrics`` with its default engine (numba on CPU when installed); the first
@@ -28,6 +29,8 @@ CASES = {
     "cifar": dict(nq=1000, nd=59000, bits=48, labels="single10", topk=None, naive_q=1000),
     "nuswide": dict(nq=2100, nd=193734, bits=48, labels="nuswide", topk=5000, naive_q=2100),
     "million": dict(nq=100, nd=1_000_000, bits=48, labels="single10", topk=1000, naive_q=20),
+    # a smoke check that the script and its agreement asserts run (seconds, plus the JIT); not a timing
+    "tiny": dict(nq=40, nd=2000, bits=48, labels="single10", topk=100, naive_q=40),
 }
 
 

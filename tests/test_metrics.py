@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _metric_refs import ref_average, ref_metrics  # noqa: E402
 
 from dsrh_lightning.metrics import (  # noqa: E402
-    RetrievalEvaluator,
     binarize,
     codes_to_bits,
     hamming_distance,
@@ -336,19 +335,6 @@ def test_nuswide21_multilabel_map_matches_reference(engine):
     for key in ("map", "precision_radius", "precision@10", "ndcg", "acg", "wmap"):
         assert got[key] == pytest.approx(ref[key], abs=1e-9), key
     assert 0 < got["map"] < 1
-
-
-def test_evaluator_wrapper_matches_function():
-    rng = np.random.default_rng(11)
-    qc, dc, ql, dl = _random_case(rng, 10, 40, 8, False)
-    ev = RetrievalEvaluator(topk=20, precision_at=(5,))
-    ev.update(torch.as_tensor(qc[:4]), torch.as_tensor(ql[:4]), is_query=True)
-    ev.update_query(torch.as_tensor(qc[4:]), torch.as_tensor(ql[4:]))
-    ev.update(torch.as_tensor(dc[:25]), torch.as_tensor(dl[:25]), is_query=False)
-    ev.update_database(torch.as_tensor(dc[25:]), torch.as_tensor(dl[25:]))
-    got = ev.compute()
-    ref = retrieval_metrics(qc, dc, ql, dl, topk=20, precision_at=(5,))
-    assert got["map"] == pytest.approx(ref["map"]) and got["precision@5"] == pytest.approx(ref["precision@5"])
 
 
 @engines

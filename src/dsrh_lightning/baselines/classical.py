@@ -60,6 +60,14 @@ class _Base:
             raise ValueError(f"features have {x.shape[1]} dims, the model was fit on {self.mean.shape[0]}")
         return x - self.mean
 
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """Real-valued projections ``(n, bits)`` whose signs are the codes."""
+        raise NotImplementedError
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Codes ``(n, bits)`` uint8 in {0, 1}: ``[project(x) > 0]``."""
+        return _to_bits(self.project(x))
+
     def fit_encode(self, x: np.ndarray) -> np.ndarray:
         return self.fit(x).encode(x)
 
@@ -76,9 +84,6 @@ class LSH(_Base):
     def project(self, x: np.ndarray) -> np.ndarray:
         return self._centred(x) @ self.W
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return _to_bits(self.project(x))
-
 
 class PCAH(_Base):
     """Sign of the top-``bits`` PCA projections."""
@@ -89,9 +94,6 @@ class PCAH(_Base):
 
     def project(self, x: np.ndarray) -> np.ndarray:
         return self._centred(x) @ self.P
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return _to_bits(self.project(x))
 
 
 class ITQ(_Base):
@@ -121,9 +123,6 @@ class ITQ(_Base):
 
     def project(self, x: np.ndarray) -> np.ndarray:
         return self._centred(x) @ self.P @ self.R
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return _to_bits(self.project(x))
 
 
 class SpectralHashing(_Base):
@@ -163,9 +162,6 @@ class SpectralHashing(_Base):
             for j in np.flatnonzero(self.modes[b]):
                 out[:, b] *= np.sin(np.pi / 2 + v[:, j] * omega[b, j])
         return out
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return _to_bits(self.project(x))
 
 
 def build_baseline(name: str, bits: int, seed: int = 0):

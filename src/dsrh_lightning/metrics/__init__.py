@@ -1,7 +1,6 @@
-"""Retrieval metrics on binary codes: pure tensor functions plus a thin torchmetrics wrapper."""
+"""Retrieval metrics on binary codes as pure functions (distributed gathering lives in the evaluation callback)."""
 
 from .codes import binarize, bits_to_pm1, codes_to_bits, hamming_distance
-from .evaluator import RetrievalEvaluator
 from .retrieval import retrieval_metrics
 
 __all__ = [
@@ -10,5 +9,4 @@ __all__ = [
     "codes_to_bits",
     "hamming_distance",
     "retrieval_metrics",
-    "RetrievalEvaluator",
 ]

@@ -33,6 +33,8 @@ imports, torch otherwise. Both give the same numbers (up to float64 rounding).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,53 +113,116 @@ def _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy: b
     return qb, db, ql.to(qb.device), dl.to(db.device)
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    den = den.to(torch.float64)
-    return torch.where(den > 0, num.to(torch.float64) / den.clamp_min(1e-300), torch.zeros_like(den))
+def _check_policies(ties: str, empty_queries: str, engine: str) -> None:
+    """Reject unknown values of the three policy arguments."""
+    if ties not in ("stable", "average"):
+        raise ValueError(f"ties must be 'stable' or 'average', got {ties!r}")
+    if empty_queries not in ("zero", "skip"):
+        raise ValueError(f"empty_queries must be 'zero' or 'skip', got {empty_queries!r}")
+    if engine not in ("auto", "numba", "torch"):
+        raise ValueError(f"engine must be 'auto', 'numba' or 'torch', got {engine!r}")
 
 
-def _cut_bucket(ncum: torch.Tensor, k: int) -> torch.Tensor:
-    """Index of the distance bucket holding rank ``k`` for each row: ``(b,)`` int64."""
-    return (ncum < k).sum(1)
+def _pick_engine(engine: str, ties: str, inputs) -> tuple[bool, bool]:
+    """``(use_numba, on_cpu)``: numba when asked for, or for ``"auto"`` with CPU inputs, stable ties and numba."""
+    if engine == "numba":
+        if ties != "stable":
+            raise ValueError("engine='numba' supports ties='stable' only (use engine='torch' or 'auto')")
+        if not engine_numba.HAVE_NUMBA:
+            raise ImportError("engine='numba' needs numba: pip install 'numba>=0.59'")
+    on_cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in inputs)
+    use_numba = engine == "numba" or (engine == "auto" and ties == "stable" and engine_numba.HAVE_NUMBA and on_cpu)
+    return use_numba, on_cpu
 
 
-def _hypergeom_pmf(y: torch.Tensor, n: torch.Tensor, m: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """P(Y = y) for Y relevant among ``draws`` taken from ``n`` items with ``m`` relevant (float64)."""
-    lg = torch.lgamma
+@dataclass(frozen=True)
+class _Cutoffs:
+    """The checked metric request; every cut-off is clamped to ``1..nd`` (None = metric not wanted)."""
 
-    def lchoose(a, b):
-        return lg(a + 1) - lg(b + 1) - lg(a - b + 1)
+    radius: int  # Hamming radius of ``precision_radius`` (>= 0, not clamped)
+    k_map: int  # AP cut-off K
+    p_ks: list  # ``[(p as asked, p clamped)]`` for ``precision@p`` / ``recall@p``
+    k_ndcg: int | None
+    k_acg: int | None
+    k_wmap: int | None
+    pr_curve: bool
 
-    valid = (y >= 0) & (y <= m) & (draws - y >= 0) & (draws - y <= n - m)
-    yc = torch.where(valid, y, torch.zeros_like(y))
-    dy = torch.where(valid, draws - y, torch.zeros_like(y))
-    logp = lchoose(m, yc) + lchoose(n - m, dy) - lchoose(n, draws)
-    return torch.where(valid, torch.exp(logp), torch.zeros_like(logp))
+    @property
+    def multilevel(self) -> bool:
+        """True when a metric needs the multilevel relevance ``r`` (shared labels)."""
+        return any(x is not None for x in (self.k_ndcg, self.k_acg, self.k_wmap))
+
+    @property
+    def k_max(self) -> int:
+        """The largest cut-off: no item ranked after it counts for any metric."""
+        extra = [c for c in (self.k_ndcg, self.k_acg, self.k_wmap) if c is not None]
+        return max([self.k_map] + [c for _, c in self.p_ks] + extra)
 
 
-def _expected_prec_sum(m, n, N, R, npos, harm):
-    """E[sum of precisions at relevant positions among the first ``npos`` of a tie group].
+def _cutoffs(nd: int, ties: str, *, radius, topk, precision_at, ndcg_k, acg_k, wmap_topk, pr_curve) -> _Cutoffs:
+    """Check the radius and the cut-offs against a database of ``nd`` items."""
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
+    k_map = nd if topk is None else _check_cutoff(topk, "topk", nd)
+    if isinstance(precision_at, (int, np.integer)):
+        precision_at = (precision_at,)
+    p_ks = [(int(p), _check_cutoff(p, "precision_at", nd)) for p in precision_at]
+    cut = _Cutoffs(radius=int(radius), k_map=k_map, p_ks=p_ks, k_ndcg=_check_cutoff(ndcg_k, "ndcg_k", nd),
+                   k_acg=_check_cutoff(acg_k, "acg_k", nd), k_wmap=_check_cutoff(wmap_topk, "wmap_topk", nd),
+                   pr_curve=bool(pr_curve))
+    if cut.k_wmap is not None and ties == "average":
+        raise ValueError("wmap_topk is only supported with ties='stable'")
+    return cut
 
-    The group has ``n`` items (``m`` relevant, uniformly random order within it, or
-    conditioned on ``m`` relevant among ``npos == n`` positions), preceded by ``N``
-    items of which ``R`` are relevant. All float64 tensors of one shape.
+
+def _block_size(block_size: int | None, nq: int, nd: int) -> int:
+    """Queries per block of the torch engine: as given, or from the memory budget."""
+    if block_size is None:
+        return max(1, min(nq, _MEMORY_BUDGET // (_BYTES_PER_PAIR * nd)))
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return block_size
+
+
+@dataclass
+class _PerQuery:
+    """What an engine returns: per-query values as numpy arrays (numba) or tensors (torch, on the codes'
+    device). The summary keeps each engine's own library, so the numbers do not depend on a conversion.
+
+    ``ap``, ``prec_r``: ``(nq,)`` float64 AP@K and precision within the radius.
+    ``n_rel``: ``(nq,)`` int64 relevant items in the whole database.
+    ``hits``: one ``(nq,)`` float64 array per entry of ``p_ks``: relevant items in the top ``c``
+    (an expected count under average ties).
+    ``ndcg``, ``acg``, ``wmap``: ``(nq,)`` float64, or None where not asked for.
+    ``pr_items``, ``pr_rel``: ``(k + 1,)`` int64 sums over queries of the items / relevant items within
+    radius ``0..k``, or None without ``pr_curve``.
     """
-    b = torch.where(n > 1, (m - 1) / (n - 1).clamp_min(1), torch.zeros_like(m))
-    hsum = harm[(N + npos).long()] - harm[N.long()]
-    inner = b * npos + (R + 1 - b * (N + 1)) * hsum
-    return torch.where(m > 0, m / n.clamp_min(1) * inner, torch.zeros_like(m))
 
+    ap: Any
+    prec_r: Any
+    n_rel: Any
+    hits: list
+    ndcg: Any = None
+    acg: Any = None
+    wmap: Any = None
+    pr_items: Any = None
+    pr_rel: Any = None
 
-def _pr_curve_dict(precision: list, recall: list) -> dict:
-    """PR curve by Hamming radius 0..k (micro-averaged counts), as both engines report it."""
-    return {"radius": list(range(len(precision))), "precision": precision, "recall": recall,
-            "averaging": "micro"}
+    @staticmethod
+    def concat(blocks: list) -> "_PerQuery":
+        """Rows of the query blocks one after the other; the PR counts summed (torch)."""
+        def cat(name):
+            parts = [getattr(b, name) for b in blocks]
+            return None if parts[0] is None else torch.cat(parts)
 
+        def total(name):
+            parts = [getattr(b, name) for b in blocks]
+            return None if parts[0] is None else torch.stack(parts).sum(0)
 
-def _summary(nq, nd, k, k_map, ties, empty_queries, n_empty) -> dict:
-    """The bookkeeping fields every result carries."""
-    return dict(num_queries=int(nq), num_database=int(nd), bits=int(k), topk=int(k_map), ties=ties,
-                empty_queries=empty_queries, num_queries_without_relevant=n_empty)
+        return _PerQuery(ap=cat("ap"), prec_r=cat("prec_r"), n_rel=cat("n_rel"),
+                         hits=[torch.cat([b.hits[t] for b in blocks]) for t in range(len(blocks[0].hits))],
+                         ndcg=cat("ndcg"), acg=cat("acg"), wmap=cat("wmap"),
+                         pr_items=total("pr_items"), pr_rel=total("pr_rel"))
 
 
 def retrieval_metrics(
@@ -203,185 +268,72 @@ def retrieval_metrics(
         optional ``ndcg``/``acg``/``wmap``/``pr_curve``, ``num_queries``,
         ``num_database``, ``bits``, ``num_queries_without_relevant``.
     """
-    if ties not in ("stable", "average"):
-        raise ValueError(f"ties must be 'stable' or 'average', got {ties!r}")
-    if empty_queries not in ("zero", "skip"):
-        raise ValueError(f"empty_queries must be 'zero' or 'skip', got {empty_queries!r}")
-    if engine not in ("auto", "numba", "torch"):
-        raise ValueError(f"engine must be 'auto', 'numba' or 'torch', got {engine!r}")
-    if engine == "numba":
-        if ties != "stable":
-            raise ValueError("engine='numba' supports ties='stable' only (use engine='torch' or 'auto')")
-        if not engine_numba.HAVE_NUMBA:
-            raise ImportError("engine='numba' needs numba: pip install 'numba>=0.59'")
-    on_cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu"
-                     for x in (query_codes, db_codes, query_labels, db_labels))
-    use_numba = engine == "numba" or (engine == "auto" and ties == "stable" and engine_numba.HAVE_NUMBA and on_cpu)
+    # check
+    _check_policies(ties, empty_queries, engine)
+    use_numba, on_cpu = _pick_engine(engine, ties, (query_codes, db_codes, query_labels, db_labels))
     qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy=use_numba and on_cpu)
     nq, k = qb.shape
     nd = db.shape[0]
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
-        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
-    k_map = nd if topk is None else _check_cutoff(topk, "topk", nd)
-    if isinstance(precision_at, (int, np.integer)):
-        precision_at = (precision_at,)
-    p_ks = [(int(p), _check_cutoff(p, "precision_at", nd)) for p in precision_at]
-    k_ndcg = _check_cutoff(ndcg_k, "ndcg_k", nd)
-    k_acg = _check_cutoff(acg_k, "acg_k", nd)
-    k_wmap = _check_cutoff(wmap_topk, "wmap_topk", nd)
-    if k_wmap is not None and ties == "average":
-        raise ValueError("wmap_topk is only supported with ties='stable'")
-    multilevel = any(x is not None for x in (k_ndcg, k_acg, k_wmap))
-    k_max = max([k_map] + [c for _, c in p_ks] + [c for c in (k_ndcg, k_acg, k_wmap) if c is not None])
-    if block_size is None:
-        block_size = max(1, min(nq, _MEMORY_BUDGET // (_BYTES_PER_PAIR * nd)))
-    elif block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-
+    cut = _cutoffs(nd, ties, radius=radius, topk=topk, precision_at=precision_at, ndcg_k=ndcg_k, acg_k=acg_k,
+                   wmap_topk=wmap_topk, pr_curve=pr_curve)
+    block_size = _block_size(block_size, nq, nd)
+    # dispatch
     if use_numba:
-        return _numba_metrics(qb, db, ql, dl, radius=int(radius), k_map=k_map, p_ks=p_ks, k_ndcg=k_ndcg,
-                              k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve, empty_queries=empty_queries)
+        per_query = _numba_engine(qb, db, ql, dl, cut)
+    else:
+        per_query = _torch_engine(qb, db, ql, dl, cut, ties=ties, block_size=block_size)
+    # summarise
+    return _summarise(per_query, cut, nq=nq, nd=nd, bits=k, ties=ties, empty_queries=empty_queries)
 
-    dev = qb.device
-    V = k + 1
-    ddtype = torch.uint8 if k < 255 else torch.int16
-    q_pm1 = bits_to_pm1(qb)
-    db_pm1 = bits_to_pm1(db.to(dev))
-    dl = dl.to(dev)
-    harm = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev),
-                      torch.cumsum(1.0 / torch.arange(1, nd + 1, dtype=torch.float64, device=dev), 0)])
-    disc = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev),
-                      torch.cumsum(1.0 / torch.log2(torch.arange(2, nd + 2, dtype=torch.float64, device=dev)), 0)])
 
-    f64 = dict(dtype=torch.float64, device=dev)
-    ap = torch.zeros(nq, **f64)
-    prec_r = torch.zeros(nq, **f64)
-    n_rel_total = torch.zeros(nq, dtype=torch.int64, device=dev)
-    p_at = {c: torch.zeros(nq, **f64) for _, c in p_ks}
-    ndcg = torch.zeros(nq, **f64)
-    acg = torch.zeros(nq, **f64)
-    wmap = torch.zeros(nq, **f64)
-    pr_items = torch.zeros(V, dtype=torch.int64, device=dev)
-    pr_rel = torch.zeros(V, dtype=torch.int64, device=dev)
-    rad = min(int(radius), k)
+def _safe_div(num, den):
+    """``num / den`` in float64, 0 where ``den <= 0``; numpy arrays or tensors (broadcast), kept in their library."""
+    if isinstance(num, torch.Tensor):
+        den = den.to(torch.float64)
+        return torch.where(den > 0, num.to(torch.float64) / den.clamp_min(1e-300), torch.zeros_like(den))
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
-    for q0 in range(0, nq, block_size):
-        q1 = min(nq, q0 + block_size)
-        b = q1 - q0
-        distf = _distances_from_pm1(q_pm1[q0:q1], db_pm1, k)
-        rel = relevance_matrix(ql[q0:q1], dl)
-        r = shared_label_counts(ql[q0:q1], dl).to(torch.int32) if multilevel else None
-        if ties == "stable":
-            dist_p = pad_distances(distf, V)  # (b, padded) with an out-of-range sentinel
-            dist = dist_p[:, :nd]
-            idx = dist_p.long()
-            cnt = bucket_histogram(idx, None, V + 1)[:, :V]
-        else:
-            dist = distf.to(ddtype)
-            idx = dist.long()
-            cnt = bucket_histogram(idx, None, V)
-        del distf
-        ncum = cnt.cumsum(1)
-        nless = ncum - cnt
-        rtot = rel.view(torch.uint8).sum(1, dtype=torch.int64)
-        n_rel_total[q0:q1] = rtot
-        prec_r[q0:q1] = _safe_div((rel & (dist <= rad)).view(torch.uint8).sum(1, dtype=torch.int64), ncum[:, rad])
-        if pr_curve or ties == "average":
-            rel_i = rel.to(torch.int32)
-            relc = bucket_histogram(idx[:, :nd], rel_i, V).to(torch.int64)
-            rcum = relc.cumsum(1)
-            rless = rcum - relc
-        if pr_curve:
-            pr_items += ncum.sum(0)
-            pr_rel += rcum.sum(0)
 
-        if multilevel:
-            idcg_cache = _ideal_dcg_hist(r)
+def _summarise(pq: _PerQuery, cut: _Cutoffs, *, nq: int, nd: int, bits: int, ties: str, empty_queries: str) -> dict:
+    """The result dict of either engine: per-query means under the empty-query policy, the PR curve and the
+    bookkeeping fields."""
+    has_rel = pq.n_rel > 0
+    skip = empty_queries == "skip"
 
-        if ties == "stable":
-            vcut = _cut_bucket(ncum, k_max)
-            rows, cols = torch.nonzero(rel & (dist <= vcut.view(-1, 1).to(dist.dtype)), as_tuple=True)
-            dsel = dist[rows, cols].long()
-            pos = nless[rows, dsel] + within_bucket_rank(dist_p, idx, rows, cols, int(vcut.max()), V)
-            keep = pos <= k_max
-            rows, cols, pos = rows[keep], cols[keep], pos[keep]
-            # every relevant item ranked before a selected one is selected too, so the
-            # cumulative relevant count is the item's rank among the selected of its query
-            order = torch.argsort(rows * (nd + 1) + pos)
-            rows, cols, pos = rows[order], cols[order], pos[order]
-            first = torch.zeros(b, dtype=torch.int64, device=dev)
-            first[1:] = torch.bincount(rows, minlength=b).cumsum(0)[:-1]
-            cumrel = torch.arange(rows.numel(), device=dev) - first[rows] + 1
-            posf = pos.to(torch.float64)
+    def mean(x) -> float:
+        """Mean over the kept queries (all with ``"zero"``, those with a relevant item with ``"skip"``)."""
+        if skip:
+            x = x[has_rel]
+        n = int(x.shape[0])
+        return float(x.sum() / n) if n else 0.0
 
-            def per_query(values: torch.Tensor) -> torch.Tensor:
-                return torch.zeros(b, **f64).index_add_(0, rows, values.to(torch.float64))
-
-            in_k = pos <= k_map
-            num = per_query(torch.where(in_k, cumrel / posf, torch.zeros_like(posf)))
-            ap[q0:q1] = _safe_div(num, per_query(in_k))
-            for _, c in p_ks:
-                p_at[c][q0:q1] = per_query(pos <= c)
-            if multilevel:
-                r_sel = r[rows, cols].to(torch.float64)
-            if k_ndcg is not None:
-                gain = torch.pow(2.0, r_sel) - 1
-                dcg = per_query(torch.where(pos <= k_ndcg, gain / torch.log2(posf + 1), torch.zeros_like(posf)))
-                ndcg[q0:q1] = _safe_div(dcg, _ideal_dcg(idcg_cache, k_ndcg, disc))
-            if k_acg is not None:
-                acg[q0:q1] = per_query(torch.where(pos <= k_acg, r_sel, torch.zeros_like(posf))) / k_acg
-            if k_wmap is not None:
-                csum = torch.cumsum(r_sel, 0)
-                start = torch.cat([torch.zeros(1, **f64), csum])[first[rows]]
-                cumr = csum - start
-                in_w = pos <= k_wmap
-                wnum = per_query(torch.where(in_w, cumr / posf, torch.zeros_like(posf)))
-                wmap[q0:q1] = _safe_div(wnum, per_query(in_w))
-        else:
-            cntf, relf = cnt.to(torch.float64), relc.to(torch.float64)
-            ap[q0:q1] = _average_ap(cnt, relc, nless, rless, k_map, harm)
-            for _, c in p_ks:
-                p_at[c][q0:q1] = (_positions_in(nless, cnt, c).to(torch.float64) * _safe_div(relf, cntf)).sum(1)
-            if k_ndcg is not None:
-                gains = bucket_histogram(idx[:, :nd], torch.pow(2.0, r.to(torch.float64)) - 1, V)
-                npos = _positions_in(nless, cnt, k_ndcg)
-                dsum = disc[(nless + npos)] - disc[nless]
-                dcg = (_safe_div(gains, cntf) * dsum).sum(1)
-                ndcg[q0:q1] = _safe_div(dcg, _ideal_dcg(idcg_cache, k_ndcg, disc))
-            if k_acg is not None:
-                rs = bucket_histogram(idx[:, :nd], r.to(torch.float64), V)
-                npos = _positions_in(nless, cnt, k_acg).to(torch.float64)
-                acg[q0:q1] = (_safe_div(rs, cntf) * npos).sum(1) / k_acg
-
-    has_rel = n_rel_total > 0
-    n_empty = int((~has_rel).sum())
-    mask = has_rel if empty_queries == "skip" else torch.ones_like(has_rel)
-
-    def mean(x: torch.Tensor) -> float:
-        n = int(mask.sum())
-        return float(x[mask].sum() / n) if n else 0.0
-
-    out: dict = {"map": mean(ap), "precision_radius": mean(prec_r)}
-    for p, c in p_ks:
-        out[f"precision@{p}"] = mean(p_at[c] / c)
-        out[f"recall@{p}"] = mean(_safe_div(p_at[c], n_rel_total))
-    if k_ndcg is not None:
-        out["ndcg"] = mean(ndcg)
-    if k_acg is not None:
-        out["acg"] = mean(acg)
-    if k_wmap is not None:
-        out["wmap"] = mean(wmap)
-    if pr_curve:
-        out["pr_curve"] = _pr_curve_dict(_safe_div(pr_rel, pr_items).tolist(),
-                                         _safe_div(pr_rel, n_rel_total.sum().expand(V)).tolist())
-    out.update(_summary(nq, nd, k, k_map, ties, empty_queries, n_empty))
+    out: dict = {"map": mean(pq.ap), "precision_radius": mean(pq.prec_r)}
+    for (p, c), hits in zip(cut.p_ks, pq.hits):
+        out[f"precision@{p}"] = mean(hits / c)
+        out[f"recall@{p}"] = mean(_safe_div(hits, pq.n_rel))
+    if cut.k_ndcg is not None:
+        out["ndcg"] = mean(pq.ndcg)
+    if cut.k_acg is not None:
+        out["acg"] = mean(pq.acg)
+    if cut.k_wmap is not None:
+        out["wmap"] = mean(pq.wmap)
+    if cut.pr_curve:
+        out["pr_curve"] = {"radius": list(range(bits + 1)),
+                           "precision": _safe_div(pq.pr_rel, pq.pr_items).tolist(),
+                           "recall": _safe_div(pq.pr_rel, pq.n_rel.sum()).tolist(),
+                           "averaging": "micro"}
+    out.update(num_queries=int(nq), num_database=int(nd), bits=int(bits), topk=int(cut.k_map), ties=ties,
+               empty_queries=empty_queries, num_queries_without_relevant=int((~has_rel).sum()))
     return out
 
 
-def _numba_metrics(qb, db, ql, dl, *, radius, k_map, p_ks, k_ndcg, k_acg, k_wmap, pr_curve, empty_queries):
-    """``retrieval_metrics`` (ties="stable") through the numba kernel; same keys and definitions."""
-    nq, k = qb.shape
-    nd = db.shape[0]
+def _numba_engine(qb, db, ql, dl, cut: _Cutoffs) -> _PerQuery:
+    """Per-query values from the numba kernel (``ties="stable"``, CPU); numpy arrays.
+
+    ``qb`` ``(nq, k)`` / ``db`` ``(nd, k)`` uint8 bits and labels ``(n,)`` int64 or ``(n, c)`` uint8 as
+    numpy arrays, or (``engine="numba"`` with inputs on another device) the checked tensors.
+    """
     multi = ql.ndim == 2
     if isinstance(qb, torch.Tensor):  # engine="numba" with inputs on another device
         qb, db = qb.cpu().numpy(), db.cpu().numpy()
@@ -390,38 +342,202 @@ def _numba_metrics(qb, db, ql, dl, *, radius, k_map, p_ks, k_ndcg, k_acg, k_wmap
         else:
             ql, dl = ql.cpu().numpy(), dl.cpu().numpy()
     res = engine_numba.numba_retrieval_arrays(
-        qb, db, ql, dl, multi=multi, radius=radius, k_map=k_map,
-        ks=[c for _, c in p_ks], k_ndcg=k_ndcg, k_acg=k_acg, k_wmap=k_wmap, pr_curve=pr_curve)
-    rtot = res["rtot"]
-    has_rel = rtot > 0
-    n_empty = int((~has_rel).sum())
-    mask = has_rel if empty_queries == "skip" else np.ones(nq, dtype=bool)
-    n_kept = int(mask.sum())
+        qb, db, ql, dl, multi=multi, radius=cut.radius, k_map=cut.k_map,
+        ks=[c for _, c in cut.p_ks], k_ndcg=cut.k_ndcg, k_acg=cut.k_acg, k_wmap=cut.k_wmap, pr_curve=cut.pr_curve)
+    return _PerQuery(ap=res["ap"], prec_r=res["prec_r"], n_rel=res["rtot"],
+                     hits=[res["pat"][:, t].astype(np.float64) for t in range(len(cut.p_ks))],
+                     ndcg=res["ndcg"], acg=res["acg"], wmap=res["wmap"],
+                     pr_items=res["pr_cnt"], pr_rel=res["pr_rel"])
 
-    def mean(x: np.ndarray) -> float:
-        return float(x[mask].sum() / n_kept) if n_kept else 0.0
 
-    def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-        den = np.asarray(den, dtype=np.float64)
-        return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+def _torch_engine(qb, db, ql, dl, cut: _Cutoffs, *, ties: str, block_size: int) -> _PerQuery:
+    """Per-query values from the blockwise tensor engine, on the codes' device (both tie rules).
 
-    out: dict = {"map": mean(res["ap"]), "precision_radius": mean(res["prec_r"])}
-    for t, (p, c) in enumerate(p_ks):
-        hits = res["pat"][:, t].astype(np.float64)
-        out[f"precision@{p}"] = mean(hits / c)
-        out[f"recall@{p}"] = mean(safe_div(hits, rtot))
-    if k_ndcg is not None:
-        out["ndcg"] = mean(res["ndcg"])
-    if k_acg is not None:
-        out["acg"] = mean(res["acg"])
-    if k_wmap is not None:
-        out["wmap"] = mean(res["wmap"])
-    if pr_curve:
-        pr_rel = res["pr_rel"].astype(np.float64)
-        out["pr_curve"] = _pr_curve_dict(safe_div(pr_rel, res["pr_cnt"]).tolist(),
-                                         safe_div(pr_rel, np.full(k + 1, rtot.sum())).tolist())
-    out.update(_summary(nq, nd, k, k_map, "stable", empty_queries, n_empty))
+    ``qb`` ``(nq, k)`` / ``db`` ``(nd, k)`` bool bits; labels ``(n,)`` int64 or ``(n, c)`` float32.
+    """
+    nq, k = qb.shape
+    dev = qb.device
+    harm, disc = _rank_tables(db.shape[0], dev)
+    q_pm1, db_pm1, dl = bits_to_pm1(qb), bits_to_pm1(db.to(dev)), dl.to(dev)
+    blocks = []
+    for q0 in range(0, nq, block_size):
+        q1 = min(nq, q0 + block_size)
+        blk = _score_block(q_pm1[q0:q1], db_pm1, ql[q0:q1], dl, k, cut, ties)
+        blocks.append(_stable_block(blk, cut, disc) if ties == "stable" else _average_block(blk, cut, harm, disc))
+    return _PerQuery.concat(blocks)
+
+
+def _rank_tables(nd: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Harmonic numbers ``H_0..H_nd`` and cumulative DCG discounts ``sum_{p<=n} 1/log2(p+1)``: ``(nd + 1,)`` float64."""
+    harm = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev),
+                      torch.cumsum(1.0 / torch.arange(1, nd + 1, dtype=torch.float64, device=dev), 0)])
+    disc = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev),
+                      torch.cumsum(1.0 / torch.log2(torch.arange(2, nd + 2, dtype=torch.float64, device=dev)), 0)])
+    return harm, disc
+
+
+@dataclass
+class _Block:
+    """One block of ``b`` queries scored against the whole database (``V = k + 1`` distance buckets).
+
+    ``dist`` ``(b, nd)`` Hamming distances; ``dist_p`` the padded distances with an out-of-range sentinel
+    (stable ties only, else None); ``idx`` the bucket of each (padded) item, int64; ``cnt`` ``(b, V)`` items
+    per distance, ``ncum`` / ``nless`` its inclusive / exclusive prefix sums; ``rel`` ``(b, nd)`` bool
+    relevance; ``r`` ``(b, nd)`` int32 shared labels (None unless multilevel); ``relc`` / ``rcum`` /
+    ``rless`` ``(b, V)`` relevant items per distance and their prefix sums (None unless needed).
+    """
+
+    dist: torch.Tensor
+    dist_p: torch.Tensor | None
+    idx: torch.Tensor
+    cnt: torch.Tensor
+    ncum: torch.Tensor
+    nless: torch.Tensor
+    rel: torch.Tensor
+    r: torch.Tensor | None
+    relc: torch.Tensor | None
+    rcum: torch.Tensor | None
+    rless: torch.Tensor | None
+
+
+def _score_block(q_pm1, db_pm1, ql, dl, k: int, cut: _Cutoffs, ties: str) -> _Block:
+    """Distances, relevance and distance histograms of a block of queries ``(b, k)`` against ``(nd, k)``."""
+    V = k + 1
+    nd = db_pm1.shape[0]
+    distf = _distances_from_pm1(q_pm1, db_pm1, k)
+    rel = relevance_matrix(ql, dl)
+    r = shared_label_counts(ql, dl).to(torch.int32) if cut.multilevel else None
+    if ties == "stable":
+        dist_p = pad_distances(distf, V)  # (b, padded) with an out-of-range sentinel
+        dist = dist_p[:, :nd]
+        idx = dist_p.long()
+        cnt = bucket_histogram(idx, None, V + 1)[:, :V]
+    else:
+        dist_p = None
+        dist = distf.to(torch.uint8 if k < 255 else torch.int16)
+        idx = dist.long()
+        cnt = bucket_histogram(idx, None, V)
+    del distf
+    ncum = cnt.cumsum(1)
+    relc = rcum = rless = None
+    if cut.pr_curve or ties == "average":
+        relc = bucket_histogram(idx[:, :nd], rel.to(torch.int32), V).to(torch.int64)
+        rcum = relc.cumsum(1)
+        rless = rcum - relc
+    return _Block(dist=dist, dist_p=dist_p, idx=idx, cnt=cnt, ncum=ncum, nless=ncum - cnt, rel=rel, r=r,
+                  relc=relc, rcum=rcum, rless=rless)
+
+
+def _block_counts(blk: _Block, cut: _Cutoffs) -> dict:
+    """The tie-independent fields of a block's :class:`_PerQuery`: ``n_rel``, ``prec_r`` and the PR counts."""
+    rad = min(cut.radius, blk.cnt.shape[1] - 1)
+    in_ball = (blk.rel & (blk.dist <= rad)).view(torch.uint8).sum(1, dtype=torch.int64)
+    return dict(n_rel=blk.rel.view(torch.uint8).sum(1, dtype=torch.int64),
+                prec_r=_safe_div(in_ball, blk.ncum[:, rad]),
+                pr_items=blk.ncum.sum(0) if cut.pr_curve else None,
+                pr_rel=blk.rcum.sum(0) if cut.pr_curve else None)
+
+
+def _stable_positions(blk: _Block, k_max: int):
+    """Relevant items ranked within the top ``k_max`` by ``(distance, database index)``, sorted by query, then
+    position: ``rows``, ``cols``, 1-based ``pos`` (each ``(m,)`` int64) and ``first`` ``(b,)``, the offset of
+    each query's first entry."""
+    b, nd = blk.rel.shape
+    V = blk.cnt.shape[1]
+    vcut = _cut_bucket(blk.ncum, k_max)
+    rows, cols = torch.nonzero(blk.rel & (blk.dist <= vcut.view(-1, 1).to(blk.dist.dtype)), as_tuple=True)
+    dsel = blk.dist[rows, cols].long()
+    pos = blk.nless[rows, dsel] + within_bucket_rank(blk.dist_p, blk.idx, rows, cols, int(vcut.max()), V)
+    keep = pos <= k_max
+    rows, cols, pos = rows[keep], cols[keep], pos[keep]
+    order = torch.argsort(rows * (nd + 1) + pos)
+    rows, cols, pos = rows[order], cols[order], pos[order]
+    first = torch.zeros(b, dtype=torch.int64, device=rows.device)
+    first[1:] = torch.bincount(rows, minlength=b).cumsum(0)[:-1]
+    return rows, cols, pos, first
+
+
+def _stable_block(blk: _Block, cut: _Cutoffs, disc: torch.Tensor) -> _PerQuery:
+    """A block's per-query values under ``ties="stable"`` (rank by distance, then database index)."""
+    b = blk.rel.shape[0]
+    rows, cols, pos, first = _stable_positions(blk, cut.k_max)
+    # every relevant item ranked before a selected one is selected too, so the
+    # cumulative relevant count is the item's rank among the selected of its query
+    cumrel = torch.arange(rows.numel(), device=rows.device) - first[rows] + 1
+    posf = pos.to(torch.float64)
+    zero = torch.zeros_like(posf)
+
+    def per_query(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(b, dtype=torch.float64, device=rows.device).index_add_(0, rows, values.to(torch.float64))
+
+    in_k = pos <= cut.k_map
+    out = _PerQuery(ap=_safe_div(per_query(torch.where(in_k, cumrel / posf, zero)), per_query(in_k)),
+                    hits=[per_query(pos <= c) for _, c in cut.p_ks], **_block_counts(blk, cut))
+    r_sel = blk.r[rows, cols].to(torch.float64) if cut.multilevel else None
+    if cut.k_ndcg is not None:
+        gain = torch.pow(2.0, r_sel) - 1
+        dcg = per_query(torch.where(pos <= cut.k_ndcg, gain / torch.log2(posf + 1), zero))
+        out.ndcg = _safe_div(dcg, _ideal_dcg(_ideal_dcg_hist(blk.r), cut.k_ndcg, disc))
+    if cut.k_acg is not None:
+        out.acg = per_query(torch.where(pos <= cut.k_acg, r_sel, zero)) / cut.k_acg
+    if cut.k_wmap is not None:
+        csum = torch.cumsum(r_sel, 0)
+        start = torch.cat([torch.zeros(1, dtype=torch.float64, device=rows.device), csum])[first[rows]]
+        in_w = pos <= cut.k_wmap
+        out.wmap = _safe_div(per_query(torch.where(in_w, (csum - start) / posf, zero)), per_query(in_w))
     return out
+
+
+def _average_block(blk: _Block, cut: _Cutoffs, harm: torch.Tensor, disc: torch.Tensor) -> _PerQuery:
+    """A block's per-query values under ``ties="average"`` (exact expectation over orders inside tie groups)."""
+    V = blk.cnt.shape[1]
+    cntf, relf = blk.cnt.to(torch.float64), blk.relc.to(torch.float64)
+    out = _PerQuery(ap=_average_ap(blk.cnt, blk.relc, blk.nless, blk.rless, cut.k_map, harm),
+                    hits=[(_positions_in(blk.nless, blk.cnt, c).to(torch.float64) * _safe_div(relf, cntf)).sum(1)
+                          for _, c in cut.p_ks],
+                    **_block_counts(blk, cut))
+    if cut.k_ndcg is not None:
+        gains = bucket_histogram(blk.idx, torch.pow(2.0, blk.r.to(torch.float64)) - 1, V)
+        npos = _positions_in(blk.nless, blk.cnt, cut.k_ndcg)
+        dcg = (_safe_div(gains, cntf) * (disc[(blk.nless + npos)] - disc[blk.nless])).sum(1)
+        out.ndcg = _safe_div(dcg, _ideal_dcg(_ideal_dcg_hist(blk.r), cut.k_ndcg, disc))
+    if cut.k_acg is not None:
+        rs = bucket_histogram(blk.idx, blk.r.to(torch.float64), V)
+        npos = _positions_in(blk.nless, blk.cnt, cut.k_acg).to(torch.float64)
+        out.acg = (_safe_div(rs, cntf) * npos).sum(1) / cut.k_acg
+    return out
+
+
+def _cut_bucket(ncum: torch.Tensor, k: int) -> torch.Tensor:
+    """Index of the distance bucket holding rank ``k`` for each row: ``(b,)`` int64."""
+    return (ncum < k).sum(1)
+
+
+def _hypergeom_pmf(y: torch.Tensor, n: torch.Tensor, m: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """P(Y = y) for Y relevant among ``draws`` taken from ``n`` items with ``m`` relevant (float64)."""
+    lg = torch.lgamma
+
+    def lchoose(a, b):
+        return lg(a + 1) - lg(b + 1) - lg(a - b + 1)
+
+    valid = (y >= 0) & (y <= m) & (draws - y >= 0) & (draws - y <= n - m)
+    yc = torch.where(valid, y, torch.zeros_like(y))
+    dy = torch.where(valid, draws - y, torch.zeros_like(y))
+    logp = lchoose(m, yc) + lchoose(n - m, dy) - lchoose(n, draws)
+    return torch.where(valid, torch.exp(logp), torch.zeros_like(logp))
+
+
+def _expected_prec_sum(m, n, N, R, npos, harm):
+    """E[sum of precisions at relevant positions among the first ``npos`` of a tie group].
+
+    The group has ``n`` items (``m`` relevant, uniformly random order within it, or
+    conditioned on ``m`` relevant among ``npos == n`` positions), preceded by ``N``
+    items of which ``R`` are relevant. All float64 tensors of one shape.
+    """
+    b = torch.where(n > 1, (m - 1) / (n - 1).clamp_min(1), torch.zeros_like(m))
+    hsum = harm[(N + npos).long()] - harm[N.long()]
+    inner = b * npos + (R + 1 - b * (N + 1)) * hsum
+    return torch.where(m > 0, m / n.clamp_min(1) * inner, torch.zeros_like(m))
 
 
 def _positions_in(nless: torch.Tensor, cnt: torch.Tensor, cutoff: int) -> torch.Tensor:
