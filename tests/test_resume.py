@@ -95,3 +95,73 @@ def _counting(orig, steps):
         steps.append((self.current_epoch, self.global_step))
         return orig(self, batch, batch_idx)
     return counting
+
+
+# --- real processes: SIGKILL (nothing runs after it), SIGINT and SIGTERM (last.ckpt written, clean exit) ---
+# Validation at each epoch end (steps 5, 10) and last.ckpt every 4 steps: checkpoints at 4, 5, 8, 10, 12.
+PROC = ["trainer.val_check_interval=0", "trainer.checkpoint_every_n_steps=4"]
+
+_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from dsrh_lightning import module as m
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.train import train
+    at, marker, go = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    def hold(self, outputs, batch, batch_idx):  # after the callbacks of step `at`: tell the parent, wait
+        if self.global_step == at:
+            open(marker, "w").close()
+            while not os.path.exists(go):
+                time.sleep(0.02)
+    m.HashingModule.on_train_batch_end = hold
+    train(load_config(sys.argv[4:]))
+""")
+
+
+def _overrides(root: Path, name: str):
+    return ["dataset=synthetic", f"output_dir={root}", f"name={name}", "data.synthetic_per_class=20",
+            "data.protocol.query_per_class=2", "data.protocol.val_per_class=2", "data.batch_size=16",
+            "data.eval_batch_size=64", "trainer.progress_bar=false", "trainer.accelerator=cpu", *BASE, *PROC]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    res = train(load_config(_overrides(root, "full")))
+    assert res["global_step"] == 12
+    return res["last_checkpoint"]
+
+
+@pytest.mark.parametrize("sig,hold_at,saved_at,code", [
+    (signal.SIGKILL, 6, 5, -signal.SIGKILL),   # last.ckpt from the epoch-0-end validation
+    (signal.SIGKILL, 9, 8, -signal.SIGKILL),   # last.ckpt mid-epoch 1
+    (signal.SIGINT, 7, 8, 128 + signal.SIGINT),  # the signal's step finishes, then last.ckpt
+    (signal.SIGTERM, 2, 3, 128 + signal.SIGTERM),
+], ids=["sigkill-epoch-end", "sigkill-mid-epoch", "sigint", "sigterm"])
+def test_signalled_process_resumes_exactly(sig, hold_at, saved_at, code, tmp_path, uninterrupted):
+    marker, go = tmp_path / "held", tmp_path / "go"
+    # Same thread count as this process: a different one changes float reduction order (not bit-identical).
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(hold_at), str(marker), str(go),
+                              *_overrides(tmp_path / "runs", "run")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, child.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "child never reached the step"
+            time.sleep(0.05)
+        child.send_signal(sig)
+        go.touch()
+        out = child.communicate(timeout=300)[0]
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == code, out[-3000:]
+    last = tmp_path / "runs" / "run" / "checkpoints" / "last.ckpt"
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in out and "resume=auto" in out and str(last) in out, out[-3000:]
+    assert _state(last)["global_step"] == saved_at
+    assert not list(last.parent.glob(".*.tmp-*"))
+    resumed = train(load_config(_overrides(tmp_path / "runs", "run") + ["resume=auto"]))
+    assert resumed["global_step"] == 12
+    _assert_same_weights(uninterrupted, resumed["last_checkpoint"])
