@@ -17,6 +17,8 @@ from dsrh_lightning import module as module_lib
 from dsrh_lightning.config import load_config
 from dsrh_lightning.train import train
 
+pytestmark = pytest.mark.slow  # real training runs (seconds each on an idle machine)
+
 # 10 classes x 8 training images = 80 triplets = 5 batches of 16 per epoch; 12 steps cross 2 epoch ends.
 BASE = ["data.protocol.train_per_class=8", "trainer.max_steps=12", "trainer.deterministic=true",
         "trainer.test_after_fit=false", "data.num_workers=0", "logger.name=none", "model.backbone=small_cnn",
