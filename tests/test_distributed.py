@@ -117,7 +117,8 @@ def test_resolve_run(tmp_path):
     assert run_dir == tmp_path / "a" and ckpt is None  # nothing to resume: fresh
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
-    last.write_bytes(b"x")
+    good = {"state_dict": {}, "global_step": 1}  # resume=auto checks that last.ckpt loads
+    torch.save(good, last)
     assert resolve_run(load_config(base + ["name=a", "resume=auto"])) == (tmp_path / "a", last)
     # Without a name: the newest last.ckpt of runs with the same dataset/experiment/bits/seed.
     cfg = load_config(base + ["resume=auto"])
@@ -125,7 +126,7 @@ def test_resolve_run(tmp_path):
     for i, stamp in enumerate(["20240101-000000", "20240102-000000"]):
         p = tmp_path / f"{prefix}-{stamp}" / "checkpoints" / "last.ckpt"
         p.parent.mkdir(parents=True)
-        p.write_bytes(b"x")
+        torch.save(good, p)
         import os
         os.utime(p, (1000 + i, 1000 + i))
     assert resolve_run(cfg) == (tmp_path / f"{prefix}-20240102-000000",

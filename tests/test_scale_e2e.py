@@ -102,7 +102,7 @@ def _cli(args, timeout=400):
                           env=env, timeout=timeout)
 
 
-def test_ddp_two_processes_train_and_evaluate_like_one(tiny_overrides, tmp_path):
+def test_ddp_two_process_training_runs_and_evaluation_matches_one_process(tiny_overrides, tmp_path):
     # 5 classes: 25 test queries and 7 val queries do not split evenly over 2 ranks (the sampler pads).
     over = tiny_overrides + ["data.synthetic_classes=5", "data.protocol.val_per_class=7", "data.eval_batch_size=8",
                              "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.test_after_fit=false",

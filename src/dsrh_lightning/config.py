@@ -179,6 +179,8 @@ class TrainerConfig:
     precision: str = "32-true"
     # Save <run>/checkpoints/last.ckpt every N optimiser steps (0 = only at validation and at the end).
     checkpoint_every_n_steps: int = 1000
+    # ... and at least every N minutes of training (0 = off); SIGINT / SIGTERM also write last.ckpt.
+    checkpoint_every_minutes: float = 10.0
     gradient_clip_val: float = 0.0
     log_every_n_steps: int = 50
     limit_val_batches: float = 1.0
@@ -289,6 +291,7 @@ _NON_NEGATIVE = (
     "loss.hashnet_gamma",
     "data.num_labels",
     "trainer.checkpoint_every_n_steps",
+    "trainer.checkpoint_every_minutes",
 )
 
 

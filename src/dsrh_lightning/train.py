@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import string
 import time
 from pathlib import Path
@@ -16,13 +17,15 @@ from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .callbacks import RetrievalEvaluation, RetrievalPlots
-from .callbacks.checkpoint import FiniteModelCheckpoint, assert_finite_parameters
-from .config import parse_devices, save_config, to_dict
+from .callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, LastCheckpoint, TrainingInterrupted,
+                                   UnreadableCheckpointError, assert_finite_parameters, load_checkpoint,
+                                   newest_readable_checkpoint)
+from .config import ConfigError, parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
 from .module import HashingModule
 
-__all__ = ["resolve_run", "run_name", "train"]
+__all__ = ["check_resume_compatible", "resolve_run", "run_name", "train"]
 
 # Set by rank 0 for the processes Lightning's DDP launcher starts, so all ranks share one run folder.
 _RUN_DIR_ENV, _RESUME_ENV = "DSRH_RUN_DIR", "DSRH_RESUME_CKPT"
@@ -60,13 +63,66 @@ def resolve_run(cfg: DictConfig) -> Tuple[Path, Optional[Path]]:
         if not found:
             print(f"resume=auto: no last.ckpt for this run under {out}; starting a fresh run", flush=True)
             return out / run_name(cfg), None
-        return found[-1].parent.parent, found[-1]
+        return found[-1].parent.parent, _readable_or_fallback(found[-1])
     path = Path(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto to pick last.ckpt)")
     if not cfg.name and path.parent.name == "checkpoints":
         return path.parent.parent, path
     return out / run_name(cfg), path
+
+
+def _readable_or_fallback(last: Path) -> Path:
+    """``last`` if it loads, else the newest readable checkpoint beside it (said on stdout)."""
+    try:
+        load_checkpoint(last)
+        return last
+    except UnreadableCheckpointError as exc:
+        other = newest_readable_checkpoint(last.parent, exclude=last)
+        if other is None:
+            raise ConfigError(f"resume=auto: {exc}, and no other readable checkpoint in {last.parent}. "
+                              "Give resume=PATH of a good checkpoint, or remove the folder to start over.") from None
+        print(f"WARNING: resume=auto: {exc}; resuming from the newest readable checkpoint instead: {other}",
+              flush=True)
+        return other
+
+
+# Keys whose change makes a checkpoint unusable (weight shapes, the method, the meaning of the saved
+# data-loader position). model.weights only picks the initialisation, which the checkpoint replaces.
+_COMPAT_SECTIONS = ("model",)
+_COMPAT_KEYS = ("loss.ranking", "data.dataset", "data.sampling", "data.cache_features", "data.num_labels")
+_COMPAT_IGNORE = ("model.weights",)
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume_compatible(cfg: DictConfig, ckpt_path: Path) -> None:
+    """Raise ``ConfigError`` naming every key that differs between ``cfg`` and the config stored in
+    ``ckpt_path`` and makes resuming impossible (see ``_COMPAT_*``); nothing is written."""
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except UnreadableCheckpointError as exc:
+        raise ConfigError(f"resume={cfg.resume}: {exc}") from None
+    stored = (ckpt.get("hyper_parameters") or {}).get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"resume={cfg.resume}: {ckpt_path} stores no run configuration "
+                          "(hyper_parameters.config); it was not written by dsrh train")
+    old, new = _flat(stored), _flat(to_dict(cfg))
+    keys = sorted(k for k in set(old) | set(new)
+                  if (k.split(".")[0] in _COMPAT_SECTIONS or k in _COMPAT_KEYS) and k not in _COMPAT_IGNORE)
+    diff = [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
+            for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    if diff:
+        raise ConfigError(f"resume={cfg.resume}: {ckpt_path} cannot continue with this configuration; "
+                          f"differing keys: {'; '.join(diff)}. Use the checkpoint's values, or start a new run "
+                          "(another name=, without resume). Nothing was changed.")
 
 
 def _write_wandb_id(cfg: DictConfig, run_dir: Path) -> None:
@@ -90,6 +146,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Train
         log_every_n_steps=t.log_every_n_steps, limit_val_batches=t.limit_val_batches,
         deterministic=t.deterministic, logger=logger, callbacks=callbacks,
         enable_progress_bar=t.progress_bar, num_sanity_val_steps=1,
+        plugins=[AtomicCheckpointIO()],  # temp file beside the target + fsync + rename; weights_only loads
         # The data module shards data itself: resumable training batches, padded evaluation shares.
         use_distributed_sampler=False,
     )
@@ -125,6 +182,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         run_dir, resume = Path(os.environ[_RUN_DIR_ENV]), (Path(os.environ[_RESUME_ENV]) if os.environ.get(_RESUME_ENV) else None)
     else:
         run_dir, resume = resolve_run(cfg)
+        if resume is not None:  # before anything is written
+            check_resume_compatible(cfg, resume)
         os.environ[_RUN_DIR_ENV], os.environ[_RESUME_ENV] = str(run_dir), str(resume or "")
     try:
         return _train(cfg, run_dir, resume)
@@ -135,13 +194,18 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
 
 def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, Any]:
     name = run_dir.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    created = not run_dir.exists()
     if resume is not None:
         print(f"resuming {run_dir} from {resume}", flush=True)
     dm = HashingDataModule(cfg, split_copy=run_dir / "split.npz")
-    dm.prepare_data()
-    dm.setup("fit")  # fail fast on data problems, before the model is built
+    try:
+        dm.prepare_data()
+        dm.setup("fit")  # fail fast on data problems, before the model is built
+    except BaseException:
+        if created and run_dir.is_dir():  # a failed start leaves no runs/<name>/ behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    save_config(cfg, run_dir / "config.yaml")
     print(f"data: {cfg.data.dataset} {dm.split.summary()}; image size {dm.image_size}", flush=True)
     module = HashingModule(to_dict(cfg), num_classes=dm.num_classes, multilabel=dm.multilabel,
                            feature_dim=dm.feature_dim)
@@ -150,13 +214,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     evaluation = RetrievalEvaluation(cfg.eval)
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = FiniteModelCheckpoint(
-        dirpath=str(ckpt_dir), monitor="val/map", mode="max", save_last=True, save_top_k=1,
+        dirpath=str(ckpt_dir), monitor="val/map", mode="max", save_last=False, save_top_k=1,
         filename="best-step{step}-map{val/map:.4f}", auto_insert_metric_name=False,
     )
-    callbacks = [evaluation, checkpoint, RetrievalPlots(cfg.eval)]  # plots go to W&B only
-    if cfg.trainer.checkpoint_every_n_steps > 0:
-        callbacks.append(FiniteModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
-                                               save_top_k=0, save_last=True))
+    # LastCheckpoint is the only writer of last.ckpt (N steps, M minutes, validations, SIGINT/SIGTERM);
+    # it comes after `checkpoint` so last.ckpt records the best model so far.
+    last_writer = LastCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps,
+                                 every_minutes=cfg.trainer.checkpoint_every_minutes)
+    callbacks = [evaluation, checkpoint, last_writer, RetrievalPlots(cfg.eval)]  # plots go to W&B only
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if logger:
@@ -164,11 +229,15 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     last = ckpt_dir / "last.ckpt"
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     except FloatingPointError as exc:
         kept = f"last good checkpoint: {last} (continue with resume=auto or resume={last})" if last.is_file() \
             else "no checkpoint had been written yet"
         raise FloatingPointError(f"{exc} -- training stopped; {kept}") from None
+    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.ckpt is written; exit without a traceback
+        if trainer.is_global_zero:
+            print(exc.message, flush=True)
+        raise
     # The final state, whatever the step (periodic and validation checkpoints may be older).
     assert_finite_parameters(module)
     trainer.save_checkpoint(str(last))

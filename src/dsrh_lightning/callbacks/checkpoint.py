@@ -1,12 +1,36 @@
-"""Checkpointing that never writes a broken model: parameters are checked for NaN/inf before saving."""
+"""Checkpoints you can trust.
+
+* :func:`assert_finite_parameters` / :class:`FiniteModelCheckpoint`: never write a model with NaN/inf.
+* :class:`AtomicCheckpointIO`: the file is written to a temporary file NEXT TO the target (same folder,
+  same filesystem), flushed and fsync'ed, then ``os.replace``'d over the target, so a kill during a save
+  leaves the previous checkpoint intact (Lightning's own atomic save may go through ``$TMPDIR`` and fall
+  back to truncate-and-copy across filesystems). Orphaned temporary files of killed saves are removed
+  by the next successful save.
+* :class:`LastCheckpoint`: the ONE owner of ``last.ckpt`` (always the newest state): every
+  ``every_n_steps`` steps, every ``every_minutes`` minutes, after each validation, at the end of fit,
+  and on SIGINT / SIGTERM (then training stops with :class:`TrainingInterrupted`).
+* :func:`load_checkpoint` (``weights_only=True``) and :func:`newest_readable_checkpoint`.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["FiniteModelCheckpoint", "assert_finite_parameters"]
+__all__ = ["AtomicCheckpointIO", "FiniteModelCheckpoint", "LastCheckpoint", "TrainingInterrupted",
+           "UnreadableCheckpointError", "assert_finite_parameters", "atomic_torch_save", "load_checkpoint",
+           "newest_readable_checkpoint"]
+
+TMP_MARK = ".tmp-"
 
 
 def assert_finite_parameters(module: torch.nn.Module) -> None:
@@ -18,10 +42,193 @@ def assert_finite_parameters(module: torch.nn.Module) -> None:
                 "(the previous checkpoint is kept). Lower optim.lr or set trainer.gradient_clip_val.")
 
 
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+
+
+def _remove_orphans(folder: Path, keep: Path) -> None:
+    """Temporary files left by killed saves in ``folder`` (any target), except ``keep``."""
+    for p in folder.glob(f".*{TMP_MARK}*"):
+        if p != keep:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+def atomic_torch_save(obj: Any, path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``: temp file beside it, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    _remove_orphans(path.parent, keep=path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that saves with :func:`atomic_torch_save` and loads with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (truncated, not a checkpoint, or unsafe)."""
+
+
+def load_checkpoint(path) -> Dict[str, Any]:
+    """Load ``path`` on the CPU with ``weights_only=True`` (no code from the file runs).
+
+    Raises :class:`UnreadableCheckpointError` naming the file when it cannot be read as a checkpoint."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle refused by weights_only, text file, ...
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UnreadableCheckpointError(f"{path}: not a dsrh-lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def newest_readable_checkpoint(folder: Path, exclude: Optional[Path] = None) -> Optional[Path]:
+    """The most recently written ``*.ckpt`` in ``folder`` that loads, or None."""
+    found = sorted((p for p in Path(folder).glob("*.ckpt") if p != exclude and not p.name.startswith(".")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in found:
+        try:
+            load_checkpoint(p)
+            return p
+        except UnreadableCheckpointError:
+            continue
+    return None
+
+
 class FiniteModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that refuses (and stops the run) when the weights contain NaN/inf,
-    so ``last.ckpt`` always holds the last good state."""
+    so the checkpoints always hold a good state."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         assert_finite_parameters(trainer.lightning_module)
         super()._save_checkpoint(trainer, filepath)
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on SIGINT / SIGTERM after ``last.ckpt`` was written.
+
+    A ``SystemExit`` with the shell's code for the signal (130 / 143): the process ends without a
+    traceback; ``message`` names the checkpoint and how to continue."""
+
+    def __init__(self, signum: int, path: Path, step: int) -> None:
+        super().__init__(128 + int(signum))
+        self.signum, self.path, self.step = int(signum), path, step
+        self.message = (f"{signal.Signals(signum).name} received: training stopped at step {step}; "
+                        f"the state is saved in {path}. Continue with resume=auto (same name and output_dir) "
+                        f"or resume={path}")
+
+
+class LastCheckpoint(Callback):
+    """Sole writer of ``<dirpath>/last.ckpt``, which always holds the newest state.
+
+    Saves after every ``every_n_steps``-th optimiser step (0 = off), when ``every_minutes`` have passed
+    since the last save (0 = off), after each validation and at the end of fit. While training, SIGINT
+    and SIGTERM are caught: the current step finishes, ``last.ckpt`` is written, and
+    :class:`TrainingInterrupted` ends the fit (a second signal interrupts at once).
+    """
+
+    def __init__(self, dirpath, every_n_steps: int = 0, every_minutes: float = 0.0) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps, self.every_minutes = int(every_n_steps), float(every_minutes)
+        self._last_time = time.monotonic()
+        self._saved_step: Optional[int] = None
+        self._signal: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    # -- signals -----------------------------------------------------------------------------------
+    def _handler(self, signum, frame) -> None:
+        if self._signal is not None:  # second signal: stop now
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self._signal = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and writing {self.path} ...",
+              flush=True)
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def _restore_handlers(self) -> None:
+        for sig, old in self._previous.items():
+            try:
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):
+                pass
+        self._previous = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_time = time.monotonic()
+        self._signal = None
+        self._install_handlers()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._restore_handlers()
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, trainer: pl.Trainer) -> None:
+        assert_finite_parameters(trainer.lightning_module)
+        trainer.save_checkpoint(str(self.path))
+        self._saved_step = trainer.global_step
+        self._last_time = time.monotonic()
+
+    def _any_rank(self, trainer: pl.Trainer, flag: bool) -> bool:
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+        return bool(flag)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        due = due or (self.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * self.every_minutes)
+        stop = self._any_rank(trainer, self._signal is not None)
+        if self._any_rank(trainer, due) or stop:
+            self.save(trainer)
+        if stop:
+            self._restore_handlers()
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, self.path, step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.save(trainer)  # after the best-model callback, so last.ckpt records the best so far

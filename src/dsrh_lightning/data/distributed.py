@@ -90,7 +90,16 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": int(getattr(bs, "epoch", 0)), "batches_done": done}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Make the next iteration continue where the checkpoint stopped.
+
+        A checkpoint taken after the LAST batch of an epoch (``batches_done == len``) continues with
+        batch 0 of the next epoch. (Skipping ``len`` batches of the next epoch instead made it empty, so
+        the resumed run jumped from epoch e to e + 2.) Lightning does not call ``on_train_epoch_start``
+        for that next epoch on restart, so the epoch is set here, on the sampler and the dataset.
+        """
         epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= len(self.batch_sampler):
+            epoch, done = epoch + 1, 0
         for obj in (self.batch_sampler, self.dataset):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
