@@ -251,7 +251,18 @@ def test_search_and_index_errors_exit_2(tiny_ckpt, tmp_path, capsys):
     (empty / "readme.txt").write_text("no images here")
     good = tmp_path / "good.npz"
     write_codes(good, np.zeros((4, cfg.model.bits), np.uint8), list("abcd"))
+    npy = tmp_path / "codes.npy"
+    np.save(npy, np.zeros((4, cfg.model.bits), np.uint8))
+    empty_index = tmp_path / "empty_index.npz"
+    with np.load(good) as z:
+        np.savez(empty_index, **{**{k: z[k] for k in z.files}, "packed": np.zeros((0, z["packed"].shape[1]), np.uint8),
+                                 "ids": np.asarray([], dtype=str)})
     cases = [
+        (["search", "--index", str(npy), "--ckpt", str(ckpt), str(img)], [str(npy), "not an .npz"]),
+        (["search", "--index", str(empty_index), "--ckpt", str(ckpt), str(img)], [str(empty_index), "empty"]),
+        (["search", "--index", str(good), "--ckpt", str(ckpt), str(img), "--k", "-5"], ["--k", "-5"]),
+        (["index", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.npz"), str(img), "--batch-size", "-1"],
+         ["--batch-size"]),
         (["search", "--index", str(wrong_bits), "--ckpt", str(ckpt), str(img)], [str(wrong_bits), "bits"]),
         (["search", "--index", str(good), "--ckpt", str(ckpt), str(broken)], [str(broken), "cannot read image"]),
         (["search", "--index", str(good), "--ckpt", str(ckpt), str(empty)], [str(empty), "no images"]),
