@@ -17,11 +17,10 @@ import numpy as np
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/report_cpu.py) -->", "<!-- END GENERATED -->"
 
 
-def _order(rows):
-    from results_cpu import ALL_METHODS
-
+def _order(rows, order=()):
+    """Methods present in ``rows``: those in ``order`` first (in that order), then the rest sorted."""
     present = {r["method"] for r in rows}
-    return [m for m in ALL_METHODS if m in present] + sorted(present - set(ALL_METHODS))
+    return [m for m in order if m in present] + sorted(present - set(order))
 
 
 def aggregate(rows, key):
@@ -32,14 +31,14 @@ def aggregate(rows, key):
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in vals.items()}
 
 
-def table(rows, key, title):
+def table(rows, key, title, order=()):
     agg = aggregate(rows, key)
     bits = sorted({r["bits"] for r in rows})
     lines = [f"**{title}** (mean ± std over seeds; n = number of seeds)", "",
              "| method | " + " | ".join(f"{b} bits" for b in bits) + " |",
              "|---|" + "---|" * len(bits)]
-    best = {b: max((agg[(m, b)][0] for m in _order(rows) if (m, b) in agg), default=None) for b in bits}
-    for m in _order(rows):
+    best = {b: max((agg[(m, b)][0] for m in _order(rows, order) if (m, b) in agg), default=None) for b in bits}
+    for m in _order(rows, order):
         cells = []
         for b in bits:
             if (m, b) not in agg:
@@ -52,14 +51,14 @@ def table(rows, key, title):
     return "\n".join(lines)
 
 
-def plots(rows, docs: Path):
+def plots(rows, docs: Path, order=()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     agg = aggregate(rows, "map")
-    methods = _order(rows)
+    methods = _order(rows, order)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, m in enumerate(methods):
         bits = sorted(b for (mm, b) in agg if mm == m)
@@ -99,12 +98,13 @@ def plots(rows, docs: Path):
     plt.close(fig)
 
 
-def write_report(rows, docs: Path, args=None):
+def write_report(rows, docs: Path, args=None, order=()):
+    """``order``: the methods' display order (results_cpu.ALL_METHODS); this module never imports results_cpu."""
     docs.mkdir(parents=True, exist_ok=True)
     if not rows:
         print("no results yet")
         return
-    plots(rows, docs)
+    plots(rows, docs, order)
     commits = sorted({r["commit"] for r in rows})
     machines = sorted({r["machine"] for r in rows})
     dates = sorted(r["date"] for r in rows)
@@ -119,12 +119,12 @@ def write_report(rows, docs: Path, args=None):
         f"({len(rows)} runs; seeds {seeds}; deep-model steps {steps}; commits {', '.join(commits)}; "
         f"machine: {'; '.join(machines)}; measured {dates[0]} .. {dates[-1]}).",
         "",
-        table(rows, "map", "MAP@all (test queries ranked against the whole database)"),
+        table(rows, "map", "MAP@all (test queries ranked against the whole database)", order),
         "",
-        table(rows, "precision_r2", "Precision within Hamming radius 2 (0 when no item is within radius 2)"),
+        table(rows, "precision_r2", "Precision within Hamming radius 2 (0 when no item is within radius 2)", order),
         "",
         "Wall-clock seconds per run (fit or train + evaluation), mean over all runs of the method: "
-        + ", ".join(f"{m} {np.mean(secs[m]):.0f} s" for m in _order(rows)) + ".",
+        + ", ".join(f"{m} {np.mean(secs[m]):.0f} s" for m in _order(rows, order)) + ".",
         "",
         "![MAP vs bits](results_map_vs_bits.png)",
         "",

@@ -108,7 +108,7 @@ def run_baseline(name: str, args, bits: int, seed: int, dm: HashingDataModule) -
 
 
 def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.run import load_run
     from dsrh_lightning.train import train
 
     exp, extra = DEEP[name]
@@ -122,7 +122,7 @@ def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
         t0 = time.perf_counter()
         result = train(cfg)
         train_s = time.perf_counter() - t0
-        module = HashingModule.load_from_checkpoint(result["best_checkpoint"], map_location="cpu").eval()
+        module = load_run(result["best_checkpoint"]).module  # weights_only load, saved feature_dim
         dm = dm_cache["dm"]
         with torch.no_grad():
             xq, yq = _features(dm, "query")
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
                           f"{res['precision_r2']:.4f}  ({row['seconds']} s)", flush=True)
     from report_cpu import write_report  # noqa: E402  (benchmarks/report_cpu.py)
 
-    write_report(load_results(results_path), Path(args.docs), args)
+    write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,54 @@ def test_build_parser_and_run_for_subcommand(files, capsys):
     args = parser.parse_args(["eval-codes", "--query", str(q), "--database", str(d), "--json"])
     assert eval_codes.run(args) == 0
     assert "map" in json.loads(capsys.readouterr().out)
+
+
+def test_bad_labels_and_inputs(files, capsys):
+    tmp, q, d, (qc, dc, ql, dl) = files
+    cases = {
+        "strlabels.npz": dict(codes=dc, labels=np.asarray([f"c{i % 3}" for i in range(60)])),
+        "hugelabels.npz": dict(codes=dc, labels=np.where(np.arange(60) == 3, 1e20, 1.0)),
+        "fraclabels.npz": dict(codes=dc, labels=np.full(60, 0.5)),
+        "emptycodes.npz": dict(codes=np.zeros((0, 16)), labels=np.zeros(0, int)),
+    }
+    needles = {"strlabels.npz": "class ids", "hugelabels.npz": "1e+20", "fraclabels.npz": "integer class ids",
+               "emptycodes.npz": "empty"}
+    for name, arrays in cases.items():
+        np.savez(tmp / name, **arrays)
+        msg = _err(capsys, ["--query", str(q), "--database", str(tmp / name)])
+        assert str(tmp / name) in msg and needles[name] in msg, (name, msg)
+    npy = tmp / "codes.npy"
+    np.save(npy, dc)
+    msg = _err(capsys, ["--query", str(q), "--database", str(npy)])
+    assert str(npy) in msg and "not an .npz" in msg and "np.savez" in msg
+    empty = tmp / "empty.npz"
+    empty.write_bytes(b"")
+    msg = _err(capsys, ["--query", str(empty), "--database", str(d)])
+    assert str(empty) in msg and "empty" in msg
+
+
+def test_topk_negative_and_zero(files, capsys):
+    _, q, d, case = files
+    msg = _err(capsys, ["--query", str(q), "--database", str(d), "--topk", "-5"])
+    assert "--topk" in msg and "-5" in msg and "use 0" in msg
+    assert eval_codes.main(["--query", str(q), "--database", str(d), "--topk", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["map"] == pytest.approx(retrieval_metrics(*case)["map"])  # 0 = whole database
+
+
+def test_reads_dsrh_index_files_and_cli(files, capsys):
+    """The one reader: a `dsrh index` codes file with labels evaluates like the plain file it holds."""
+    from dsrh_lightning import cli
+    from dsrh_lightning.search import write_codes
+
+    tmp, q, d, (qc, dc, ql, dl) = files
+    idx = tmp / "db_index.npz"
+    write_codes(idx, (dc > 0).astype(np.uint8), [f"x#{i}" for i in range(len(dc))], dl)
+    rc = cli.main(["eval-codes", "--query", str(q), "--database", str(idx), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["map"] == pytest.approx(retrieval_metrics(qc, dc, ql, dl)["map"])
+    nolab = tmp / "nolabels.npz"
+    write_codes(nolab, (dc > 0).astype(np.uint8), [f"x#{i}" for i in range(len(dc))])
+    msg = _err(capsys, ["--query", str(q), "--database", str(nolab)])
+    assert str(nolab) in msg and "no labels" in msg

@@ -15,8 +15,9 @@ import torch
 from _tiny_ckpt import tiny_ckpt  # noqa: F401  (fixture)
 from conftest import REPO
 from dsrh_lightning import cli
-from dsrh_lightning.index import (IndexFileError, faiss_available, read_codes, search, search_faiss, search_torch,
-                                  write_codes)
+from dsrh_lightning.search import CodesFileError as IndexFileError
+from dsrh_lightning.search import read_codes, write_codes
+from dsrh_lightning.search.engines import faiss_available, search, search_faiss, search_torch
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 
@@ -79,7 +80,9 @@ def test_codes_file_round_trip(tmp_path, bits):
     assert ix.bits == bits and len(ix) == 33 and ix.packed.shape == (33, (bits + 7) // 8)
     np.testing.assert_array_equal(ix.unpacked(), codes)
     np.testing.assert_array_equal(ix.labels, labels)
-    assert list(ix.ids) == ids and ix.checkpoint == "/x/run.ckpt" and ix.weights_hash == "abc123"
+    # relative image paths are relative to the codes file, resolved on read
+    assert list(ix.ids) == [str((tmp_path / i).resolve()) for i in ids]
+    assert ix.checkpoint == "/x/run.ckpt" and ix.weights_hash == "abc123"
     write_codes(path, codes, ids)  # labels are optional
     assert read_codes(path).labels is None
     d, i, _ = search(codes[:4], ix, k=3, engine="torch")
@@ -95,16 +98,28 @@ def test_codes_file_errors_name_the_file(tmp_path):
     cases = {
         "missing.npz": None,
         "text.npz": "not a zip",
-        "foreign.npz": {"codes": np.zeros((2, 8)), "labels": np.zeros(2)},
+        "foreign.npz": {"features": np.zeros((2, 8)), "labels": np.zeros(2)},
         "newer.npz": {**arrays, "version": np.asarray(2)},
         "nopacked.npz": {k: v for k, v in arrays.items() if k != "packed"},
         "badbits.npz": {**arrays, "bits": np.asarray(20)},
+        "emptyindex.npz": {**arrays, "packed": np.zeros((0, 1), np.uint8), "ids": np.asarray([], dtype=str)},
+        "strlabels.npz": {**arrays, "labels": np.asarray(["cat", "dog"])},
+        "hugelabels.npz": {**arrays, "labels": np.asarray([1e20, 0.0])},
+        "empty.npz": "",
+        "array.npy": np.zeros((2, 8), np.uint8),
+        "truncated.npz": good.read_bytes()[:40],
     }
     expect = {"missing.npz": "not found", "text.npz": "cannot read", "foreign.npz": "unknown format",
-              "newer.npz": "version 2", "nopacked.npz": "missing key", "badbits.npz": "does not hold 20 bits"}
+              "newer.npz": "version 2", "nopacked.npz": "missing key", "badbits.npz": "does not hold 20 bits",
+              "emptyindex.npz": "index is empty", "strlabels.npz": "class ids", "hugelabels.npz": "1e+20",
+              "empty.npz": "empty", "array.npy": "not an .npz", "truncated.npz": "cannot read"}
     for name, content in cases.items():
         p = tmp_path / name
-        if isinstance(content, str):
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        elif name.endswith(".npy"):
+            np.save(p, content)
+        elif isinstance(content, str):
             p.write_text(content)
         elif content is not None:
             np.savez(p, **content)
@@ -126,7 +141,8 @@ def test_index_split_folder_and_search(tiny_ckpt, tmp_path, capsys):
     from PIL import Image
 
     from dsrh_lightning.data.datamodule import load_source, make_split
-    from dsrh_lightning.index import encode, load_for_encoding, split_dataset
+    from dsrh_lightning.run import load_run
+    from dsrh_lightning.search.encode import encode, split_dataset
 
     ckpt, cfg = tiny_ckpt
     db_file = tmp_path / "db.npz"
@@ -141,7 +157,8 @@ def test_index_split_folder_and_search(tiny_ckpt, tmp_path, capsys):
     assert list(ix.ids[:2]) == [f"synthetic#{j}" for j in split.database[:2]]
     assert ix.checkpoint == str(ckpt.resolve()) and len(ix.weights_hash) == 16
     # Reference codes: the network applied directly, thresholded at eval.threshold.
-    module, cfg2, _ = load_for_encoding(ckpt)
+    run = load_run(ckpt)
+    module, cfg2 = run.module, run.cfg
     ds, _, _ = split_dataset(cfg2, "database")
     with torch.no_grad():
         x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -191,8 +208,32 @@ def test_index_split_folder_and_search(tiny_ckpt, tmp_path, capsys):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0] == queries[0] and len(lines) == 4
-    assert [ln.split()[2] for ln in lines[1:]] == [f"synthetic#{split.database[j]}" for j in ref_i[0][:3]]
+    assert lines[0] == f"query: {queries[0]}" and len(lines) == 5
+    assert lines[1].split() == ["rank", "hamming", "label", "path"]  # the database split keeps its labels
+    rows = [ln.split() for ln in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert [int(r[1]) for r in rows] == ref_d[0][:3].tolist()
+    assert [int(r[2]) for r in rows] == source.labels[split.database[ref_i[0][:3]]].tolist()
+    assert [r[3] for r in rows] == [f"synthetic#{split.database[j]}" for j in ref_i[0][:3]]
+
+    # Image ids are absolute paths: a search run from another folder names files that exist.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rel_index = Path("..") / "rel.npz"
+    proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "index", "--ckpt", str(ckpt), "--out",
+                           str(rel_index), "../images", "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "search", "--index", str(tmp_path / "rel.npz"),
+                           "--ckpt", str(ckpt), str(folder / "a" / "db0005.png"), "--k", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=other)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hits = json.loads(proc.stdout)["queries"][0]["results"]
+    assert hits[0]["distance"] == 0 and Path(hits[0]["id"]).is_absolute() and Path(hits[0]["id"]).is_file()
+    assert Path(hits[0]["id"]).read_bytes() == (folder / "a" / "db0005.png").read_bytes() or \
+        np.array_equal(fx.unpacked()[by_name[Path(hits[0]["id"]).name]], ref[5])
 
 
 def test_search_and_index_errors_exit_2(tiny_ckpt, tmp_path, capsys):
@@ -210,7 +251,18 @@ def test_search_and_index_errors_exit_2(tiny_ckpt, tmp_path, capsys):
     (empty / "readme.txt").write_text("no images here")
     good = tmp_path / "good.npz"
     write_codes(good, np.zeros((4, cfg.model.bits), np.uint8), list("abcd"))
+    npy = tmp_path / "codes.npy"
+    np.save(npy, np.zeros((4, cfg.model.bits), np.uint8))
+    empty_index = tmp_path / "empty_index.npz"
+    with np.load(good) as z:
+        np.savez(empty_index, **{**{k: z[k] for k in z.files}, "packed": np.zeros((0, z["packed"].shape[1]), np.uint8),
+                                 "ids": np.asarray([], dtype=str)})
     cases = [
+        (["search", "--index", str(npy), "--ckpt", str(ckpt), str(img)], [str(npy), "not an .npz"]),
+        (["search", "--index", str(empty_index), "--ckpt", str(ckpt), str(img)], [str(empty_index), "empty"]),
+        (["search", "--index", str(good), "--ckpt", str(ckpt), str(img), "--k", "-5"], ["--k", "-5"]),
+        (["index", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.npz"), str(img), "--batch-size", "-1"],
+         ["--batch-size"]),
         (["search", "--index", str(wrong_bits), "--ckpt", str(ckpt), str(img)], [str(wrong_bits), "bits"]),
         (["search", "--index", str(good), "--ckpt", str(ckpt), str(broken)], [str(broken), "cannot read image"]),
         (["search", "--index", str(good), "--ckpt", str(ckpt), str(empty)], [str(empty), "no images"]),

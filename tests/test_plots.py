@@ -103,15 +103,15 @@ def _test_with_logger(ckpt, logger):
 
     from dsrh_lightning.callbacks import RetrievalPlots
     from dsrh_lightning.data.datamodule import HashingDataModule
-    from dsrh_lightning.evaluate import config_from_checkpoint
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.run import load_run
 
-    cfg, _ = config_from_checkpoint(ckpt)
+    run = load_run(ckpt)
+    cfg = run.cfg
     dm = HashingDataModule(cfg)
     plots = RetrievalPlots(cfg.eval)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[plots], enable_progress_bar=False,
                          enable_model_summary=False)
-    trainer.test(HashingModule.load_from_checkpoint(str(ckpt), map_location="cpu"), datamodule=dm, verbose=False)
+    trainer.test(run.module, datamodule=dm, verbose=False)
     return plots
 
 
@@ -153,3 +153,73 @@ def test_plots_logged_to_wandb_only(tiny_ckpt, tmp_path):
     for logger in (CSVLogger(str(tmp_path), name="csv"), False):
         plots = _test_with_logger(ckpt, logger)
         assert plots.data == {} and plots.written == {}
+
+
+def _texts(fig) -> str:
+    parts = [fig._suptitle.get_text() if fig._suptitle else ""]
+    for ax in fig.axes:
+        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+    return "\n".join(parts)
+
+
+def test_titles_class_names_formats_and_dpi(tmp_path):
+    """Every title carries the run identity; the grid names each image's classes; png (200 dpi), pdf, svg."""
+    from dsrh_lightning.data.sources import CIFAR10_CLASSES
+    from dsrh_lightning.plots import DPI, label_names, run_identity
+    from omegaconf import OmegaConf
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), 6)
+    codes = structured_codes(rng, labels, 12, flips=3)
+    imgs = rng.integers(0, 255, (60, 8, 8, 3), dtype=np.uint8)
+    q_pos, db_pos = np.arange(0, 60, 6), np.setdiff1d(np.arange(60), np.arange(0, 60, 6))
+    cfg = OmegaConf.create({"data": {"dataset": "cifar10"}, "experiment": "dsrh", "model": {"bits": 12}})
+    identity = run_identity(cfg)
+    assert identity == "cifar10 / dsrh / 12 bits"
+    out = make_figures(codes[q_pos], codes[db_pos], labels[q_pos], labels[db_pos], num_queries=3, topn=4,
+                       query_image=lambda i: imgs[q_pos[i]], db_image=lambda j: imgs[db_pos[j]],
+                       identity=identity, class_names=CIFAR10_CLASSES)
+    figs, g = out["figures"], out["data"]["grid"]
+    for name, fig in figs.items():
+        assert identity in _texts(fig), name
+    grid_text = _texts(figs["retrieval_grid"])
+    for r, qp in enumerate(g["queries"]):
+        assert g["query_names"][r] == CIFAR10_CLASSES[labels[q_pos[qp]]]
+        assert g["result_names"][r] == [CIFAR10_CLASSES[labels[db_pos[j]]] for j in g["indices"][r]]
+        assert g["query_names"][r] in grid_text
+    # multi-hot rows: concept names, at most two then a count; unknown names fall back to ids
+    assert label_names(np.array([1, 0, 1, 1]), ("sky", "clouds", "person", "water")) == "sky,person+1"
+    assert label_names(np.array([0, 0]), ("a", "b")) == "-" and label_names(np.int64(7), None) == "7"
+
+    png = save_figures({"pr_curve": figs["pr_curve"]}, tmp_path / "png", close=False)["pr_curve"]
+    with Image.open(png) as im:
+        w, h = im.size
+        assert round(im.info["dpi"][0]) == DPI == 200
+    fw, fh = figs["pr_curve"].get_size_inches()
+    assert (w, h) == (round(fw * DPI), round(fh * DPI))
+    pdf = save_figures({"pr_curve": figs["pr_curve"]}, tmp_path / "pdf", fmt="pdf", close=False)["pr_curve"]
+    assert pdf.suffix == ".pdf" and pdf.read_bytes()[:5] == b"%PDF-"
+    svg = save_figures(figs, tmp_path / "svg", fmt="svg")["pr_curve"]
+    assert svg.suffix == ".svg" and b"<svg" in svg.read_bytes()[:2000]
+    with pytest.raises(ValueError, match="png, pdf, svg"):
+        save_figures({}, tmp_path, fmt="jpg")
+
+
+def test_eval_cli_plots_format_svg_with_identity(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # text stays searchable in the SVG
+    ckpt, cfg = tiny_ckpt
+    out = tmp_path / "plots"
+    rc = cli.main(["eval", "--ckpt", str(ckpt), "--plots", str(out), "--plots-format", "svg", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    identity = f"{cfg.data.dataset} / {cfg.experiment} / {cfg.model.bits} bits"
+    for name in ("pr_curve", "precision_at_k", "precision_radius", "retrieval_grid"):
+        text = (out / f"{name}.svg").read_text()
+        assert text.lstrip().startswith("<?xml") and identity in text, name
+    from dsrh_lightning.data.datamodule import load_source
+
+    names = load_source(cfg.data, cfg.seed)[0].class_names
+    grid = (out / "retrieval_grid.svg").read_text()
+    assert sum(n in grid for n in names) >= 2  # images are labelled with their class names
+    assert not list(out.glob("*.png"))

@@ -18,14 +18,41 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .index import search_torch  # noqa: E402
+from .search.engines import search_torch  # noqa: E402
 from .metrics import codes_to_bits, retrieval_metrics  # noqa: E402
 from .relevance import relevance_matrix  # noqa: E402
 
 __all__ = ["curve_data", "grid_data", "fixed_queries", "plot_pr_curve", "plot_precision_at_k",
-           "plot_precision_radius", "plot_retrieval_grid", "make_figures", "save_figures", "figure_to_image"]
+           "plot_precision_radius", "plot_retrieval_grid", "make_figures", "save_figures", "figure_to_image",
+           "run_identity", "label_names", "FORMATS", "DPI"]
 
 CORRECT, WRONG = "#1a9850", "#d73027"
+FORMATS = ("png", "pdf", "svg")
+DPI = 200  # saved figures
+
+
+def run_identity(cfg) -> str:
+    """``<dataset> / <experiment> / <bits> bits`` of a run config (the figures' subtitle)."""
+    try:
+        return f"{cfg.data.dataset} / {cfg.experiment} / {int(cfg.model.bits)} bits"
+    except AttributeError:
+        return ""
+
+
+def label_names(label, class_names: Optional[Sequence[str]], max_names: int = 2) -> str:
+    """A class id or multi-hot row as text: class (concept) names where known, else ids."""
+    arr = np.asarray(label)
+    ids = [int(arr)] if arr.ndim == 0 else np.flatnonzero(arr).tolist()
+
+    def name(i: int) -> str:
+        return str(class_names[i]) if class_names is not None and 0 <= i < len(class_names) else str(i)
+
+    text = ",".join(name(i) for i in ids[:max_names])
+    return text + (f"+{len(ids) - max_names}" if len(ids) > max_names else "") if ids else "-"
+
+
+def _titled(title: str, identity: str) -> str:
+    return f"{title}\n{identity}" if identity else title
 
 
 def _default_ks(nd: int) -> list:
@@ -113,8 +140,11 @@ def plot_precision_radius(radii: Sequence[int], precision: Sequence[float],
 
 def plot_retrieval_grid(query_images: Sequence[np.ndarray], result_images: Sequence[Sequence[np.ndarray]],
                         correct: np.ndarray, distances: Optional[np.ndarray] = None,
-                        title: str = "Top retrieved images (green: relevant, red: not)"):
-    """One row per query: the query, then its results with a green (relevant) or red border."""
+                        title: str = "Top retrieved images (green: relevant, red: not)",
+                        query_names: Optional[Sequence[str]] = None,
+                        result_names: Optional[Sequence[Sequence[str]]] = None):
+    """One row per query: the query, then its results with a green (relevant) or red border.
+    ``query_names`` / ``result_names``: class names written under each image."""
     rows = len(query_images)
     cols = 1 + max(len(r) for r in result_images)
     fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 0.3, 1.15 * rows + 0.5), dpi=100, squeeze=False)
@@ -126,11 +156,15 @@ def plot_retrieval_grid(query_images: Sequence[np.ndarray], result_images: Seque
             if j == 0:
                 img, color, width = query_images[i], "black", 1.0
                 ax.set_ylabel(f"query {i + 1}", fontsize=7)
+                if query_names is not None:
+                    ax.set_xlabel(query_names[i], fontsize=6, labelpad=1)
             elif j - 1 < len(result_images[i]):
                 img = result_images[i][j - 1]
                 color, width = (CORRECT if correct[i, j - 1] else WRONG), 3.5
                 if distances is not None:
                     ax.set_title(f"d={int(distances[i, j - 1])}", fontsize=7, pad=2)
+                if result_names is not None:
+                    ax.set_xlabel(result_names[i][j - 1], fontsize=6, labelpad=1, color=color)
             else:
                 ax.axis("off")
                 continue
@@ -145,30 +179,45 @@ def plot_retrieval_grid(query_images: Sequence[np.ndarray], result_images: Seque
 
 def make_figures(q_codes, db_codes, q_labels, db_labels, max_radius: int = 3, num_queries: int = 5,
                  topn: int = 10, query_image: Optional[Callable[[int], np.ndarray]] = None,
-                 db_image: Optional[Callable[[int], np.ndarray]] = None, empty_queries: str = "zero") -> dict:
-    """All retrieval figures by name (the grid only when image getters are given), plus ``data``."""
+                 db_image: Optional[Callable[[int], np.ndarray]] = None, empty_queries: str = "zero",
+                 identity: str = "", class_names: Optional[Sequence[str]] = None) -> dict:
+    """All retrieval figures by name (the grid only when image getters are given), plus ``data``.
+
+    ``identity`` (e.g. :func:`run_identity`) is added to every title; ``class_names``
+    label the grid's images (class ids when None).
+    """
     data = curve_data(q_codes, db_codes, q_labels, db_labels, max_radius, empty_queries=empty_queries)
-    figs = {"pr_curve": plot_pr_curve(data["pr_curve"]),
-            "precision_at_k": plot_precision_at_k(data["ks"], data["precision_at_k"]),
-            "precision_radius": plot_precision_radius(data["radii"], data["precision_radius"])}
+    figs = {"pr_curve": plot_pr_curve(data["pr_curve"], _titled("Precision-recall (Hamming ranking)", identity)),
+            "precision_at_k": plot_precision_at_k(data["ks"], data["precision_at_k"],
+                                                  _titled("Precision@k", identity)),
+            "precision_radius": plot_precision_radius(data["radii"], data["precision_radius"],
+                                                      _titled("Precision within Hamming radius", identity))}
     if query_image is not None and db_image is not None:
         n = len(q_labels)
         g = grid_data(q_codes, db_codes, q_labels, db_labels, fixed_queries(num_queries, n), topn)
+        ql, dl = np.asarray(q_labels), np.asarray(db_labels)
+        g["query_names"] = [label_names(ql[int(p)], class_names) for p in g["queries"]]
+        g["result_names"] = [[label_names(dl[int(j)], class_names) for j in row] for row in g["indices"]]
         figs["retrieval_grid"] = plot_retrieval_grid(
             [query_image(int(p)) for p in g["queries"]],
-            [[db_image(int(j)) for j in row] for row in g["indices"]], g["correct"], g["distances"])
+            [[db_image(int(j)) for j in row] for row in g["indices"]], g["correct"], g["distances"],
+            _titled("Top retrieved images (green: relevant, red: not)", identity),
+            g["query_names"], g["result_names"])
         data["grid"] = g
     return {"figures": figs, "data": data}
 
 
-def save_figures(figs: Dict[str, "plt.Figure"], out_dir, close: bool = True) -> Dict[str, Path]:
-    """Write each figure as ``<out_dir>/<name>.png``; returns the paths."""
+def save_figures(figs: Dict[str, "plt.Figure"], out_dir, close: bool = True, fmt: str = "png",
+                 dpi: int = DPI) -> Dict[str, Path]:
+    """Write each figure as ``<out_dir>/<name>.<fmt>`` (png, pdf or svg; ``dpi`` for png); returns the paths."""
+    if fmt not in FORMATS:
+        raise ValueError(f"plot format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, fig in figs.items():
-        paths[name] = out / f"{name}.png"
-        fig.savefig(paths[name], dpi=fig.dpi)
+        paths[name] = out / f"{name}.{fmt}"
+        fig.savefig(paths[name], dpi=dpi, format=fmt)
         if close:
             plt.close(fig)
     return paths

@@ -1,4 +1,5 @@
-"""Retrieval pictures at test end: logged to W&B (only with a WandbLogger) and/or written as PNG files.
+"""Retrieval pictures at test end: logged to W&B (only with a WandbLogger) and/or written as files
+(png at 200 dpi, pdf or svg), titled with the run identity (dataset / experiment / bits).
 
 Collects the binarised test codes itself (queries: loader 0, database: loader 1;
 under DDP gathered from all ranks like :class:`RetrievalEvaluation`) and draws the
@@ -38,8 +39,10 @@ def _raw_image_getter(dataset):
 
 class RetrievalPlots(pl.Callback):
     def __init__(self, eval_cfg: DictConfig, out_dir: Optional[Path] = None, num_queries: int = 5,
-                 topn: int = 10, max_radius: int = 3) -> None:
+                 topn: int = 10, max_radius: int = 3, fmt: str = "png", run_cfg: Optional[DictConfig] = None) -> None:
         self.cfg = eval_cfg
+        self.fmt = fmt
+        self.run_cfg = run_cfg  # the whole run config: titles name dataset / experiment / bits
         self.out_dir = Path(out_dir) if out_dir else None
         self.num_queries, self.topn, self.max_radius = num_queries, topn, max_radius
         self.written: dict = {}
@@ -65,12 +68,16 @@ class RetrievalPlots(pl.Callback):
         col.reset()
         if not trainer.is_global_zero:
             return
-        from ..plots import figure_to_image, make_figures, save_figures
+        from ..plots import figure_to_image, make_figures, run_identity, save_figures
+
         dm = getattr(trainer, "datamodule", None)
+        run_cfg = self.run_cfg if self.run_cfg is not None else getattr(pl_module, "cfg", None)
+        identity = run_identity(run_cfg) if run_cfg is not None else ""
+        class_names = getattr(getattr(dm, "source", None), "class_names", None)
         q_img = _raw_image_getter(getattr(dm, "query", None))
         d_img = _raw_image_getter(getattr(dm, "database", None))
         out = make_figures(qc, dc, ql, dl, self.max_radius, self.num_queries, self.topn, q_img, d_img,
-                           empty_queries=self.cfg.empty_queries)
+                           empty_queries=self.cfg.empty_queries, identity=identity, class_names=class_names)
         figs, self.data = out["figures"], out["data"]
         loggers = _wandb_loggers(trainer)
         if loggers:
@@ -79,7 +86,7 @@ class RetrievalPlots(pl.Callback):
             images = {f"test/plots/{name}": wandb.Image(figure_to_image(fig)) for name, fig in figs.items()}
             for lg in loggers:
                 lg.experiment.log({**images, "trainer/global_step": trainer.global_step})
-        self.written = save_figures(figs, self.out_dir) if self.out_dir is not None else {}
+        self.written = save_figures(figs, self.out_dir, fmt=self.fmt) if self.out_dir is not None else {}
         if self.out_dir is None:
             import matplotlib.pyplot as plt
 

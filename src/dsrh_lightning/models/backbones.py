@@ -13,11 +13,9 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from .errors import WeightsUnavailableError
+
 __all__ = ["WeightsUnavailableError", "build_backbone", "SmallCNN"]
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be loaded (usually: no network and no cached file)."""
 
 
 class SmallCNN(nn.Module):

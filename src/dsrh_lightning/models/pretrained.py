@@ -7,7 +7,7 @@ from typing import Tuple
 
 from torch import nn
 
-from .backbones import WeightsUnavailableError
+from .errors import WeightsUnavailableError
 
 
 def efficientnet_lite0(weights: str) -> Tuple[nn.Module, int]:

@@ -1,0 +1,90 @@
+"""Argument parsing of every ``dsrh`` command. Imports nothing heavy (no torch, lightning, numba,
+wandb, matplotlib): ``dsrh --help`` and config errors answer at once."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["build_parser", "add_eval_codes_args", "add_index_args", "add_search_args", "PLOT_FORMATS"]
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="extra YAML file merged after dataset/experiment files (repeatable)")
+    p.add_argument("--config-dir", default=None, help="folder with dataset/ and experiment/ YAMLs")
+
+
+def add_eval_codes_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--query", required=True, help="query .npz (codes, labels) or a `dsrh index` codes file")
+    parser.add_argument("--database", required=True,
+                        help="database .npz (codes, labels) or a `dsrh index` codes file with labels")
+    parser.add_argument("--topk", type=int, default=None, help="MAP cut-off (default or 0: whole database)")
+    parser.add_argument("--radius", type=int, default=2, help="Hamming radius for precision_radius")
+    parser.add_argument("--ndcg-k", type=int, default=None)
+    parser.add_argument("--acg-k", type=int, default=None)
+    parser.add_argument("--wmap-topk", type=int, default=None)
+    parser.add_argument("--precision-at", type=int, nargs="*", default=[])
+    parser.add_argument("--ties", choices=("stable", "average"), default="stable")
+    parser.add_argument("--empty-queries", choices=("zero", "skip"), default="zero")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
+    p.add_argument("--out", required=True, help="codes file to write (.npz)")
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="split=database|query|train of the checkpoint's data set (key=value overrides such as "
+                        "data.root=PATH may follow), or image files / folders (searched recursively; stored "
+                        "as absolute paths)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: data.eval_batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, help="codes file written by dsrh index")
+    p.add_argument("--ckpt", required=True, help="checkpoint that encodes the query images")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or folders")
+    p.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--engine", choices=("auto", "faiss", "torch"), default="auto",
+                   help="faiss binary index (auto: when installed) or the project's own engine")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsrh", description="Deep supervised hashing for image retrieval.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a hashing model",
+                       description="Overrides: key=value or --key=value, e.g. dataset=cifar10 experiment=dsrh "
+                                   "model.bits=48. `dsrh config ...` prints the resolved config.")
+    _add_config_args(p)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test queries vs the database")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write the retrieval plots to DIR")
+    p.add_argument("--plots-format", choices=PLOT_FORMATS, default="png",
+                   help="file format of --plots (default png, 200 dpi)")
+
+    p = sub.add_parser("sweep-local", help="run a W&B sweep file locally and offline (sweeps engine proposes runs)",
+                       description="Extra overrides (key=value) are added to every run after the swept values.")
+    from .. import sweep_local  # numpy + yaml only
+
+    sweep_local.build_parser(p)
+
+    p = sub.add_parser("eval-codes", help="evaluate binary codes from any method (.npz files)")
+    add_eval_codes_args(p)
+    p = sub.add_parser("index", help="encode a data split or image folders into a codes file")
+    add_index_args(p)
+    p = sub.add_parser("search", help="exact Hamming search of query images in a codes file")
+    add_search_args(p)
+    return parser
