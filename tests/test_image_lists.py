@@ -180,3 +180,67 @@ def test_nuswide_missing_everything_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_source(cfg.data, seed=0)
     assert "Imagelist.txt" in str(err.value) and "data/README.md" in str(err.value)
+
+
+def test_extra_column_on_first_line_is_blamed_on_line_1(tmp_path):
+    f = _write(tmp_path, "a.jpg 1 0\nb.jpg 2\nc.jpg 0\n")
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:1:" in str(err.value) and "has 2 label values, expected 1" in str(err.value)
+    lst = read_image_list(f, tmp_path, on_bad="skip")
+    assert lst.paths == ["b.jpg", "c.jpg"] and lst.labels.tolist() == [2, 0] and lst.lines == [2, 3]
+
+
+def test_absolute_path_inside_the_root_is_accepted(tmp_path):
+    f = _write(tmp_path, f"{tmp_path / 'sub' / 'a.jpg'} 1\nb.jpg 0\n")
+    lst = read_image_list(f, tmp_path)
+    assert lst.paths == ["sub/a.jpg", "b.jpg"]
+    # The same file written both ways is a repeat.
+    f = _write(tmp_path, f"sub/a.jpg 1\n{tmp_path / 'sub' / 'a.jpg'} 1\n")
+    with pytest.raises(ImageListError, match=r":2: .*repeats line 1"):
+        read_image_list(f, tmp_path)
+
+
+def test_utf8_bom_is_accepted_and_latin1_byte_names_the_line(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbfa.jpg 1\nb.jpg 0\n")
+    assert read_image_list(f, tmp_path).paths == ["a.jpg", "b.jpg"]
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("a.jpg 1\ncaf\u00e9.jpg 0\n".encode("latin-1"))
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:2:" in str(err.value) and "0xe9" in str(err.value) and "UTF-8" in str(err.value)
+    assert read_image_list(f, tmp_path, on_bad="skip").paths == ["a.jpg"]
+
+
+def test_path_with_a_space_is_explained_and_quotes_work(tmp_path):
+    f = _write(tmp_path, "a.jpg 1\nmy dir/x.jpg 0\n")
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    msg = str(err.value)
+    assert f"{f}:2:" in msg and "'my dir/x.jpg' seems to contain a space" in msg and "double quotes" in msg
+    assert "not integers" not in msg
+    lst = read_image_list(_write(tmp_path, 'a.jpg 1\n"my dir/x.jpg" 0\n'), tmp_path)
+    assert lst.paths == ["a.jpg", "my dir/x.jpg"] and lst.labels.tolist() == [1, 0]
+
+
+def test_huge_class_id_is_rejected_with_file_line(tmp_path):
+    f = _write(tmp_path, "a.jpg 1\nb.jpg 0\nc.jpg 1000000000\n")
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:3:" in str(err.value) and "1000000000" in str(err.value)
+    # Sparse but plausible ids (a list holding a subset of the classes) are fine.
+    assert read_image_list(_write(tmp_path, "a.jpg 1\nb.jpg 0\nc.jpg 999\n"), tmp_path).labels.max() == 999
+
+
+def test_cli_bad_list_exits_2_naming_file_line(tmp_path):
+    import subprocess
+    import sys
+
+    _touch_images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "all.txt").write_text("a.png 0\nb.png 1000000000\n")
+    proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "train", "dataset=custom",
+                           f"data.root={tmp_path}", "data.list_file=all.txt", "logger.name=none",
+                           f"output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and f"{tmp_path / 'all.txt'}:2:" in proc.stderr
