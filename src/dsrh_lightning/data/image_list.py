@@ -18,7 +18,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageList", "ImageListError", "ImageFiles", "read_image_list", "check_images", "usable_images"]
+__all__ = ["ImageList", "ImageListError", "ImageDecodeError", "ImageFiles", "read_image_list", "check_images", "usable_images"]
 
 
 class ImageListError(ValueError):
@@ -206,25 +206,117 @@ def read_image_list(file: Path, root: Path, num_labels: Optional[int] = None, on
     return ImageList(file, paths, labels, skipped, lines)
 
 
-class ImageFiles:
-    """Lazy image files under ``root``: ``files[i]`` -> uint8 RGB ``(h, w, 3)`` array."""
+class ImageDecodeError(ImageListError):
+    """An image that cannot be decoded when it is loaded; the message names its ``file:line``.
 
-    def __init__(self, root: Path, paths: Sequence[str]) -> None:
+    Raised inside a DataLoader worker, torch re-raises it in the main process as
+    ``ImageDecodeError("Caught ImageDecodeError in DataLoader worker ...<traceback>...")``;
+    the constructor keeps only the original message, so the command line prints one clear line.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class ImageFiles:
+    """Lazy image files under ``root``: ``files[i]`` -> uint8 RGB ``(h, w, 3)`` array.
+
+    An image that fails to decode at load time (a truncated PNG, a JPEG with corrupt
+    scan data: their headers pass ``data.check_images=header``) is handled by ``on_bad``:
+
+    - ``"error"``: :class:`ImageDecodeError` naming the list ``file:line`` (``origins``) and what to do;
+    - ``"skip"``: the image is replaced by the next image (cyclically, in pool order) that has the
+      same labels and belongs to exactly the same split sets (:meth:`set_groups`) and decodes;
+      the replacement is deterministic (it depends only on the files), logged with both
+      ``file:line``s, and counted in ``decode_failures`` (per process: each loader worker counts
+      its own). Without ``labels`` or without a same-labels same-split image, it is an error.
+    """
+
+    def __init__(self, root: Path, paths: Sequence[str], origins: Optional[Sequence[str]] = None,
+                 labels: Optional[np.ndarray] = None, on_bad: str = "error") -> None:
         self.root = Path(root)
         self.paths = list(paths)
+        self.origins = list(origins) if origins is not None else None
+        self.labels = None if labels is None else np.asarray(labels)
+        self.on_bad = on_bad
+        self.groups: Optional[np.ndarray] = None
+        self.decode_failures = 0
+        self._replacement: Dict[int, int] = {}
+        if self.origins is not None and len(self.origins) != len(self.paths):
+            raise ValueError(f"{len(self.origins)} origins for {len(self.paths)} paths")
+        if self.labels is not None and len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} paths")
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def origin(self, i: int) -> str:
+        """Where image ``i`` was listed (``file:line``), or its path when unknown."""
+        return self.origins[i] if self.origins is not None else str(self.root / self.paths[i])
+
+    def set_groups(self, groups: Dict[str, np.ndarray]) -> None:
+        """Split sets (name -> pool positions); a replacement must belong to the same sets as the original."""
+        sig = np.zeros(len(self.paths), dtype=np.int64)
+        for bit, key in enumerate(sorted(groups)):
+            positions = groups[key]
+            if positions is not None:
+                sig[np.asarray(positions, dtype=np.int64)] |= 1 << bit
+        self.groups = sig
+        self._replacement.clear()
+
+    def _decode(self, i: int) -> np.ndarray:
         from PIL import Image
 
-        path = self.root / self.paths[i]
+        with Image.open(self.root / self.paths[i]) as img:
+            return np.array(img.convert("RGB"))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i in self._replacement:
+            return self._decode(self._replacement[i])
         try:
-            with Image.open(path) as img:
-                return np.array(img.convert("RGB"))
+            return self._decode(i)
         except Exception as exc:
-            raise OSError(f"cannot read image {path}: {exc}") from None
+            why = f"{type(exc).__name__}: {exc}"
+        path = self.root / self.paths[i]
+        if self.on_bad != "skip":
+            raise ImageDecodeError(
+                f"{self.origin(i)}: image {path} cannot be decoded ({why}); fix or remove it, set data.on_bad=skip "
+                "to use another image with the same labels in its place, or data.check_images=decode to find "
+                "every such image before training")
+        j, image = self._substitute(i)
+        if j is None:
+            raise ImageDecodeError(
+                f"{self.origin(i)}: image {path} cannot be decoded ({why}) and data.on_bad=skip found no other "
+                "decodable image with the same labels in the same split to use in its place; fix or remove it")
+        self._replacement[i] = j
+        self.decode_failures += 1
+        log.warning("%s: image %s cannot be decoded (%s); using %s (%s, same labels and split) in its place "
+                    "(data.on_bad=skip; %d such image(s) so far in this process; data.check_images=decode "
+                    "drops them before training instead)", self.origin(i), path, why, self.paths[j],
+                    self.origin(j), self.decode_failures)
+        return image
+
+    def _substitute(self, i: int):
+        if self.labels is None:
+            return None, None
+        n = len(self.paths)
+        same = np.ones(n, dtype=bool)
+        lab = self.labels[i]
+        same &= (self.labels == lab).reshape(n, -1).all(1)
+        if self.groups is not None:
+            same &= self.groups == self.groups[i]
+        same[i] = False
+        for j in np.roll(np.arange(n), -(i + 1)):
+            if same[j]:
+                try:
+                    return int(j), self._decode(int(j))
+                except Exception:
+                    same[j] = False
+        return None, None
 
 
 def check_images(files: ImageFiles, mode: str = "header", on_bad: str = "error",
@@ -258,7 +350,8 @@ def check_images(files: ImageFiles, mode: str = "header", on_bad: str = "error",
                 reason = f"unreadable ({type(exc).__name__}: {exc})"
         if reason:
             if on_bad == "error":
-                raise ImageListError(f"image {path} is {reason} (set data.on_bad=skip to drop such images)")
+                where = f"{files.origin(i)}: " if files.origins is not None else ""
+                raise ImageListError(f"{where}image {path} is {reason} (set data.on_bad=skip to drop such images)")
             bad.append(i)
     if bad:
         log.warning("%d image(s) missing or unreadable under %s were skipped, first: %s",
@@ -266,15 +359,19 @@ def check_images(files: ImageFiles, mode: str = "header", on_bad: str = "error",
     return bad
 
 
-def usable_images(root: Path, paths: Sequence[str], mode: str, on_bad: str) -> tuple["ImageFiles", np.ndarray]:
+def usable_images(root: Path, paths: Sequence[str], mode: str, on_bad: str, origins: Optional[Sequence[str]] = None,
+                  labels: Optional[np.ndarray] = None) -> tuple["ImageFiles", np.ndarray]:
     """Check the images (:func:`check_images`) and keep the usable ones.
 
     Returns the files and ``keep``, the positions in ``paths`` that were kept
-    (all of them unless ``on_bad="skip"`` dropped some).
+    (all of them unless ``on_bad="skip"`` dropped some). ``origins`` (``file:line``
+    per path) and ``labels`` are kept alongside for load-time decode errors
+    (see :class:`ImageFiles`).
     """
-    files = ImageFiles(root, paths)
+    files = ImageFiles(root, paths, origins, labels, on_bad)
     bad = check_images(files, mode, on_bad)
     if not bad:
         return files, np.arange(len(paths))
     keep = np.setdiff1d(np.arange(len(paths)), bad)
-    return ImageFiles(root, [paths[i] for i in keep]), keep
+    return ImageFiles(root, [paths[i] for i in keep], None if origins is None else [origins[i] for i in keep],
+                      None if labels is None else np.asarray(labels)[keep], on_bad), keep
