@@ -71,3 +71,106 @@ def test_saved_config_round_trips(tmp_path):
 def test_empty_value_is_empty_string():
     cfg = load_config(["data.split_dir=", "--logger.entity="])
     assert cfg.data.split_dir == "" and cfg.logger.entity == ""
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("trainer.devices=abc", "trainer.devices='abc'"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("optim.lr=nan", "optim.lr=nan"),
+    ("optim.lr=inf", "optim.lr=inf"),
+    ("optim.lr=-inf", "optim.lr=-inf"),
+    ("loss.margin=nan", "loss.margin=nan"),
+    ("eval.threshold=nan", "eval.threshold=nan"),
+    ("data.mean=[0.5,nan,0.5]", "data.mean[1]=nan"),
+    ("seed=-1", "seed=-1"),
+    ("seed=4294967296", "seed=4294967296"),
+    ("data.protocol.seed=-3", "data.protocol.seed=-3"),
+    ("optim.momentum=-1", "optim.momentum"),
+    ("optim.momentum=1.5", "optim.momentum"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(["dataset=synthetic", override])
+    assert fragment in str(err.value)
+
+
+def test_every_schema_float_rejects_non_finite_values():
+    """Walk the schema: each float field (present and future ones) refuses nan and inf."""
+    cfg = load_config(["dataset=synthetic"])
+    keys = []
+
+    def walk(node, prefix):
+        for k in node.keys():
+            v, key = node[k], f"{prefix}{k}"
+            if OmegaConf.is_dict(v):
+                walk(v, key + ".")
+            elif isinstance(v, float):
+                keys.append(key)
+
+    walk(cfg, "")
+    assert "optim.lr" in keys and "loss.margin" in keys
+    for key in keys:
+        for bad in ("nan", "inf"):
+            with pytest.raises(ConfigError, match=f"{key}={bad}"):
+                load_config(["dataset=synthetic", f"{key}={bad}"])
+
+
+def test_max_steps_minus_one_needs_max_epochs():
+    cfg = load_config(["dataset=synthetic", "trainer.max_steps=-1", "trainer.max_epochs=2"])
+    assert cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs == 2
+    with pytest.raises(ConfigError, match="max_epochs"):
+        load_config(["dataset=synthetic", "trainer.max_steps=-1", "trainer.max_epochs=-1"])
+    with pytest.raises(ConfigError, match="trainer.max_epochs=0"):
+        load_config(["dataset=synthetic", "trainer.max_epochs=0"])
+
+
+@pytest.mark.parametrize("value, parsed", [("auto", "auto"), ("2", 2), ("-1", -1), ("0,1", "0,1"), ("1,", "1,")])
+def test_parse_devices_accepts_lightning_forms(value, parsed):
+    from dsrh_lightning.config import parse_devices
+
+    assert load_config([f"trainer.devices={value}"]).trainer.devices == value
+    assert parse_devices(value) == parsed
+
+
+def test_yaml_top_level_list_is_an_error(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- model.bits=12\n- seed=3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([], config_files=[f])
+    assert str(f) in str(err.value) and "top level is a list" in str(err.value)
+
+
+def test_yaml_syntax_error_keeps_line_and_column(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  bits: 12\n  backbone: 'vgg19\noptim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([], config_files=[f])
+    # The unclosed quote opens on line 3, column 13; PyYAML reports where the scan found the problem.
+    import yaml
+
+    try:
+        yaml.safe_load(f.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+    assert f"{f}:{mark.line + 1}:{mark.column + 1}:" in str(err.value)
+
+
+def test_empty_yaml_file_is_accepted(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing yet\n")
+    assert load_config(["seed=4"], config_files=[f]).seed == 4
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    for args in (["trainer.devices=abc"], ["--config", str(f)], ["optim.lr=nan"], ["trainer.max_steps=0"]):
+        proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "train", "dataset=synthetic", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: "), proc.stderr

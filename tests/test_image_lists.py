@@ -72,7 +72,7 @@ def test_missing_and_unreadable_images(tmp_path):
     assert check_images(files, "header", on_bad="skip") == [1, 2]
     with pytest.raises(ImageListError, match="broken.png is unreadable"):
         check_images(ImageFiles(tmp_path, ["ok.png", "broken.png"]), "header")
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(ImageListError, match="broken.png cannot be decoded"):
         files[2]
     assert files[0].shape == (8, 8, 3)
 
@@ -180,3 +180,185 @@ def test_nuswide_missing_everything_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_source(cfg.data, seed=0)
     assert "Imagelist.txt" in str(err.value) and "data/README.md" in str(err.value)
+
+
+def test_extra_column_on_first_line_is_blamed_on_line_1(tmp_path):
+    f = _write(tmp_path, "a.jpg 1 0\nb.jpg 2\nc.jpg 0\n")
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:1:" in str(err.value) and "has 2 label values, expected 1" in str(err.value)
+    lst = read_image_list(f, tmp_path, on_bad="skip")
+    assert lst.paths == ["b.jpg", "c.jpg"] and lst.labels.tolist() == [2, 0] and lst.lines == [2, 3]
+
+
+def test_absolute_path_inside_the_root_is_accepted(tmp_path):
+    f = _write(tmp_path, f"{tmp_path / 'sub' / 'a.jpg'} 1\nb.jpg 0\n")
+    lst = read_image_list(f, tmp_path)
+    assert lst.paths == ["sub/a.jpg", "b.jpg"]
+    # The same file written both ways is a repeat.
+    f = _write(tmp_path, f"sub/a.jpg 1\n{tmp_path / 'sub' / 'a.jpg'} 1\n")
+    with pytest.raises(ImageListError, match=r":2: .*repeats line 1"):
+        read_image_list(f, tmp_path)
+
+
+def test_utf8_bom_is_accepted_and_latin1_byte_names_the_line(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbfa.jpg 1\nb.jpg 0\n")
+    assert read_image_list(f, tmp_path).paths == ["a.jpg", "b.jpg"]
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("a.jpg 1\ncaf\u00e9.jpg 0\n".encode("latin-1"))
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:2:" in str(err.value) and "0xe9" in str(err.value) and "UTF-8" in str(err.value)
+    assert read_image_list(f, tmp_path, on_bad="skip").paths == ["a.jpg"]
+
+
+def test_path_with_a_space_is_explained_and_quotes_work(tmp_path):
+    f = _write(tmp_path, "a.jpg 1\nmy dir/x.jpg 0\n")
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    msg = str(err.value)
+    assert f"{f}:2:" in msg and "'my dir/x.jpg' seems to contain a space" in msg and "double quotes" in msg
+    assert "not integers" not in msg
+    lst = read_image_list(_write(tmp_path, 'a.jpg 1\n"my dir/x.jpg" 0\n'), tmp_path)
+    assert lst.paths == ["a.jpg", "my dir/x.jpg"] and lst.labels.tolist() == [1, 0]
+
+
+def test_huge_class_id_is_rejected_with_file_line(tmp_path):
+    f = _write(tmp_path, "a.jpg 1\nb.jpg 0\nc.jpg 1000000000\n")
+    with pytest.raises(ImageListError) as err:
+        read_image_list(f, tmp_path)
+    assert f"{f}:3:" in str(err.value) and "1000000000" in str(err.value)
+    # Sparse but plausible ids (a list holding a subset of the classes) are fine.
+    assert read_image_list(_write(tmp_path, "a.jpg 1\nb.jpg 0\nc.jpg 999\n"), tmp_path).labels.max() == 999
+
+
+def test_cli_bad_list_exits_2_naming_file_line(tmp_path):
+    import subprocess
+    import sys
+
+    _touch_images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "all.txt").write_text("a.png 0\nb.png 1000000000\n")
+    proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "train", "dataset=custom",
+                           f"data.root={tmp_path}", "data.list_file=all.txt", "logger.name=none",
+                           f"output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and f"{tmp_path / 'all.txt'}:2:" in proc.stderr
+
+
+def _corrupt_png(path):
+    """Header intact, pixel data cut short: passes data.check_images=header, fails to decode."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+def _corrupt_jpeg(path):
+    """A JPEG whose scan data is overwritten with 0xff bytes (header intact)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    for k in range(data.index(b"\xff\xda") + 20, len(data) - 2, 7):
+        data[k] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _decodes(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("corrupt, name", [(_corrupt_png, "bad.png"), (_corrupt_jpeg, "bad.jpg")])
+def test_corrupt_image_data_passes_header_check_and_fails_at_load_with_file_line(tmp_path, corrupt, name):
+    _touch_images(tmp_path, ["a.png", "b.png", "c.png", name])
+    corrupt(tmp_path / name)
+    assert not _decodes(tmp_path / name)
+    paths = ["a.png", name, "b.png", "c.png"]
+    origins = [f"list.txt:{i}" for i in range(1, 5)]
+    files = ImageFiles(tmp_path, paths, origins, np.array([0, 1, 1, 1]))
+    assert check_images(files, "header") == []  # the header is fine: this is what let it through before
+    with pytest.raises(ImageListError) as err:
+        files[1]
+    assert "list.txt:2:" in str(err.value) and name in str(err.value) and "data.on_bad=skip" in str(err.value)
+    # The full decode check finds it before training.
+    with pytest.raises(ImageListError, match=name):
+        check_images(files, "decode")
+
+
+def test_skip_replaces_an_undecodable_image_by_the_next_same_label_same_split_image(tmp_path):
+    from PIL import Image
+
+    names = [f"{i}.png" for i in range(6)]
+    for i, n in enumerate(names):
+        Image.new("RGB", (4, 4), (10 * i, 0, 0)).save(tmp_path / n)
+    _corrupt_png(tmp_path / "1.png")
+    _corrupt_png(tmp_path / "3.png")
+    labels = np.array([0, 1, 0, 1, 1, 1])
+    files = ImageFiles(tmp_path, names, [f"l.txt:{i + 1}" for i in range(6)], labels, on_bad="skip")
+    # Groups: 5 is a query image, the rest are training images.
+    files.set_groups({"query": np.array([5]), "train": np.array([0, 1, 2, 3, 4])})
+    # 1 -> next same-label, same-split image that decodes: 2 has label 0, 3 is corrupt, so 4.
+    assert files[1][0, 0, 0] == 40 and files.decode_failures == 1
+    assert files[1][0, 0, 0] == 40 and files.decode_failures == 1  # cached, counted once
+    # 3 -> 4 as well (5 is in the query set and may not stand in for a training image).
+    assert files[3][0, 0, 0] == 40 and files.decode_failures == 2
+    # A query image with no decodable same-label query image to stand in: an error naming file:line.
+    files.set_groups({"query": np.array([0, 3]), "train": np.array([1, 2, 4, 5])})
+    with pytest.raises(ImageListError, match="l.txt:4: .*no other decodable image"):
+        files[3]
+    # Deterministic: a fresh object makes the same choice.
+    again = ImageFiles(tmp_path, names, None, labels, on_bad="skip")
+    assert again[1][0, 0, 0] == 40
+
+
+def test_decode_error_inside_a_loader_worker_keeps_one_clean_message(tmp_path):
+    import torch
+
+    _touch_images(tmp_path, ["a.png", "bad.png"])
+    _corrupt_png(tmp_path / "bad.png")
+    files = ImageFiles(tmp_path, ["a.png", "bad.png"], ["x.txt:1", "x.txt:2"])
+    loader = torch.utils.data.DataLoader(files, batch_size=2, num_workers=1)
+    with pytest.raises(ImageListError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith("x.txt:2: image ") and "Traceback" not in str(err.value)
+
+
+def test_list_source_gives_images_their_list_file_and_line(tmp_path):
+    lists = write_synthetic_list_dataset(tmp_path, num_labels=4, n=40, query=10, train=10)
+    cfg = _custom_cfg(tmp_path)
+    source, _ = load_source(cfg.data, seed=0)
+    first_train = lists["train"].read_text().split()[0]
+    i = source.images.paths.index(first_train)
+    assert source.images.origin(i) in (f"{lists['train']}:1", f"{lists['database']}:"
+                                       f"{lists['database'].read_text().split(chr(10)).index(lists['train'].read_text().split(chr(10))[0]) + 1}")
+
+
+def test_cli_train_with_a_corrupt_image_exits_2_or_skips(tmp_path):
+    """End to end: a truncated training image (header intact) under the default header check."""
+    import subprocess
+    import sys
+
+    lists = write_synthetic_list_dataset(tmp_path, num_labels=3, n=200, query=20, train=90, multilabel=False)
+    bad = lists["train"].read_text().split()[0]
+    _corrupt_png(tmp_path / bad)
+    args = [sys.executable, "-m", "dsrh_lightning.cli", "train", "dataset=custom", f"data.root={tmp_path}",
+            "data.train_list=train.txt", "data.query_list=test.txt", "data.database_list=database.txt",
+            "model.backbone=small_cnn", "model.weights=none", "model.bits=8", "data.batch_size=8",
+            "data.eval_batch_size=64", "data.num_workers=1", "data.image_size=32", "data.protocol.val_per_class=1",
+            "data.protocol.val_database_size=0", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "logger.name=none", f"output_dir={tmp_path / 'runs'}", "trainer.progress_bar=false", "data.split_dir="]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and f"{lists['train']}:1: image " in proc.stderr
+    proc = subprocess.run(args + ["data.on_bad=skip"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{lists['train']}:1: image " in proc.stderr and "in its place" in proc.stderr

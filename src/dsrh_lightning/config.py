@@ -13,7 +13,9 @@ setting values: ``dataset=NAME`` (``experiments/configs/dataset/NAME.yaml``) and
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -292,7 +294,15 @@ _NON_NEGATIVE = (
     "data.num_labels",
     "trainer.checkpoint_every_n_steps",
     "trainer.checkpoint_every_minutes",
+    "seed",
+    "data.protocol.seed",
+    "optim.backbone_lr_mult",
+    "trainer.val_check_interval",
+    "trainer.gradient_clip_val",
 )
+
+# Seeds feed numpy / torch / Lightning's seed_everything, which take unsigned 32-bit values.
+_MAX_SEED = 2**32 - 1
 
 
 def default_config_dir() -> Path:
@@ -349,6 +359,30 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    """One YAML config file as a mapping; syntax errors keep their ``file:line:column``."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as exc:  # syntax errors carry the position of the problem
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise ConfigError(f"{where}: cannot parse YAML: {what}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot parse YAML: {_first_line(exc)}") from None
+    if loaded is None or (isinstance(loaded, DictConfig) and len(loaded) == 0):
+        return OmegaConf.create({})
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if OmegaConf.is_list(loaded) else type(loaded).__name__
+        raise ConfigError(f"{path}: the top level is {kind}; a config file must be a mapping of sections "
+                          "(e.g. 'model:' followed by indented 'bits: 48')")
+    return loaded
+
+
 def load_config(
     overrides: Sequence[str] = (),
     config_files: Sequence[str | Path] = (),
@@ -390,10 +424,7 @@ def load_config(
     for path in files:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # yaml syntax errors
-            raise ConfigError(f"{path}: cannot parse YAML: {_first_line(exc)}") from None
+        loaded = _load_yaml(Path(path))
         cfg = _merge(cfg, loaded, str(path))
     if dataset:
         cfg.data.dataset = dataset
@@ -410,6 +441,7 @@ def load_config(
 
 def validate(cfg: DictConfig) -> None:
     """Check value ranges and choices that the types alone cannot express."""
+    _check_finite(cfg, "")
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -420,6 +452,25 @@ def validate(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0")
+    for key in ("seed", "data.protocol.seed"):
+        if OmegaConf.select(cfg, key) > _MAX_SEED:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be <= {_MAX_SEED} (an unsigned 32-bit seed)")
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum={cfg.optim.momentum}: must be in [0, 1)")
+    if cfg.optim.lr_decay <= 0:
+        raise ConfigError(f"optim.lr_decay={cfg.optim.lr_decay}: must be > 0 (1 = no decay)")
+    t = cfg.trainer
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps}: must be > 0, or -1 to train for trainer.max_epochs")
+    if t.max_epochs == 0 or t.max_epochs < -1:
+        raise ConfigError(f"trainer.max_epochs={t.max_epochs}: must be > 0, or -1 (no epoch limit)")
+    if t.max_steps == -1 and t.max_epochs == -1:
+        raise ConfigError("trainer.max_steps=-1 and trainer.max_epochs=-1: set one of them (> 0) so training ends")
+    if t.num_nodes <= 0:
+        raise ConfigError(f"trainer.num_nodes={t.num_nodes}: must be > 0")
+    if t.limit_val_batches <= 0:
+        raise ConfigError(f"trainer.limit_val_batches={t.limit_val_batches}: must be > 0")
+    _check_devices(t.devices)
     if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.precision='16-mixed' needs a GPU; use trainer.precision=bf16-mixed on CPU")
     if not 0.0 < cfg.eval.threshold < 1.0:
@@ -445,9 +496,37 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.mean and data.std must have the same length (or both be empty)")
 
 
+def _check_finite(node: Any, prefix: str) -> None:
+    """Reject NaN and infinite floats anywhere in the config, naming the key."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            _check_finite(node[key], f"{prefix}.{key}" if prefix else str(key))
+    elif OmegaConf.is_list(node):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{prefix}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix}={node}: must be a finite number")
+
+
+# "auto", a count ("2"), -1 (all), or a list of device ids ("0,1", or "1," for device 1 alone).
+_DEVICES = re.compile(r"^(auto|-1|\d+|\d+(\s*,\s*\d+)*\s*,?)$")
+
+
+def _check_devices(value: Any) -> None:
+    text = str(value).strip()
+    if not _DEVICES.match(text) or (text.isdigit() and int(text) == 0):
+        raise ConfigError(f"trainer.devices={value!r}: expected 'auto', a count such as 2, -1 (all devices) "
+                          "or device ids such as '0,1'")
+
+
 def parse_devices(value: str):
-    """``trainer.devices`` for Lightning: an int for "2", the string otherwise ("auto", "0,1")."""
-    return int(value) if str(value).isdigit() else value
+    """``trainer.devices`` for Lightning: an int for "2" and "-1", the string otherwise ("auto", "0,1").
+
+    Raises :class:`ConfigError` naming ``trainer.devices`` for anything Lightning cannot take.
+    """
+    _check_devices(value)
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

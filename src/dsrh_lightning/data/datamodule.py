@@ -58,7 +58,7 @@ def load_source(data_cfg: DictConfig, seed: int, download: bool = False) -> tupl
         if _nuswide_mode(d, root) == "lists":
             return load_list_source(d, "nuswide", NUSWIDE21_CONCEPTS)
         paths, labels = load_nuswide_official(root)
-        files, keep = usable_images(root, paths, d.check_images, d.on_bad)
+        files, keep = usable_images(root, paths, d.check_images, d.on_bad, labels=labels)
         return Source(files, labels[keep], NUSWIDE21_CONCEPTS, "nuswide"), None
     raise ValueError(f"data.dataset={d.dataset!r} has no loader")
 
@@ -117,6 +117,8 @@ class HashingDataModule(pl.LightningDataModule):
         d = self.cfg.data
         self.source, partition = load_source(d, self.cfg.seed, download=False)
         self.split = make_split(self.source, partition, d)
+        if hasattr(self.source.images, "set_groups"):  # an undecodable image is replaced within its split sets
+            self.source.images.set_groups(self.split.as_dict())
         if self.split_copy is not None:
             save_split(self.split, self.split_copy, {"dataset": self.source.name})
         log.info("split %s: %s", self.source.name, self.split.summary())

@@ -50,6 +50,7 @@ def _resolve_list(path: str, root: Path) -> Path:
 def _merge_lists(lists: Dict[str, ImageList]):
     pool_paths: List[str] = []
     pool_labels: List[np.ndarray] = []
+    pool_origins: List[str] = []
     where: Dict[str, int] = {}
     origin: Dict[str, str] = {}
     parts: Dict[str, np.ndarray] = {}
@@ -60,7 +61,8 @@ def _merge_lists(lists: Dict[str, ImageList]):
             raise ImageListError(f"{lst.file}: {w} label value(s) per line, but other lists have {width}")
         width = w
         idx = []
-        for path, lab in zip(lst.paths, lst.labels):
+        lines = lst.origins() if lst.lines else [str(lst.file)] * len(lst.paths)
+        for path, lab, line in zip(lst.paths, lst.labels, lines):
             if path in where:
                 j = where[path]
                 if not np.array_equal(pool_labels[j], lab):
@@ -71,9 +73,10 @@ def _merge_lists(lists: Dict[str, ImageList]):
                 where[path], origin[path] = j, str(lst.file)
                 pool_paths.append(path)
                 pool_labels.append(lab)
+                pool_origins.append(line)
             idx.append(j)
         parts[role] = np.asarray(idx, dtype=np.int64)
-    return pool_paths, np.stack(pool_labels), parts
+    return pool_paths, np.stack(pool_labels), parts, pool_origins
 
 
 def load_list_source(d: DictConfig, name: str, class_names=None) -> tuple[Source, ListPartition]:
@@ -94,13 +97,16 @@ def load_list_source(d: DictConfig, name: str, class_names=None) -> tuple[Source
             raise DataNotFoundError(f"data.{'list_file' if role == 'all' else role + '_list'}: list file {file} "
                                     "does not exist")
         lists[role] = read_image_list(file, root, d.num_labels or None, d.on_bad, d.allow_unlabelled)
-    paths, labels, parts = _merge_lists(lists)
-    files, keep = usable_images(root, paths, d.check_images, d.on_bad)
+    paths, labels, parts, origins = _merge_lists(lists)
+    files, keep = usable_images(root, paths, d.check_images, d.on_bad, origins, labels)
     if len(keep) < len(paths):
         remap = -np.ones(len(paths), dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         labels = labels[keep]
         parts = {k: remap[v][remap[v] >= 0] for k, v in parts.items()}
+    # A load-time replacement of an undecodable image stays inside the same lists (the datamodule
+    # narrows this to the protocol split once it is made).
+    files.set_groups(parts)
     if labels.ndim == 2:
         names = tuple(class_names) if class_names and len(class_names) == labels.shape[1] else \
             tuple(f"label{i}" for i in range(labels.shape[1]))
