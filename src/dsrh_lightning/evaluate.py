@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .config import Config, ConfigError, normalise_overrides, parse_devices, validate
 from .data.datamodule import HashingDataModule
+from .models import build_backbone
 from .module import HashingModule
 
 __all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
@@ -34,7 +35,7 @@ def config_from_checkpoint(path: Path, overrides: Sequence[str] = ()):
 def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Test metrics of a checkpoint; with ``plots_dir``, also the retrieval plots as PNG files there."""
     cfg, hp = config_from_checkpoint(path, overrides)
-    dm = HashingDataModule(cfg)
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("test")
     module = HashingModule.load_from_checkpoint(str(path), map_location="cpu")
     evaluation = RetrievalEvaluation(cfg.eval)

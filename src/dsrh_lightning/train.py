@@ -20,6 +20,7 @@ from .callbacks.checkpoint import FiniteModelCheckpoint, assert_finite_parameter
 from .config import parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
+from .models import build_backbone
 from .module import HashingModule
 
 __all__ = ["resolve_run", "run_name", "train"]
@@ -139,7 +140,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     save_config(cfg, run_dir / "config.yaml")
     if resume is not None:
         print(f"resuming {run_dir} from {resume}", flush=True)
-    dm = HashingDataModule(cfg, split_copy=run_dir / "split.npz")
+    dm = HashingDataModule(cfg, split_copy=run_dir / "split.npz", backbone_factory=build_backbone)
     dm.prepare_data()
     dm.setup("fit")  # fail fast on data problems, before the model is built
     print(f"data: {cfg.data.dataset} {dm.split.summary()}; image size {dm.image_size}", flush=True)
