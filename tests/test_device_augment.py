@@ -190,3 +190,22 @@ def test_datamodule_device_batches_match_worker_eval_and_loader(tiny_overrides):
     td = dev.on_after_batch_transfer(next(iter(dev.train_dataloader())), 0)
     tw = next(iter(wrk.train_dataloader()))
     assert td[0].shape == tw[0].shape and torch.equal(td[1], tw[1])
+
+
+def test_image_files_decode_in_workers_and_normalise_on_device():
+    """Images of varying size (image files): geometry per item in the worker (uint8), normalisation on the
+    device; equal to the former all-in-the-worker transform for the same item seeds."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(30, 41), (50, 28), (24, 24), (33, 60)]]
+    labels = np.arange(4)
+    geo = build_transform(24, None, True, True, normalize=False)
+    dev = IndexedImageDataset(images, labels, np.arange(4), geo, seed=9,
+                              batch_transform=BatchTransform(24, 24, False, False), random=True)
+    old = IndexedImageDataset(images, labels, np.arange(4), build_transform(24, None, True, True), seed=9)
+    batch = dev.fetch([2, 0, 3])
+    raw = batch[0]
+    assert raw.pixels.dtype == torch.uint8 and raw.pixels.shape == (3, 24, 24, 3) and raw.params is None
+    got = dev.batch_transform(raw.pixels)
+    ref = torch.stack([old[i][0] for i in [2, 0, 3]])
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(dev[0][0], ref[1])

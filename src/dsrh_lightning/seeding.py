@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["item_seed", "item_generator", "apply_seeded", "SLOT_STEP"]
+__all__ = ["item_seed", "apply_seeded", "SLOT_STEP"]
 
 _MASK = (1 << 63) - 1
 # ``slot`` values in use: 0, 1, 2 = the three images of an explicit triplet (items use 0);
@@ -24,12 +24,6 @@ def item_seed(seed: int, epoch: int, index: int, slot: int = 0) -> int:
     """A 63-bit seed that is a pure function of ``(seed, epoch, index, slot)``."""
     state = np.random.SeedSequence([int(seed) & _MASK, int(epoch), int(index), int(slot)]).generate_state(2, np.uint64)
     return int(state[0]) & _MASK
-
-
-def item_generator(seed: int, epoch: int, index: int, slot: int = 0) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded by :func:`item_seed`: per-item random draws without the global seed
-    (``torch.manual_seed`` is slow and touches every other user of the global generator)."""
-    return torch.Generator().manual_seed(item_seed(seed, epoch, index, slot))
 
 
 def apply_seeded(transform: Callable, image: Any, seed: int):

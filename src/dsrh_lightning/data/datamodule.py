@@ -144,6 +144,15 @@ class HashingDataModule(pl.LightningDataModule):
             self.eval_batch_transform = eval_batch
             train_kw = {"batch_transform": self.train_batch_transform}
             eval_kw = {"batch_transform": eval_batch}
+            train_tf = eval_tf = None  # the whole transform runs on the device
+        elif d.augment_on == "device":
+            # Image files: decoded, cropped and resized (uint8) in the workers, normalised on the device.
+            s = self.image_size
+            self.train_batch_transform = self.eval_batch_transform = BatchTransform(s, s, False, False, d.mean, d.std)
+            train_tf = build_transform(s, native, True, d.augment, d.mean, d.std, normalize=False)
+            eval_tf = build_transform(s, native, False, False, d.mean, d.std, normalize=False)
+            train_kw = {"batch_transform": self.train_batch_transform, "random": d.augment}
+            eval_kw = {"batch_transform": self.eval_batch_transform, "random": False}
         else:
             train_kw = {"random": d.augment}
         # Seeded per-item augmentation where it is random; cached features have none.

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from ..seeding import apply_seeded, item_generator, item_seed
+from ..seeding import apply_seeded, item_seed
 from .sampling import sample_triplets
 
 __all__ = ["BatchedFetch", "IndexedImageDataset", "RawImages", "TripletDataset", "unbatched"]
@@ -41,7 +41,9 @@ class IndexedImageDataset(Dataset):
 
     ``transform`` maps one image to a tensor (the worker path; None = identity, e.g. cached features).
     ``batch_transform`` (a :class:`BatchTransform`) selects the device path: :meth:`fetch` returns
-    :class:`RawImages` and ``dataset[i]`` finishes the one item on the CPU.
+    :class:`RawImages` and ``dataset[i]`` finishes the one item on the CPU. With both (image files on
+    the device path), ``transform`` decodes/crops/resizes one image to uint8 ``(s, s, 3)`` in the worker
+    and ``batch_transform`` only normalises on the device.
 
     With ``seed`` set and a random transform, the augmentation of item ``i`` is seeded by
     ``(seed, epoch, i)`` (:meth:`set_epoch`): by the global generator on the worker path (as before),
@@ -73,11 +75,17 @@ class IndexedImageDataset(Dataset):
     def load(self, i: int, seed: Optional[int] = None) -> torch.Tensor:
         """The finished image of item ``i``; ``seed`` fixes its random augmentation."""
         if self.batch_transform is not None:
+            if self.transform is not None:
+                return self.batch_transform(self._worker_pixels(i, seed)[None])[0]
             raw = self.raw_images(np.array([i]), None if seed is None else [seed], (1,))
             return self.batch_transform(raw.pixels, raw.params)[0]
         image = self.images[self.indices[i]]
         if self.transform is None:
             return image
+        return self.transform(image) if seed is None else apply_seeded(self.transform, image, seed)
+
+    def _worker_pixels(self, i: int, seed: Optional[int]) -> torch.Tensor:
+        image = self.images[self.indices[i]]
         return self.transform(image) if seed is None else apply_seeded(self.transform, image, seed)
 
     def raw_images(self, rows: np.ndarray, seeds: Optional[list], lead: tuple) -> RawImages:
@@ -87,6 +95,7 @@ class IndexedImageDataset(Dataset):
         if seeds is not None:
             _, h, w, _ = pixels.shape
             draw = self.batch_transform.draw
+            # One explicit generator per item, seeded by seeding.item_seed: never the global generator.
             params = torch.stack([draw(torch.Generator().manual_seed(s), h, w) for s in seeds]) \
                 if len(seeds) else torch.zeros(0, self.batch_transform.NUM_PARAMS)
         return RawImages(pixels, params, lead)
@@ -94,6 +103,10 @@ class IndexedImageDataset(Dataset):
     def images_at(self, rows: np.ndarray, seeds: Optional[list], lead: tuple):
         """The images of items ``rows`` as one batch of leading shape ``lead``: one gather when possible."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self.batch_transform is not None and self.transform is not None:
+            seeds = seeds if seeds is not None else [None] * len(rows)
+            pixels = torch.stack([self._worker_pixels(int(r), s) for r, s in zip(rows, seeds)])
+            return RawImages(pixels, None, lead)
         if self.batch_transform is not None:
             return self.raw_images(rows, seeds, lead)
         if self.transform is None and hasattr(self.images, "gather"):  # cached features: one tensor index
@@ -114,7 +127,8 @@ class IndexedImageDataset(Dataset):
 
     def subset_labels_at(self, rows) -> torch.Tensor:
         """Labels of subset items ``rows``."""
-        return self.labels[torch.as_tensor(self.indices[rows])]
+        return self.labels.index_select(0, torch.as_tensor(self.indices[rows]).reshape(-1)).reshape(
+            *np.shape(rows), *self.labels.shape[1:])
 
     def __getitem__(self, i: int):
         seed = item_seed(self.seed, self.epoch, i) if self.random else None

@@ -24,9 +24,16 @@ def resolve_image_size(image_size: int, weights: str, native_size: int) -> int:
     return 224 if weights == "imagenet" else native_size
 
 
+def _to_hwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(1, 2, 0).contiguous().as_subclass(torch.Tensor)
+
+
 def build_transform(size: int, native_size: Optional[int], train: bool, augment: bool,
-                    mean: Sequence[float] = (), std: Sequence[float] = ()) -> T.Compose:
+                    mean: Sequence[float] = (), std: Sequence[float] = (), normalize: bool = True) -> T.Compose:
     """uint8 HWC numpy image -> normalised float CHW tensor of ``size`` x ``size``.
+
+    ``normalize=False``: stop before the conversion to float and return the uint8 ``(size, size, 3)``
+    image (image files on the device path: the worker decodes, crops and resizes, the device normalises).
 
     Training augmentation: random crop (padding of 1/8 of the native size at the
     native resolution, or random-resized-crop when resizing) and horizontal flip.
@@ -43,6 +50,8 @@ def build_transform(size: int, native_size: Optional[int], train: bool, augment:
         steps.append(T.RandomHorizontalFlip())
     elif size != native_size:
         steps.append(T.Resize((size, size), antialias=True))
+    if not normalize:
+        return T.Compose(steps + [_to_hwc])
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     return T.Compose(steps)
 
@@ -104,8 +113,11 @@ class BatchTransform:
             ar = torch.arange(s, device=x.device)
             rows = params[:, 0].long()[:, None] + ar
             cols = params[:, 1].long()[:, None] + ar
+            # One flat index_select (advanced indexing of a 4-d tensor is much slower on CPU).
+            hp, wp = x.shape[1], x.shape[2]
             b = torch.arange(n, device=x.device)[:, None, None]
-            x = x[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, 3, s, s)
+            flat = ((b * hp + rows[:, :, None]) * wp + cols[:, None, :]).reshape(-1)
+            x = x.reshape(-1, 3).index_select(0, flat).reshape(n, s, s, 3).permute(0, 3, 1, 2)  # (n, 3, s, s)
         elif params is not None:
             from torchvision.ops import roi_align
 
