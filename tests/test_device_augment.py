@@ -209,3 +209,14 @@ def test_image_files_decode_in_workers_and_normalise_on_device():
     ref = torch.stack([old[i][0] for i in [2, 0, 3]])
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(dev[0][0], ref[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch_equals_cpu_batch():
+    images = torch.from_numpy(_images(16))
+    for size, native in [(32, 32), (64, 32)]:
+        tf = BatchTransform(size, native, True, True)
+        params = torch.stack([tf.draw(torch.Generator().manual_seed(i), 32, 32) for i in range(16)])
+        cpu = tf(images, params)
+        gpu = tf(images.cuda(), params.cuda()).cpu()
+        torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
