@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dsrh_lightning.config import load_config, to_dict  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
+from dsrh_lightning.models import build_backbone  # noqa: E402
 from dsrh_lightning.losses import effective_margin  # noqa: E402
 from dsrh_lightning.module import HashingModule, combine_losses  # noqa: E402
 from dsrh_lightning.train import train  # noqa: E402
@@ -60,7 +61,7 @@ def overrides(args, bits: int, seed: int, extra, tmp: str) -> list[str]:
 def initial_terms(cfg) -> dict:
     """Every weighted loss term on the first training batch, before any update."""
     torch.manual_seed(cfg.seed)
-    dm = HashingDataModule(cfg)
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("fit")
     module = HashingModule(to_dict(cfg), dm.num_classes, feature_dim=dm.feature_dim).eval()
     images, labels = next(iter(dm.train_dataloader()))[:2]

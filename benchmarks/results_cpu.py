@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 from dsrh_lightning.baselines import build_baseline  # noqa: E402
 from dsrh_lightning.config import load_config  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
+from dsrh_lightning.models import build_backbone  # noqa: E402
 from dsrh_lightning.metrics import binarize, retrieval_metrics  # noqa: E402
 
 BASELINES = ["lsh", "pcah", "itq", "sh"]
@@ -196,7 +197,7 @@ def main(argv=None) -> None:
                     if (method, bits, seed) in done:
                         continue
                     if dm is None:  # the features and split of this seed (split seed = seed)
-                        dm = HashingDataModule(load_config(base_overrides(args, bits, seed)))
+                        dm = HashingDataModule(load_config(base_overrides(args, bits, seed)), backbone_factory=build_backbone)
                         dm.setup("fit")
                     t0 = time.perf_counter()
                     if method in NAMES.values():

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dsrh_lightning.config import load_config, to_dict  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
+from dsrh_lightning.models import build_backbone  # noqa: E402
 from dsrh_lightning.data.sampling import mine_all_triplets  # noqa: E402
 from dsrh_lightning.module import HashingModule  # noqa: E402
 
@@ -50,7 +51,7 @@ def setup(backbone: str, size: int, images_per_step: int, sampling: str, args):
     if args.data_root:
         over.append(f"data.root={args.data_root}")
     cfg = load_config(over)
-    dm = HashingDataModule(cfg)
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("fit")
     torch.manual_seed(0)
     module = HashingModule(to_dict(cfg), num_classes=dm.num_classes)
@@ -59,7 +60,8 @@ def setup(backbone: str, size: int, images_per_step: int, sampling: str, args):
 
     def batches():
         while True:
-            yield from dm.train_dataloader()
+            # data.augment_on=device: the uint8 batch is finished as Lightning would after transfer.
+            yield from (dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader())
 
     return module, opt, batches(), per_class
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from dsrh_lightning.models import build_backbone
+
 from _tiny_ckpt import tiny_ckpt  # noqa: F401  (fixture)
 from conftest import REPO
 from dsrh_lightning import cli
@@ -149,7 +151,7 @@ def test_feature_cached_run_indexes(tmp_path, capsys):
     assert cli.main(["index", "--ckpt", str(ckpt), "--out", str(out), "split=database", "--no-progress"]) == 0, \
         capsys.readouterr().err
     ix = read_codes(out)
-    dm = HashingDataModule(run.cfg)
+    dm = HashingDataModule(run.cfg, backbone_factory=build_backbone)
     dm.setup("test")
     with torch.no_grad():
         feats = torch.stack([dm.database[i][0] for i in range(len(dm.database))])

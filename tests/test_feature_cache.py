@@ -23,7 +23,7 @@ def feature_overrides(tiny_overrides, tmp_path):
 
 def test_cache_is_keyed_equal_to_backbone_and_reused(feature_overrides, tmp_path, monkeypatch):
     cfg = load_config(feature_overrides)
-    dm = HashingDataModule(cfg)
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("fit")
     path = dm.feature_cache
     assert path.is_file() and path.parent == tmp_path / "features"
@@ -44,12 +44,12 @@ def test_cache_is_keyed_equal_to_backbone_and_reused(feature_overrides, tmp_path
     def boom(*a, **k):
         raise AssertionError("features were extracted again")
     monkeypatch.setattr(features_mod, "extract_features", boom)
-    dm2 = HashingDataModule(cfg)
+    dm2 = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm2.setup("fit")
     torch.testing.assert_close(dm2.query[3][0], dm.query[3][0])
     # Another seed (random-init backbone) or input size is another cache file.
     monkeypatch.undo()
-    other = HashingDataModule(load_config(feature_overrides + ["seed=1"]))
+    other = HashingDataModule(load_config(feature_overrides + ["seed=1"]), backbone_factory=build_backbone)
     other.setup("fit")
     assert other.feature_cache != path
     assert not torch.allclose(other.query[3][0], dm.query[3][0])

@@ -95,6 +95,11 @@ class DataConfig:
     # 0 = automatic: 224 for ImageNet-pretrained backbones, the native image size otherwise.
     image_size: int = 0
     augment: bool = True
+    # Where in-memory images (cifar10, synthetic) are cropped/flipped/resized/normalised: "device" (a batch
+    # travels as uint8 and is transformed on the model's device in one operation, per-item seeded by explicit
+    # generators) or "worker" (torchvision per image in the DataLoader workers, the former path).
+    # Image files always decode and transform in the workers.
+    augment_on: str = "device"
     # Normalisation statistics; empty = ImageNet's.
     mean: List[float] = field(default_factory=list)
     std: List[float] = field(default_factory=list)
@@ -241,6 +246,7 @@ class Config:
 _CHOICES = {
     "data.dataset": DATASETS,
     "data.sampling": ("triplets", "balanced", "random"),
+    "data.augment_on": ("device", "worker"),
     "data.on_bad": ("error", "skip"),
     "data.check_images": ("none", "exists", "header", "decode"),
     "data.nuswide_source": ("auto", "lists", "official"),

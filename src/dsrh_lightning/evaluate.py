@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .config import parse_devices
 from .data.datamodule import HashingDataModule
+from .models import build_backbone
 from .run import load_run
 
 __all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
@@ -26,7 +27,7 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
     """Test metrics of a checkpoint; with ``plots_dir``, also the retrieval plots there (``plots_format``)."""
     run = load_run(path, overrides)
     cfg = run.cfg
-    dm = HashingDataModule(cfg)
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("test")
     evaluation = RetrievalEvaluation(cfg.eval)
     # trainer.devices / num_nodes / strategy apply: under DDP the callback gathers every rank's codes.

@@ -23,6 +23,7 @@ from .callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, La
 from .config import ConfigError, parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
+from .models import build_backbone
 from .module import HashingModule
 
 __all__ = ["check_resume_compatible", "resolve_run", "run_name", "train"]
@@ -197,7 +198,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     created = not run_dir.exists()
     if resume is not None:
         print(f"resuming {run_dir} from {resume}", flush=True)
-    dm = HashingDataModule(cfg, split_copy=run_dir / "split.npz")
+    dm = HashingDataModule(cfg, split_copy=run_dir / "split.npz", backbone_factory=build_backbone)
     try:
         dm.prepare_data()
         dm.setup("fit")  # fail fast on data problems, before the model is built

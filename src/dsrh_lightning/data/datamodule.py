@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .datasets import IndexedImageDataset, TripletDataset
+from .datasets import BatchedFetch, IndexedImageDataset, RawImages, TripletDataset, unbatched
 from .features import FeatureRows, data_fingerprint, feature_cache_path, load_or_extract_features
 from .image_list import usable_images
 from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
@@ -23,7 +23,7 @@ from .protocol import (Split, load_or_make_split, make_multilabel_split, make_si
 from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
 from .sources import DataNotFoundError, Source, load_cifar10, make_synthetic, resolve_root
-from .transforms import build_transform, evaluation_transform
+from .transforms import BatchTransform, build_transform, evaluation_transform
 
 __all__ = ["HashingDataModule", "load_source", "make_split"]
 
@@ -82,22 +82,28 @@ def make_split(source: Source, partition: Optional[ListPartition], data_cfg: Dic
                               split_dir)
 
 
-def _identity(x):
-    return x
-
-
 class HashingDataModule(pl.LightningDataModule):
     """Data for supervised hashing.
 
     After :meth:`setup`: ``split`` (index sets), ``num_classes``, ``multilabel``,
     ``image_size``, and datasets ``train``, ``val``, ``val_database``, ``query``,
     ``database``. Validation and test each return two loaders, queries first.
+
+    ``backbone_factory(backbone, weights, hash_input)`` builds the frozen backbone that extracts cached
+    features (``data.cache_features=true``; e.g. ``models.build_backbone``): data does not import models.
+
+    With ``data.augment_on=device`` (in-memory images), batches travel as uint8 and
+    :meth:`on_after_batch_transfer` crops/flips/resizes/normalises them on the model's device.
     """
 
-    def __init__(self, cfg: DictConfig, split_copy: Optional[Path] = None) -> None:
+    def __init__(self, cfg: DictConfig, split_copy: Optional[Path] = None,
+                 backbone_factory: Optional[Callable] = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.split_copy = split_copy
+        self.backbone_factory = backbone_factory
+        self.train_batch_transform: Optional[BatchTransform] = None
+        self.eval_batch_transform: Optional[BatchTransform] = None
         self.source: Optional[Source] = None
         self.split: Optional[Split] = None
         self._balanced_sampler: Optional[ClassBalancedBatchSampler] = None
@@ -126,24 +132,54 @@ class HashingDataModule(pl.LightningDataModule):
         self.image_size, eval_tf = evaluation_transform(d, self.cfg.model.weights, native)
         train_tf = build_transform(self.image_size, native, True, d.augment, d.mean, d.std)
         img, lab = self.source.images, self.source.labels
+        in_memory = isinstance(img, np.ndarray)
+        eval_batch = BatchTransform(self.image_size, native, False, False, d.mean, d.std) if in_memory else None
         self.feature_dim: Optional[int] = None
+        train_kw: dict = {}
+        eval_kw: dict = {}
         if d.cache_features:
-            img = self._cached_features(eval_tf)
+            img = self._cached_features(eval_tf, eval_batch)
             self.feature_dim = img.dim
-            train_tf = eval_tf = _identity  # features are fixed: no augmentation
-        # Seeded per-item augmentation; cached features have none.
-        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf,
-                                         seed=None if d.cache_features else self.cfg.seed)
-        self.val = IndexedImageDataset(img, lab, self.split.val, eval_tf)
-        self.val_database = IndexedImageDataset(img, lab, self.split.val_database, eval_tf)
-        self.query = IndexedImageDataset(img, lab, self.split.query, eval_tf)
-        self.database = IndexedImageDataset(img, lab, self.split.database, eval_tf)
+            train_tf = eval_tf = None  # features are fixed: no augmentation, no per-item seeding
+        elif in_memory and d.augment_on == "device":
+            self.train_batch_transform = BatchTransform(self.image_size, native, True, d.augment, d.mean, d.std)
+            self.eval_batch_transform = eval_batch
+            train_kw = {"batch_transform": self.train_batch_transform}
+            eval_kw = {"batch_transform": eval_batch}
+            train_tf = eval_tf = None  # the whole transform runs on the device
+        elif d.augment_on == "device":
+            # Image files: decoded, cropped and resized (uint8) in the workers, normalised on the device.
+            s = self.image_size
+            self.train_batch_transform = self.eval_batch_transform = BatchTransform(s, s, False, False, d.mean, d.std)
+            train_tf = build_transform(s, native, True, d.augment, d.mean, d.std, normalize=False)
+            eval_tf = build_transform(s, native, False, False, d.mean, d.std, normalize=False)
+            train_kw = {"batch_transform": self.train_batch_transform, "random": d.augment}
+            eval_kw = {"batch_transform": self.eval_batch_transform, "random": False}
+        else:
+            train_kw = {"random": d.augment}
+        # Seeded per-item augmentation where it is random; cached features have none.
+        self.train = IndexedImageDataset(img, lab, self.split.train, train_tf, seed=self.cfg.seed, **train_kw)
+        self.val = IndexedImageDataset(img, lab, self.split.val, eval_tf, **eval_kw)
+        self.val_database = IndexedImageDataset(img, lab, self.split.val_database, eval_tf, **eval_kw)
+        self.query = IndexedImageDataset(img, lab, self.split.query, eval_tf, **eval_kw)
+        self.database = IndexedImageDataset(img, lab, self.split.database, eval_tf, **eval_kw)
 
-    def _cached_features(self, eval_tf) -> FeatureRows:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Finish device-path batches on the model's device: uint8 -> augmented, normalised float images."""
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], RawImages):
+            raw = batch[0]
+            tf = self.train_batch_transform if raw.params is not None else self.eval_batch_transform
+            pixels = raw.pixels.reshape(-1, *raw.pixels.shape[-3:])
+            images = tf(pixels, None if raw.params is None else raw.params.to(pixels.device))
+            batch = (images.reshape(*raw.lead, *images.shape[1:]), *batch[1:])
+        return batch
+
+    def _cached_features(self, eval_tf, eval_batch: Optional[BatchTransform]) -> FeatureRows:
         """Backbone features of every image in the split, from the on-disk cache (extracted once)."""
-        from ..models import build_backbone
-
         d, m = self.cfg.data, self.cfg.model
+        if self.backbone_factory is None:
+            raise ValueError("data.cache_features=true needs a backbone to extract features: construct "
+                             "HashingDataModule(cfg, backbone_factory=models.build_backbone) (train/evaluate do)")
         fp = data_fingerprint(self.source.images, self.source.labels)
         norm = "imagenet" if not d.mean else hashlib.sha1(str((list(d.mean), list(d.std))).encode()).hexdigest()[:8]
         # A randomly initialised backbone depends on the seed; pretrained weights do not.
@@ -156,12 +192,14 @@ class HashingDataModule(pl.LightningDataModule):
         def make_backbone():
             if seed is not None:
                 torch.manual_seed(seed)
-            return build_backbone(m.backbone, m.weights, m.hash_input)[0]
+            built = self.backbone_factory(m.backbone, m.weights, m.hash_input)
+            return built[0] if isinstance(built, tuple) else built
 
         meta = {"dataset": self.source.name, "backbone": m.backbone, "weights": m.weights,
                 "image_size": self.image_size, "fingerprint": fp, "norm": norm, "seed": seed}
         feats, idx = load_or_extract_features(path, needed, make_backbone, self.source.images, eval_tf, meta,
-                                              batch_size=d.eval_batch_size, progress=self.cfg.trainer.progress_bar)
+                                              batch_size=d.eval_batch_size, progress=self.cfg.trainer.progress_bar,
+                                              batch_transform=eval_batch)
         self.feature_cache = path
         return FeatureRows(feats, idx, len(self.source.labels))
 
@@ -195,10 +233,14 @@ class HashingDataModule(pl.LightningDataModule):
             return 0
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
+    def _workers(self) -> int:
+        # Cached features are one in-memory tensor gathered per batch: workers would only add IPC.
+        return 0 if self.cfg.data.cache_features else self.cfg.data.num_workers
+
     def _loader(self, dataset, batch_size: int, **kw) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available(), **kw)
+        # One fetch per batch (a tensor gather for cached features, raw uint8 on the device path).
+        return DataLoader(BatchedFetch(dataset), batch_size=batch_size, num_workers=self._workers(),
+                          persistent_workers=False, pin_memory=torch.cuda.is_available(), collate_fn=unbatched, **kw)
 
     def train_dataloader(self) -> DataLoader:
         """Seeded per epoch, a disjoint share per rank, resumable mid-epoch (see data/distributed.py)."""
@@ -221,8 +263,9 @@ class HashingDataModule(pl.LightningDataModule):
                     self.train.subset_labels.numpy(), d.batch_size, d.images_per_class,
                     seed=self.cfg.seed, rank=rank, world_size=world)
             dataset, batches = self.train, self._balanced_sampler
-        return ResumableDataLoader(dataset, batch_sampler=batches, num_workers=d.num_workers,
-                                   pin_memory=torch.cuda.is_available(), position=self._batches_done)
+        return ResumableDataLoader(BatchedFetch(dataset), batch_sampler=batches, num_workers=self._workers(),
+                                   pin_memory=torch.cuda.is_available(), position=self._batches_done,
+                                   collate_fn=unbatched)
 
     def _eval_loader(self, dataset) -> DataLoader:
         # Under DDP each rank encodes a padded share; the evaluation callback gathers the shares and

@@ -48,22 +48,31 @@ def feature_cache_path(cache_dir: Path, dataset: str, backbone: str, weights: st
 
 
 @torch.inference_mode()
-def extract_features(backbone: nn.Module, images, indices: np.ndarray, transform: Callable,
-                     batch_size: int = 128, progress: bool = True, desc: str = "features") -> np.ndarray:
+def extract_features(backbone: nn.Module, images, indices: np.ndarray, transform: Optional[Callable],
+                     batch_size: int = 128, progress: bool = True, desc: str = "features",
+                     batch_transform: Optional[Callable] = None) -> np.ndarray:
     """Backbone features of ``images[indices]`` in eval mode: ``(len(indices), d)`` float32.
 
     ``transform`` maps one image to a ``(C, H, W)`` tensor (the evaluation
-    transform: resize + normalise, no augmentation).
+    transform: resize + normalise, no augmentation). ``batch_transform`` (in-memory uint8 arrays only)
+    does the same to a whole ``(n, H, W, 3)`` batch on the backbone's device in one operation
+    (:class:`~dsrh_lightning.data.transforms.BatchTransform`), and is then used instead.
     """
     from tqdm.auto import tqdm
 
     was_training = backbone.training
     backbone.eval()
+    batched = batch_transform is not None and isinstance(images, np.ndarray)
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
     out = []
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, mininterval=5.0)
     try:
         for start in range(0, len(indices), batch_size):
-            batch = torch.stack([transform(images[int(j)]) for j in indices[start:start + batch_size]])
+            chunk = np.asarray(indices[start:start + batch_size], dtype=np.int64)
+            if batched:
+                batch = batch_transform(torch.from_numpy(images[chunk]).to(device))
+            else:
+                batch = torch.stack([transform(images[int(j)]) for j in chunk]).to(device)
             feats = backbone(batch).float()
             if feats.ndim != 2:
                 raise ValueError(f"backbone returned features of shape {tuple(feats.shape)}; expected (b, d)")
@@ -81,6 +90,7 @@ class FeatureRows:
 
     def __init__(self, features: np.ndarray, indices: np.ndarray, num_source: int) -> None:
         self.features = features
+        self._table = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         self.position = np.full(num_source, -1, dtype=np.int64)
         self.position[indices] = np.arange(len(indices))
 
@@ -91,6 +101,14 @@ class FeatureRows:
     def __len__(self) -> int:
         return len(self.position)
 
+    def gather(self, sources: np.ndarray) -> torch.Tensor:
+        """``(len(sources), d)`` features of source indices ``sources``: one tensor index."""
+        pos = self.position[np.asarray(sources, dtype=np.int64)]
+        if len(pos) and pos.min() < 0:
+            raise IndexError(f"source image {int(np.asarray(sources)[pos < 0][0])} has no cached feature")
+        # index_select, not table[idx]: multi-dimensional advanced indexing is far slower on CPU here.
+        return self._table.index_select(0, torch.from_numpy(pos))
+
     def __getitem__(self, j: int) -> torch.Tensor:
         pos = self.position[int(j)]
         if pos < 0:
@@ -99,8 +117,9 @@ class FeatureRows:
 
 
 def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Callable[[], nn.Module], images,
-                             transform: Callable, meta: dict, batch_size: int = 128,
-                             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                             transform: Optional[Callable], meta: dict, batch_size: int = 128,
+                             progress: bool = True,
+                             batch_transform: Optional[Callable] = None) -> tuple[np.ndarray, np.ndarray]:
     """Features for the source indices ``needed`` from the cache at ``path``, extracting (and saving)
     when the file is missing or does not cover them. Returns ``(features (n, d), indices (n,))``."""
     needed = np.unique(np.asarray(needed, dtype=np.int64))
@@ -114,7 +133,8 @@ def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Call
         log.info("feature cache %s lacks %d images; extracting all needed", path, int((~np.isin(needed, idx)).sum()))
     backbone = make_backbone()
     t0 = time.perf_counter()
-    feats = extract_features(backbone, images, needed, transform, batch_size, progress, desc=path.stem)
+    feats = extract_features(backbone, images, needed, transform, batch_size, progress, desc=path.stem,
+                             batch_transform=batch_transform)
     seconds = time.perf_counter() - t0
     meta = dict(meta, seconds=round(seconds, 1), images=int(len(needed)),
                 images_per_second=round(len(needed) / max(seconds, 1e-9), 2))

@@ -74,10 +74,11 @@ def split_dataset(cfg, split: str):
     from ..data.datamodule import HashingDataModule
     from ..data.datasets import IndexedImageDataset
     from ..data.image_list import ImageFiles
+    from ..models import build_backbone
 
     if split not in ("database", "query", "train"):
         raise ValueError(f"split={split}: expected split=database, split=query or split=train")
-    dm = HashingDataModule(cfg)
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("test")
     source = dm.source
     positions = np.asarray(getattr(dm.split, split), dtype=np.int64)
