@@ -13,6 +13,7 @@ from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .config import Config, ConfigError, normalise_overrides, parse_devices, validate
 from .data.datamodule import HashingDataModule
 from .module import HashingModule
+from .resources import resolve_precision
 
 __all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
 
@@ -43,6 +44,6 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
     callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir)] if plots_dir else [])
     trainer = pl.Trainer(accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
                          logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,
-                         precision=t.precision, use_distributed_sampler=False)
+                         precision=resolve_precision(t), use_distributed_sampler=False)
     trainer.test(module, datamodule=dm, verbose=False)
     return evaluation.last.get("test", {})

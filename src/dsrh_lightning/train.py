@@ -12,15 +12,17 @@ from typing import Any, Dict, Optional, Tuple
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .callbacks.checkpoint import FiniteModelCheckpoint, assert_finite_parameters
+from .callbacks.progress import RunProgressBar, RunTimeEstimate, ValidateAtEnd
 from .config import parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
-from .loggers import build_logger
+from .loggers import WandbBest, build_logger
 from .module import HashingModule
+from .resources import resolve_trainer
 
 __all__ = ["resolve_run", "run_name", "train"]
 
@@ -120,6 +122,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     Returns the metrics dict.
     """
     pl.seed_everything(cfg.seed, workers=True)
+    resolve_trainer(cfg)  # precision=auto, num_threads=0 -> the values used (recorded in config.yaml)
     resolve_weights(cfg)
     if os.environ.get(_RUN_DIR_ENV):  # a process started by Lightning's DDP launcher
         run_dir, resume = Path(os.environ[_RUN_DIR_ENV]), (Path(os.environ[_RESUME_ENV]) if os.environ.get(_RESUME_ENV) else None)
@@ -153,14 +156,15 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
         dirpath=str(ckpt_dir), monitor="val/map", mode="max", save_last=True, save_top_k=1,
         filename="best-step{step}-map{val/map:.4f}", auto_insert_metric_name=False,
     )
-    callbacks = [evaluation, checkpoint, RetrievalPlots(cfg.eval)]  # plots go to W&B only
+    callbacks = [evaluation, checkpoint, RetrievalPlots(cfg.eval), ValidateAtEnd(), RunTimeEstimate()]  # plots: W&B only
     if cfg.trainer.checkpoint_every_n_steps > 0:
         callbacks.append(FiniteModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
                                                save_top_k=0, save_last=True))
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(RunProgressBar(refresh_rate=10))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(WandbBest(checkpoint))  # no-op for other loggers
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     last = ckpt_dir / "last.ckpt"
     try:
