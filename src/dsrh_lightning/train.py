@@ -18,9 +18,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .callbacks.checkpoint import FiniteModelCheckpoint, assert_finite_parameters
 from .callbacks.progress import RunProgressBar, RunTimeEstimate, ValidateAtEnd
+from .callbacks.wandb_best import WandbBest
 from .config import parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
-from .loggers import WandbBest, build_logger
+from .loggers import build_logger
 from .module import HashingModule
 from .resources import resolve_trainer
 
