@@ -126,6 +126,9 @@ def test_tiny_wandb_run_validates_the_last_step_and_reports_the_best(tiny_overri
     cfg = load_config(over + ["logger.name=wandb", "trainer.max_steps=7", "trainer.val_check_interval=4",
                               "trainer.test_after_fit=false", "trainer.progress_bar=true", "data.num_workers=0"])
     res = train(cfg)
+    import wandb
+
+    wandb.finish()  # flush the offline run (a CLI process does this at exit)
     run_dir = tmp_path / "runs" / "smoke"
     assert res["global_step"] == 7
     best = res["best_checkpoint"]
@@ -149,7 +152,7 @@ def test_tiny_wandb_run_validates_the_last_step_and_reports_the_best(tiny_overri
         elif kind == "artifact":
             artifacts.append(r.artifact)
         elif kind == "history":
-            val_maps += [float(i.value_json) for i in r.history.item if i.key == "val/map"]
+            val_maps += [float(i.value_json) for i in r.history.item if (i.key or "/".join(i.nested_key)) == "val/map"]
     assert metrics["val/map"].summary.max and not metrics["val/map"].summary.last
     assert len(val_maps) == 2  # step 4 and the final step 7
     assert float(summaries["best_val_map"]) == pytest.approx(max(val_maps), abs=1e-6)

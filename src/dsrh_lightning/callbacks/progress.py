@@ -83,7 +83,7 @@ class RunTimeEstimate(Callback):
     fast alternatives. Validation time is not included (the message says so).
     """
 
-    def __init__(self, after_steps: int = 8, skip_steps: int = 2, long_run_s: float = 15 * 60) -> None:
+    def __init__(self, after_steps: int = 5, skip_steps: int = 1, long_run_s: float = 15 * 60) -> None:
         self.after_steps, self.skip_steps, self.long_run_s = after_steps, skip_steps, long_run_s
         self._t0: Optional[float] = None
         self._s0 = 0
