@@ -135,11 +135,9 @@ def _load_state(out_dir: Path, sweep_file: Path, overrides: Sequence[str], seed:
 
 def _warn_changed(path: Path, state: Dict[str, Any], overrides: List[str], seed: int) -> None:
     """Warn when a sweep is continued with other command-line overrides or seed than it started with."""
-    before = state.get("overrides")
-    if before is None and state.get("runs"):  # a state file from before overrides were recorded
-        first = state["runs"][0].get("overrides") or []
-        before = [a for a in first if not a.startswith(("--", "output_dir=", "name="))]
-    if before is not None and list(before) != overrides:
+    before = state.setdefault("overrides", overrides)  # a state file from before they were recorded: from now on
+    state.setdefault("seed", seed)
+    if list(before) != overrides:
         removed = [a for a in before if a not in overrides]
         added = [a for a in overrides if a not in before]
         what = "; ".join(x for x in (f"dropped: {' '.join(removed)}" if removed else "",
@@ -148,7 +146,7 @@ def _warn_changed(path: Path, state: Dict[str, Any], overrides: List[str], seed:
               f"started with ({what}). Earlier runs used: {' '.join(before) or '(none)'}; the new runs use: "
               f"{' '.join(overrides) or '(none)'}. Their metrics are not comparable; use another --output-dir "
               f"for a new sweep.", file=sys.stderr, flush=True)
-    if state.get("seed") is not None and state["seed"] != seed:
+    if state["seed"] != seed:
         print(f"WARNING: sweep-local: {path} was started with --seed {state['seed']}, continuing with --seed {seed}",
               file=sys.stderr, flush=True)
 
