@@ -55,4 +55,3 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_name: str) -> Union[bool, o
                          save_dir=str(run_dir), tags=list(cfg.logger.tags) or None, id=run_id,
                          resume="allow" if run_id else None, offline=(mode == "offline"))
     return logger
-
