@@ -7,8 +7,9 @@ DATASET ?= cifar10
 EXPERIMENT ?= dsrh
 # Where the data lives; defaults to ../shared/data/<dataset> when that folder exists.
 DATA_DIR ?= $(if $(wildcard ../shared/data/$(DATASET)),../shared/data/$(DATASET),)
-# auto (ImageNet weights when they can be loaded, else from scratch with a warning) | imagenet (required) | none
-WEIGHTS ?= auto
+# auto (ImageNet weights when they can be loaded, else from scratch with a warning) | imagenet (required) | none.
+# Unset = what the dataset config asks for (synthetic: none, nuswide/custom: imagenet); cifar10 defaults to auto.
+WEIGHTS ?= $(if $(filter cifar10,$(DATASET)),auto,)
 # Extra overrides, e.g. ARGS="model.bits=12 trainer.max_steps=2000"
 ARGS ?=
 PYTEST_ARGS ?=
@@ -21,7 +22,8 @@ SWEEP_FILE = $(if $(wildcard $(SWEEP)),$(SWEEP),experiments/sweeps/$(SWEEP))
 TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
-.PHONY: help venv train test bench bench-eval bench-results bench-report bench-train-speed clean sweep agent sweep-local
+.PHONY: help venv train test bench bench-eval bench-results bench-report bench-train-speed bench-scales \
+	bench-throughput bench-head bench-mining clean clean-runs sweep agent sweep-local wandb-login-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -38,12 +40,24 @@ venv: $(VENV)/.installed ## create/update the virtualenv and install the project
 train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERIMENT=dsrh|drh|drh_plus|dsrh_balanced|dsrh_yao|dsrh_zhao|dpsh|dtsh|hashnet|csq [DATA_DIR=..] [WEIGHTS=auto|imagenet|none] [ARGS=..]
 	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
 
+# W&B sweeps need an account: fail at once (never wait at wandb's login prompt; CI has no stdin).
+WANDB_CHECK = $(PY) -c 'import os, sys; from dsrh_lightning.loggers import wandb_key_available; \
+	mode = os.environ.get("WANDB_MODE", ""); \
+	why = [] if wandb_key_available() else ["no W&B API key found (WANDB_API_KEY, or run wandb login)"]; \
+	why += ["WANDB_MODE=" + mode] if mode in ("offline", "disabled", "dryrun") else []; \
+	why and print("$(1) needs a W&B account and server: " + " and ".join(why) + ". Without one, run the sweep " \
+	"here with W&B'"'"'s sweep engine and offline runs: make sweep-local SWEEP=$(SWEEP) COUNT=n", file=sys.stderr); \
+	sys.exit(2 if why else 0)'
+
 sweep: venv ## create a W&B sweep: make sweep SWEEP=bits.yaml (prints the SWEEP_ID for make agent)
-	$(VENV)/bin/wandb sweep $(SWEEP_FILE)
+	@$(call WANDB_CHECK,make sweep)
+	$(VENV)/bin/wandb sweep $(SWEEP_FILE) </dev/null
 
 agent: venv ## run a W&B agent: make agent SWEEP_ID=entity/project/id [COUNT=n]
 	@test -n "$(SWEEP_ID)" || { echo "make agent needs SWEEP_ID=entity/project/id (from make sweep)"; exit 2; }
-	$(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT),) $(SWEEP_ID)
+	@$(call WANDB_CHECK,make agent)
+	# The sweep files' command is `$${env} dsrh train ...`: the agent finds dsrh on PATH.
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT),) $(SWEEP_ID) </dev/null
 
 sweep-local: venv ## run a sweep file offline, no W&B server: make sweep-local SWEEP=bits.yaml COUNT=n [ARGS=..]
 	$(VENV)/bin/dsrh sweep-local $(SWEEP_FILE) $(if $(COUNT),--count $(COUNT),) $(ARGS)
@@ -68,7 +82,26 @@ bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batc
 bench-scales: venv ## margin and orthogonality normalisation at 12 vs 48 bits (uses bench-results' feature cache)
 	$(PY) benchmarks/code_length_scales.py
 
+bench-throughput: venv ## training throughput vs the model-only ceiling (images/s, MFU), fp32 vs bf16
+	$(PY) benchmarks/throughput.py
+
+bench-head: venv ## head training speed on cached features
+	$(PY) benchmarks/head_speed.py
+
+bench-mining: venv ## in-batch triplet mining: pairwise-distance hinge vs gathered triplets
+	$(PY) benchmarks/bench_mining.py
+
 bench: bench-eval bench-train-speed bench-results bench-scales ## all benchmarks
 
-clean: ## remove caches and runs (keeps the virtualenv)
-	rm -rf .pytest_cache runs lightning_logs wandb
+clean: ## remove caches (.pytest_cache, lightning_logs, ./wandb); runs/ is kept (make clean-runs)
+	rm -rf .pytest_cache lightning_logs wandb
+	@test ! -d runs || echo "runs/ kept (checkpoints, metrics, sweeps): delete it with make clean-runs"
+
+clean-runs: ## delete runs/ (every checkpoint and result) after a confirmation; YES=1 skips the question
+	@test -d runs || { echo "no runs/ folder"; exit 0; }; \
+	if [ "$(YES)" != 1 ]; then \
+		if [ ! -t 0 ]; then echo "make clean-runs: not a terminal; run make clean-runs YES=1 to delete runs/" >&2; exit 2; fi; \
+		read -r -p "Delete runs/ ($$(du -sh runs | cut -f1); every checkpoint and result)? [y/N] " answer; \
+		case "$$answer" in y|Y|yes) ;; *) echo "kept runs/"; exit 0;; esac; \
+	fi; \
+	rm -rf runs && echo "deleted runs/"

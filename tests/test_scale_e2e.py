@@ -132,7 +132,7 @@ def test_sweep_local_three_tiny_offline_runs(tiny_overrides, tmp_path):
     state = json.loads((out / "sweep_state.json").read_text())
     assert [run["config"]["model.bits"]["value"] for run in state["runs"]] == [12, 24, 32]
     for run in state["runs"]:
-        assert run["state"] == "finished" and 0.0 <= run["history"][0]["val/map"] <= 1.0
+        assert run["state"] == "finished" and 0.0 <= run["history"][0]["best_val_map"] <= 1.0
         run_dir = out / run["name"]
         assert "model:\n  backbone: small_cnn" in (run_dir / "config.yaml").read_text()
         assert f"bits: {run['config']['model.bits']['value']}" in (run_dir / "config.yaml").read_text()

@@ -182,8 +182,12 @@ class TrainerConfig:
     devices: str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    # auto (bf16-mixed on a GPU that supports bf16, else 32-true; the saved config records the result),
     # 32 / 32-true, bf16-mixed (CPU or Ampere+ GPUs) or 16-mixed (GPUs); losses and metrics run in fp32.
-    precision: str = "32-true"
+    precision: str = "auto"
+    # torch's intra-op CPU threads of the training process (0 = auto: the physical cores this process may
+    # use, shared among CPU DDP ranks; DataLoader workers use 1 each). The saved config records the result.
+    num_threads: int = 0
     # Save <run>/checkpoints/last.ckpt every N optimiser steps (0 = only at validation and at the end).
     checkpoint_every_n_steps: int = 1000
     # ... and at least every N minutes of training (0 = off); SIGINT / SIGTERM also write last.ckpt.
@@ -261,7 +265,7 @@ _CHOICES = {
     "eval.ties": ("stable", "average"),
     "logger.name": ("wandb", "csv", "none"),
     "logger.mode": ("", "online", "offline", "disabled"),
-    "trainer.precision": ("32", "32-true", "bf16-mixed", "16-mixed"),
+    "trainer.precision": ("auto", "32", "32-true", "bf16-mixed", "16-mixed"),
 }
 
 _POSITIVE = (
@@ -305,6 +309,7 @@ _NON_NEGATIVE = (
     "optim.backbone_lr_mult",
     "trainer.val_check_interval",
     "trainer.gradient_clip_val",
+    "trainer.num_threads",
 )
 
 # Seeds feed numpy / torch / Lightning's seed_everything, which take unsigned 32-bit values.

@@ -11,6 +11,7 @@ from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .config import parse_devices
 from .data.datamodule import HashingDataModule
 from .models import build_backbone
+from .resources import resolve_precision
 from .run import load_run
 
 __all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
@@ -36,6 +37,6 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
                                 if plots_dir else [])
     trainer = pl.Trainer(accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
                          logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,
-                         precision=t.precision, use_distributed_sampler=False)
+                         precision=resolve_precision(t), use_distributed_sampler=False)
     trainer.test(run.module, datamodule=dm, verbose=False)
     return evaluation.last.get("test", {})

@@ -118,15 +118,50 @@ def _state_path(out_dir: Path) -> Path:
     return out_dir / "sweep_state.json"
 
 
-def _load_state(out_dir: Path, sweep_file: Path) -> Dict[str, Any]:
+def _load_state(out_dir: Path, sweep_file: Path, overrides: Sequence[str], seed: int) -> Dict[str, Any]:
     path = _state_path(out_dir)
     if path.is_file():
-        state = json.loads(path.read_text())
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SweepError(f"{path}: not valid JSON ({exc}); move it away to start the sweep afresh") from None
         if state.get("sweep_file") != str(sweep_file):
             raise SweepError(f"{out_dir} holds a sweep of {state.get('sweep_file')}, not {sweep_file}; "
                              "use another --output-dir")
+        _warn_changed(path, state, list(overrides), seed)
         return state
-    return {"sweep_file": str(sweep_file), "runs": []}
+    return {"sweep_file": str(sweep_file), "overrides": list(overrides), "seed": seed, "runs": []}
+
+
+def _warn_changed(path: Path, state: Dict[str, Any], overrides: List[str], seed: int) -> None:
+    """Warn when a sweep is continued with other command-line overrides or seed than it started with."""
+    before = state.setdefault("overrides", overrides)  # a state file from before they were recorded: from now on
+    state.setdefault("seed", seed)
+    if list(before) != overrides:
+        removed = [a for a in before if a not in overrides]
+        added = [a for a in overrides if a not in before]
+        what = "; ".join(x for x in (f"dropped: {' '.join(removed)}" if removed else "",
+                                     f"added: {' '.join(added)}" if added else "") if x) or "same items, other order"
+        print(f"WARNING: sweep-local: continuing the sweep in {path.parent} with other arguments than it was "
+              f"started with ({what}). Earlier runs used: {' '.join(before) or '(none)'}; the new runs use: "
+              f"{' '.join(overrides) or '(none)'}. Their metrics are not comparable; use another --output-dir "
+              f"for a new sweep.", file=sys.stderr, flush=True)
+    if state["seed"] != seed:
+        print(f"WARNING: sweep-local: {path} was started with --seed {state['seed']}, continuing with --seed {seed}",
+              file=sys.stderr, flush=True)
+
+
+def _metric_value(summary: Optional[Dict[str, Any]], metric: Optional[str]) -> Optional[float]:
+    """The sweep metric of a run's metrics.json: ``best_val_map`` for ``val/map`` (checkpoint selection's
+    value, the best validation, not the last), else the named key. None when absent or not finite."""
+    if not summary or not metric:
+        return None
+    value = summary.get("best_val_map") if metric in ("val/map", "best_val_map") else None
+    if value is None:
+        value = summary.get(metric)
+    if value is None or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
 
 
 def _sweep_run(record: Dict[str, Any]):
@@ -171,7 +206,7 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
     metric = (sweep.get("metric") or {}).get("name")
     out_dir = Path(output_dir) if output_dir else Path("runs") / "sweeps" / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out_dir, path.resolve())
+    state = _load_state(out_dir, path.resolve(), overrides, seed)
     done: List[Dict[str, Any]] = []
     while count <= 0 or len(done) < count:
         index = len(state["runs"])
@@ -189,17 +224,24 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
         started = time.time()
         code, summary = run_fn(run_args, out_dir, name)
         history = []
-        if summary and metric:
-            best = summary.get("best_val_map") if metric == "val/map" else None
-            value = best if best is not None else summary.get(metric)
-            if value is not None:
-                history = [{metric: value}]
+        value = _metric_value(summary, metric)
+        if value is not None:
+            history = [{metric: value}]
+        if code != 0:
+            error = f"exit code {code}"
+        elif summary is None:
+            error = f"no {out_dir / name / 'metrics.json'}"
+        elif metric and value is None:
+            error = f"no {metric} in {out_dir / name / 'metrics.json'} (the run never validated)"
+        else:
+            error = None
+        # A run without its metric tells the search nothing: it counts as failed, in the state file too.
         record = {"name": name, "config": {k: {"value": v} for k, v in params.items()}, "overrides": run_args,
-                  "state": "finished" if code == 0 and summary is not None else "failed", "returncode": code,
+                  "state": "failed" if error else "finished", "returncode": code, "error": error,
                   "summary": summary, "history": history, "seconds": round(time.time() - started, 1)}
         state["runs"].append(record)
         _state_path(out_dir).write_text(json.dumps(state, indent=2))
-        shown = f"{metric}={history[0][metric]:.4f}" if history else f"FAILED (exit {code}, see {out_dir}/{name}.log)"
+        shown = f"{metric}={history[0][metric]:.4f}" if history else f"FAILED ({error}; see {out_dir}/{name}.log)"
         print(f"sweep-local: run {name}: {shown} ({record['seconds']}s)", flush=True)
         done.append(record)
     if done:

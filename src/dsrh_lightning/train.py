@@ -13,18 +13,21 @@ from typing import Any, Dict, Optional, Tuple
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, LastCheckpoint, TrainingInterrupted,
                                    UnreadableCheckpointError, assert_finite_parameters, load_checkpoint,
                                    newest_readable_checkpoint)
+from .callbacks.progress import RunProgressBar, RunTimeEstimate, ValidateAtEnd
+from .callbacks.wandb_best import WandbBest
 from .config import ConfigError, parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
 from .models import build_backbone
 from .module import HashingModule
+from .resources import resolve_trainer
 
 __all__ = ["check_resume_compatible", "resolve_run", "run_name", "train"]
 
@@ -178,6 +181,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     Returns the metrics dict.
     """
     pl.seed_everything(cfg.seed, workers=True)
+    resolve_trainer(cfg)  # precision=auto, num_threads=0 -> the values used (recorded in config.yaml)
     resolve_weights(cfg)
     if os.environ.get(_RUN_DIR_ENV):  # a process started by Lightning's DDP launcher
         run_dir, resume = Path(os.environ[_RUN_DIR_ENV]), (Path(os.environ[_RESUME_ENV]) if os.environ.get(_RESUME_ENV) else None)
@@ -222,11 +226,13 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     # it comes after `checkpoint` so last.ckpt records the best model so far.
     last_writer = LastCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps,
                                  every_minutes=cfg.trainer.checkpoint_every_minutes)
-    callbacks = [evaluation, checkpoint, last_writer, RetrievalPlots(cfg.eval)]  # plots go to W&B only
+    callbacks = [evaluation, checkpoint, last_writer, RetrievalPlots(cfg.eval),  # plots go to W&B only
+                 ValidateAtEnd(), RunTimeEstimate()]
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(RunProgressBar(refresh_rate=10))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(WandbBest(checkpoint))  # no-op for other loggers
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     last = ckpt_dir / "last.ckpt"
     try:
