@@ -220,3 +220,40 @@ def test_mined_weighted_ranking_matches_loop():
                     total += w * max(0.0, 1.0 + ham(q, i) - ham(q, j))
     loss, _ = mined_weighted_ranking_loss(codes, labels, 1.0)
     assert loss.item() == pytest.approx(total / b, rel=1e-6)
+
+
+def test_nan_guard_syncs_only_at_log_checkpoint_and_last_steps(monkeypatch):
+    """The non-finite check is a device-side flag; the host reads it only on steps that log, write a
+    periodic checkpoint or end the run, and it names the first bad step, not the step that noticed."""
+    from dsrh_lightning.config import load_config, to_dict
+    from dsrh_lightning.module import HashingModule
+
+    cfg = load_config(["dataset=synthetic", "model.bits=8", "model.bag_size=4", "data.batch_size=4",
+                       "trainer.log_every_n_steps=5", "trainer.checkpoint_every_n_steps=7", "trainer.max_steps=12"])
+    module = HashingModule(to_dict(cfg), num_classes=3, feature_dim=6)
+    step = {"now": 0}
+    monkeypatch.setattr(HashingModule, "global_step", property(lambda self: step["now"]))
+    checked = []
+    orig_check = HashingModule.check_finite
+
+    def check(self):
+        checked.append(step["now"])
+        orig_check(self)
+
+    monkeypatch.setattr(HashingModule, "check_finite", check)
+    x = torch.randn(4, 3, 6)
+    lab = torch.tensor([[0, 0, 1], [1, 1, 2], [2, 2, 0], [0, 0, 2]])
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: ranking=.*loss=nan"):
+        for s in range(12):
+            step["now"] = s
+            if s == 2:  # poison one step's input: its loss is NaN
+                module.training_step((torch.full_like(x, float("nan")), lab), s)
+            else:
+                module.training_step((x, lab), s)
+    assert checked == [4]  # steps 0-3 never synchronised; step 4 (5 done = a log step) raised
+    checked.clear()
+    fresh = HashingModule(to_dict(cfg), num_classes=3, feature_dim=6)
+    for s in range(12):
+        step["now"] = s
+        fresh.training_step((x, lab), s)
+    assert checked == [4, 6, 9, 11]  # log steps (5, 10 done), checkpoint (7 done), last (12 done)
