@@ -180,6 +180,8 @@ def test_mined_weighted_ranking_equals_gathered_loss_and_gradients(kind, max_tri
     g = torch.Generator().manual_seed(5)
     codes = torch.rand(18, 16, generator=g)
     labels = _batch_labels(kind, 18, g)
+    # A query that shares no label with any other image (Z_q = 0, no triplet): must not poison the loss.
+    labels[0] = 9 if kind == "single" else 0
 
     def gathered(x):
         q, i, j, w = mine_multilevel_triplets(labels, max_triplets, torch.Generator().manual_seed(1))

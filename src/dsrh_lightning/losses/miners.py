@@ -51,7 +51,7 @@ def multilevel_mask(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     ``valid[q, i, j]``: ``r(q, i) > r(q, j)`` with ``i, j != q`` (``r`` = shared labels,
     :func:`~dsrh_lightning.relevance.shared_label_counts`). ``weight[q, i, j] = (2^r_qi - 2^r_qj) / Z_q``
-    with ``Z_q`` the ideal DCG of the query's list over the other batch items (meaningful where valid).
+    with ``Z_q`` the ideal DCG of the query's list over the other batch items (0 where not valid).
     """
     with torch.no_grad():
         r = shared_label_counts(labels, labels)
@@ -61,7 +61,9 @@ def multilevel_mask(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         z = ideal_dcg(r.masked_fill(eye, 0))
         gain = torch.pow(2.0, r.float())
         weight = (gain.unsqueeze(2) - gain.unsqueeze(1)) / z[:, None, None]
-        return valid, weight
+        # A query without any relevant item has Z_q = 0 and no valid triplet: its 0/0 weights must not
+        # reach a loss (NaN * 0 is NaN, also in the backward pass of a masked product).
+        return valid, torch.where(valid, weight, 0.0)
 
 
 def subsample(count: int, max_triplets: int, generator: Optional[torch.Generator],

@@ -86,7 +86,7 @@ def mined_weighted_ranking_loss(codes: torch.Tensor, labels: torch.Tensor, margi
             hinge = torch.clamp(margin + ham[q, i] - ham[q, j], min=0)
             return (weight[q, i, j] * hinge).sum() / b, float(len(q))
     hinge = torch.clamp(margin + ham.unsqueeze(2) - ham.unsqueeze(1), min=0)  # [q, i, j]
-    return torch.where(valid, weight * hinge, 0.0).sum() / b, valid.sum().float()
+    return (weight * hinge).sum() / b, valid.sum().float()  # weight is 0 outside the valid mask
 
 
 class WeightedRanking(RankingLoss):
