@@ -67,7 +67,8 @@ def initial_terms(cfg) -> dict:
     images, labels = next(iter(dm.train_dataloader()))[:2]
     with torch.no_grad():
         out = module.net(images.flatten(0, 1))
-        ranking, orth, codes, flat = module._ranking(out, labels, 3)
+        r = module.ranking(out, labels, explicit=True, step=0)
+        ranking, orth, codes, flat = r.loss, r.orth, r.codes, r.labels
         terms = combine_losses(ranking, orth, codes, out["logits"], flat, cfg.loss)
     lc = cfg.loss
     return {

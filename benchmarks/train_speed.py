@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dsrh_lightning.config import load_config, to_dict  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
+from dsrh_lightning.losses.miners import mine_all_triplets  # noqa: E402
 from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.data.sampling import mine_all_triplets  # noqa: E402
 from dsrh_lightning.module import HashingModule  # noqa: E402
 
 

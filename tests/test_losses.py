@@ -104,3 +104,158 @@ def test_classification_softmax_and_sigmoid():
     assert classification_loss(logits, multi).item() == pytest.approx(ref_bce.item(), rel=1e-5)
     with pytest.raises(ValueError):
         classification_loss(logits, torch.ones(2, 4))
+
+
+# ---- in-batch mining from one distance matrix == gathering every mined triplet's codes ----
+
+def _batch_labels(kind, b, g):
+    if kind == "single":
+        return torch.randint(0, 4, (b,), generator=g)
+    lab = (torch.rand(b, 5, generator=g) < 0.35).long()
+    lab[torch.arange(b), torch.randint(0, 5, (b,), generator=g)] = 1  # every image has a label
+    return lab
+
+
+def _grads(fn, codes):
+    x = codes.clone().requires_grad_(True)
+    loss = fn(x)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("kind", ["single", "multi"])
+@pytest.mark.parametrize("max_triplets", [0, 37, 100000])
+def test_mined_triplet_loss_equals_gathered_loss_and_gradients(kind, max_triplets):
+    from dsrh_lightning.losses.miners import mine_all_triplets
+    from dsrh_lightning.losses.triplet import mined_triplet_loss
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.rand(20, 12, generator=g)
+    labels = _batch_labels(kind, 20, g)
+
+    def gathered(x):
+        a, p, n = mine_all_triplets(labels, max_triplets, torch.Generator().manual_seed(7))
+        return triplet_ranking_loss(x[a], x[p], x[n], 1.5)
+
+    def matrix(x):
+        return mined_triplet_loss(x, labels, 1.5, max_triplets, torch.Generator().manual_seed(7))[0]
+
+    ref_loss, ref_grad = _grads(gathered, codes)
+    loss, grad = _grads(matrix, codes)
+    assert ref_loss > 0 and ref_grad.abs().sum() > 0  # the comparison is not between zeros
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+    count = mined_triplet_loss(codes, labels, 1.5, max_triplets, torch.Generator().manual_seed(7))[1]
+    assert float(count) == len(mine_all_triplets(labels, max_triplets, torch.Generator().manual_seed(7))[0])
+
+
+def test_mined_triplet_loss_matches_loop_and_is_zero_without_triplets():
+    from dsrh_lightning.losses.triplet import mined_triplet_loss
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    total, count = 0.0, 0
+    for a in range(6):
+        for p in range(6):
+            for n in range(6):
+                if p != a and labels[p] == labels[a] and labels[n] != labels[a]:
+                    dp = float(((codes[a] - codes[p]) ** 2).sum())
+                    dn = float(((codes[a] - codes[n]) ** 2).sum())
+                    total += max(0.0, 2.0 - dn + dp)
+                    count += 1
+    loss, got_count = mined_triplet_loss(codes, labels, 2.0)
+    assert float(got_count) == count and loss.item() == pytest.approx(total / count, rel=1e-6)
+    empty, n0 = mined_triplet_loss(codes, torch.zeros(6, dtype=torch.long), 2.0)
+    assert float(n0) == 0 and empty.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["single", "multi"])
+@pytest.mark.parametrize("max_triplets", [0, 50])
+def test_mined_weighted_ranking_equals_gathered_loss_and_gradients(kind, max_triplets):
+    from dsrh_lightning.losses import weighted_ranking_loss
+    from dsrh_lightning.losses.miners import mine_multilevel_triplets
+    from dsrh_lightning.losses.semantic_ranking import mined_weighted_ranking_loss
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.rand(18, 16, generator=g)
+    labels = _batch_labels(kind, 18, g)
+    # A query that shares no label with any other image (Z_q = 0, no triplet): must not poison the loss.
+    labels[0] = 9 if kind == "single" else 0
+
+    def gathered(x):
+        q, i, j, w = mine_multilevel_triplets(labels, max_triplets, torch.Generator().manual_seed(1))
+        return weighted_ranking_loss(x, q, i, j, w, 2.0)
+
+    def matrix(x):
+        return mined_weighted_ranking_loss(x, labels, 2.0, max_triplets, torch.Generator().manual_seed(1))[0]
+
+    ref_loss, ref_grad = _grads(gathered, codes)
+    loss, grad = _grads(matrix, codes)
+    assert ref_loss > 0 and ref_grad.abs().sum() > 0
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_mined_weighted_ranking_matches_loop():
+    """Zhao et al.'s loss written out: sum over (q, i, j) with r_qi > r_qj of w * hinge, / b."""
+    from dsrh_lightning.losses.semantic_ranking import mined_weighted_ranking_loss
+
+    g = torch.Generator().manual_seed(2)
+    codes = torch.rand(6, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1]])
+    b, k = codes.shape
+    r = [[int((labels[x] * labels[y]).sum()) for y in range(b)] for x in range(b)]
+
+    def ham(x, y):
+        return float(sum((k - sum((2 * codes[x, t] - 1) * (2 * codes[y, t] - 1) for t in range(k))) / 2
+                         for _ in [0]))
+
+    total = 0.0
+    for q in range(b):
+        gains = sorted((2.0 ** r[q][y] - 1 for y in range(b) if y != q), reverse=True)
+        z = sum(gn / math.log2(pos + 2) for pos, gn in enumerate(gains))
+        for i in range(b):
+            for j in range(b):
+                if q not in (i, j) and r[q][i] > r[q][j]:
+                    w = (2.0 ** r[q][i] - 2.0 ** r[q][j]) / z
+                    total += w * max(0.0, 1.0 + ham(q, i) - ham(q, j))
+    loss, _ = mined_weighted_ranking_loss(codes, labels, 1.0)
+    assert loss.item() == pytest.approx(total / b, rel=1e-6)
+
+
+def test_nan_guard_syncs_only_at_log_checkpoint_and_last_steps(monkeypatch):
+    """The non-finite check is a device-side flag; the host reads it only on steps that log, write a
+    periodic checkpoint or end the run, and it names the first bad step, not the step that noticed."""
+    from dsrh_lightning.config import load_config, to_dict
+    from dsrh_lightning.module import HashingModule
+
+    cfg = load_config(["dataset=synthetic", "model.bits=8", "model.bag_size=4", "data.batch_size=4",
+                       "trainer.log_every_n_steps=5", "trainer.checkpoint_every_n_steps=7", "trainer.max_steps=12"])
+    module = HashingModule(to_dict(cfg), num_classes=3, feature_dim=6)
+    step = {"now": 0}
+    monkeypatch.setattr(HashingModule, "global_step", property(lambda self: step["now"]))
+    checked = []
+    orig_check = HashingModule.check_finite
+
+    def check(self):
+        checked.append(step["now"])
+        orig_check(self)
+
+    monkeypatch.setattr(HashingModule, "check_finite", check)
+    x = torch.randn(4, 3, 6)
+    lab = torch.tensor([[0, 0, 1], [1, 1, 2], [2, 2, 0], [0, 0, 2]])
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: ranking=.*loss=nan"):
+        for s in range(12):
+            step["now"] = s
+            if s == 2:  # poison one step's input: its loss is NaN
+                module.training_step((torch.full_like(x, float("nan")), lab), s)
+            else:
+                module.training_step((x, lab), s)
+    assert checked == [4]  # steps 0-3 never synchronised; step 4 (5 done = a log step) raised
+    checked.clear()
+    fresh = HashingModule(to_dict(cfg), num_classes=3, feature_dim=6)
+    for s in range(12):
+        step["now"] = s
+        fresh.training_step((x, lab), s)
+    assert checked == [4, 6, 9, 11]  # log steps (5, 10 done), checkpoint (7 done), last (12 done)

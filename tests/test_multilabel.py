@@ -9,7 +9,8 @@ import torch
 
 from conftest import shared_data_dir
 from dsrh_lightning.data.protocol import make_multilabel_split
-from dsrh_lightning.data.sampling import mine_multilevel_triplets, sample_triplets
+from dsrh_lightning.data.sampling import sample_triplets
+from dsrh_lightning.losses.miners import mine_multilevel_triplets
 from dsrh_lightning.losses import balance_penalty, hamming_surrogate, weighted_ranking_loss
 from dsrh_lightning.relevance import relevance_matrix, shared_label_counts
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import shared_data_dir
-from dsrh_lightning.data.sampling import ClassBalancedBatchSampler, mine_all_triplets, sample_triplets
+from dsrh_lightning.data.sampling import ClassBalancedBatchSampler, sample_triplets
+from dsrh_lightning.losses.miners import mine_all_triplets
 from dsrh_lightning.relevance import relevance_matrix
 
 

@@ -139,6 +139,7 @@ class LossConfig:
     # "weighted": Zhao et al.'s multilevel ranking hinge on a Hamming surrogate, weighted by (2^ri - 2^rj)/Z.
     # Peer methods in place of the ranking term (losses/peers.py): "dpsh" (pairwise likelihood),
     # "dtsh" (triplet likelihood), "hashnet" (weighted pairwise, tanh continuation), "csq" (hash centres).
+    # The allowed names are those of losses/registry.py.
     ranking: str = "triplet"
     triplet_weight: float = 1.0
     margin: float = 1.0
@@ -255,7 +256,6 @@ _CHOICES = {
     "data.check_images": ("none", "exists", "header", "decode"),
     "data.nuswide_source": ("auto", "lists", "official"),
     "model.hash_input": ("last", "last_two"),
-    "loss.ranking": ("triplet", "weighted", "dpsh", "dtsh", "hashnet", "csq"),
     "model.backbone": BACKBONES,
     "model.weights": ("imagenet", "none", "auto"),
     "model.bag_activation": ("relu", "sigmoid", "none"),
@@ -457,6 +457,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(repr(c) for c in choices)}")
+    # Ranking methods come from their registry (a name -> "module:Class" table; reading it imports no torch).
+    from .losses.registry import ranking_names
+    if cfg.loss.ranking not in ranking_names():
+        raise ConfigError(f"loss.ranking={cfg.loss.ranking!r}: expected one of "
+                          f"{', '.join(repr(c) for c in ranking_names())}")
     for key in _POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")

@@ -1,4 +1,5 @@
-"""The LightningModule: network + triplets (explicit or mined) + losses + optimiser."""
+"""The LightningModule: wires the network, the ranking method (losses/registry.py), the orthogonality /
+balance / classification terms and the optimiser."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .seeding import SLOT_STEP, item_seed
-from .data.sampling import mine_all_triplets, mine_multilevel_triplets
-from .losses import (balance_penalty, classification_loss, effective_margin, orthogonality_penalty,
-                     triplet_ranking_loss, weighted_ranking_loss)
-from .losses.peers import PEER_LOSSES, csq_centers, csq_loss, dpsh_loss, dtsh_loss, hashnet_loss, hashnet_scale
+from .losses.classification import classification_loss
+from .losses.orthogonality import orthogonality_penalty
+from .losses.registry import build_ranking_loss
+from .losses.semantic_ranking import balance_penalty
 from .models import build_network
+from .seeding import SLOT_STEP, item_seed
 
 __all__ = ["HashingModule", "combine_losses"]
 
@@ -47,6 +48,13 @@ def combine_losses(ranking: torch.Tensor, orth_matrices: List[torch.Tensor], cod
     return out
 
 
+def _rename_legacy_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the ranking methods became modules kept CSQ's centres at ``csq_centers``."""
+    old = prefix + "csq_centers"
+    if old in state_dict:
+        state_dict[prefix + "ranking.centers"] = state_dict.pop(old)
+
+
 class HashingModule(pl.LightningModule):
     """DSRH training. ``forward(x)`` returns relaxed codes ``(b, bits)`` in (0, 1)."""
 
@@ -59,8 +67,13 @@ class HashingModule(pl.LightningModule):
         # feature_dim: inputs are cached backbone features (data.cache_features), the backbone is the identity.
         self.net = build_network(self.cfg.model, num_classes, feature_dim)
         self._mine_gen = torch.Generator().manual_seed(int(self.cfg.seed))
-        if self.cfg.loss.ranking == "csq":
-            self.register_buffer("csq_centers", csq_centers(num_classes, int(self.cfg.model.bits)))
+        # The ranking method (loss.ranking): owns its hyperparameters, buffers and schedules.
+        self.ranking = build_ranking_loss(self.cfg, num_classes)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+        # NaN guard state (see training_step): first non-finite step (-1 = none) and its loss values.
+        self._bad_step = torch.tensor(-1)
+        self._bad_values: Optional[torch.Tensor] = None
+        self._bad_keys: List[str] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["codes"]
@@ -77,69 +90,65 @@ class HashingModule(pl.LightningModule):
         torch.manual_seed(step_seed)
         self._mine_gen.manual_seed(step_seed)
 
-    def _peer(self, out, labels, images_per_item: int):
-        """A peer method's loss (DPSH, DTSH, HashNet, CSQ) on all codes of the batch."""
-        lc = self.cfg.loss
-        codes = out["codes"]
-        flat = labels.flatten(0, 1) if images_per_item == 3 else labels
-        u = 2 * codes - 1
-        if lc.ranking == "dpsh":
-            loss = dpsh_loss(u, flat, lc.quant_weight)
-        elif lc.ranking == "csq":
-            loss = csq_loss(u, flat, self.csq_centers, lc.quant_weight)
-        elif lc.ranking == "hashnet":
-            beta = hashnet_scale(self.global_step, lc.hashnet_gamma, lc.hashnet_power)
-            self.log("train/hashnet_beta", beta, on_step=True)
-            loss = hashnet_loss(torch.tanh(beta * out["code_logits"].float()), flat, lc.hashnet_alpha or None)
-        else:  # dtsh
-            if images_per_item == 3:
-                a = torch.arange(0, len(codes), 3, device=codes.device)
-                p, n = a + 1, a + 2
-            else:
-                a, p, n = mine_all_triplets(flat, self.cfg.data.max_triplets, self._mine_gen)
-            loss = dtsh_loss(u, a, p, n, lc.dtsh_margin, lc.quant_weight)
-        return loss, [codes], codes, flat
+    def _note_finite(self, losses: Dict[str, torch.Tensor]) -> None:
+        """Record, on the device, the first step whose loss is not finite (no host synchronisation)."""
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        if self._bad_step.device != values.device:
+            self._bad_step = self._bad_step.to(values.device)
+        bad = ~torch.isfinite(values[-1])
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, self.global_step), self._bad_step)
+        self._bad_values = values if self._bad_values is None else torch.where(first, values, self._bad_values)
+        self._bad_keys = list(losses)
 
-    def _ranking(self, out, labels, images_per_item: int):
-        """Ranking loss, the matrices for the orthogonality penalty, all codes, flat labels."""
-        lc = self.cfg.loss
-        if lc.ranking in PEER_LOSSES:
-            return self._peer(out, labels, images_per_item)
-        margin = effective_margin(lc.margin, self.cfg.model.bits, lc.margin_scaling)
-        if images_per_item == 3:
-            # Explicit triplets: rows are (query, positive, negative) of each triplet.
-            codes = out["codes"].view(-1, 3, self.cfg.model.bits)
-            q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
-            return triplet_ranking_loss(q, p, n, margin), [q, p, n], out["codes"], labels.flatten(0, 1)
-        codes = out["codes"]
-        if lc.ranking == "weighted":
-            q, i, j, w = mine_multilevel_triplets(labels, self.cfg.data.max_triplets, self._mine_gen)
-            self.log("train/triplets_per_batch", float(len(q)), on_step=True)
-            return weighted_ranking_loss(codes, q, i, j, w, margin), [codes], codes, labels
-        a, p, n = mine_all_triplets(labels, self.cfg.data.max_triplets, self._mine_gen)
-        self.log("train/triplets_per_batch", float(len(a)), on_step=True)
-        return triplet_ranking_loss(codes[a], codes[p], codes[n], margin), [codes], codes, labels
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a loss since the start was not finite (one host sync; every rank
+        decides together, so no rank is left waiting)."""
+        if self._bad_values is None:
+            return
+        bad_step = int(self._bad_step)
+        finite = bad_step < 0
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Stop every rank together (a rank that stopped alone would leave the others waiting).
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            where = f"step {bad_step}" if bad_step >= 0 else "another rank"
+            values = ", ".join(f"{k}={v:.4g}" for k, v in zip(self._bad_keys, self._bad_values.tolist()))
+            raise FloatingPointError(
+                f"non-finite loss at {where}: {values if bad_step >= 0 else '(see that rank)'}"
+                "; lower optim.lr or check the input data. The last checkpoint is kept.")
+
+    def _check_due(self) -> bool:
+        """Check finiteness after this step when the step's end logs or writes a periodic checkpoint,
+        or is the last step (validation and every checkpoint save check as well)."""
+        done = self.global_step + 1
+        t = self.cfg.trainer
+        return any(n > 0 and done % n == 0 for n in (int(t.log_every_n_steps), int(t.checkpoint_every_n_steps))) \
+            or (int(t.max_steps) > 0 and done >= int(t.max_steps))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
         explicit = self.cfg.data.sampling == "triplets"
         # Explicit triplets arrive as (b, 3, C, H, W); in-batch modes as (b, C, H, W).
         out = self.net(images.flatten(0, 1) if explicit else images)
-        ranking, orth, codes, flat_labels = self._ranking(out, labels, 3 if explicit else 1)
-        losses = combine_losses(ranking, orth, codes, out["logits"], flat_labels, self.cfg.loss)
-        finite = bool(torch.isfinite(losses["loss"]))
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # Stop every rank together (a rank that stopped alone would leave the others waiting).
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step}: "
-                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                + "; lower optim.lr or check the input data. The last checkpoint is kept.")
+        r = self.ranking(out, labels, explicit=explicit, step=self.global_step, generator=self._mine_gen)
+        losses = combine_losses(r.loss, r.orth, r.codes, out["logits"], r.labels, self.cfg.loss)
+        # NaN guard without a per-step host sync: a device-side flag, checked when a sync happens anyway.
+        self._note_finite(losses)
+        if self._check_due():
+            self.check_finite()
+        for k, v in r.extras.items():
+            self.log(f"train/{k}", v, on_step=True)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True)
         self.log("loss", losses["loss"].detach(), prog_bar=True, on_step=True, logger=False)
-        self.log("train/bit_balance", (codes.detach().float().mean(0) - 0.5).abs().mean(), on_step=True)
+        self.log("train/bit_balance", (r.codes.detach().float().mean(0) - 0.5).abs().mean(), on_step=True)
         return losses["loss"]
+
+    def on_validation_start(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.check_finite()
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self(batch[0])

@@ -7,23 +7,23 @@ consume them):
   triplets from labels, as in the paper: the positive is relevant to the query,
   the negative is not.
 * :class:`ClassBalancedBatchSampler` yields batches of P classes x K images;
-  :func:`mine_all_triplets` then returns every valid triplet inside a batch so
-  that each image is forwarded once.
+  the ranking losses then use every valid triplet inside a batch
+  (:mod:`dsrh_lightning.losses.miners`) so that each image is forwarded once.
 
 Relevance always comes from :mod:`dsrh_lightning.relevance`.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ..relevance import relevance_matrix, shared_label_counts
+from ..relevance import relevance_matrix
 
-__all__ = ["sample_triplets", "mine_all_triplets", "mine_multilevel_triplets", "ClassBalancedBatchSampler"]
+__all__ = ["sample_triplets", "ClassBalancedBatchSampler"]
 
 
 def sample_triplets(labels: np.ndarray, per_anchor: int, seed: int) -> np.ndarray:
@@ -88,73 +88,6 @@ def _sample_single_label(labels: np.ndarray, per_anchor: int, rng: np.random.Gen
     k = k + (k >= start[c]) * sizes[c]
     negatives = order[k]
     return np.stack([anchors, positives, negatives], axis=1).astype(np.int64)
-
-
-def mine_all_triplets(labels: torch.Tensor, max_triplets: int = 0,
-                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All valid (anchor, positive, negative) index triplets inside a batch.
-
-    Args:
-        labels: ``(b,)`` class ids or ``(b, c)`` multi-hot labels of the batch.
-        max_triplets: keep a uniformly random subset of at most this many (0 = all).
-        generator: torch generator for the subset draw.
-
-    Returns:
-        Three ``(t,)`` int64 tensors on ``labels.device``: anchor, positive and
-        negative positions in the batch, with ``rel(a, p)``, ``a != p`` and
-        ``not rel(a, n)``.
-    """
-    with torch.no_grad():
-        rel = relevance_matrix(labels, labels)
-        b = rel.shape[0]
-        eye = torch.eye(b, dtype=torch.bool, device=rel.device)
-        pos = rel & ~eye
-        neg = ~rel
-        valid = pos.unsqueeze(2) & neg.unsqueeze(1)  # (a, p, n)
-        a, p, n = valid.nonzero(as_tuple=True)
-        if max_triplets and len(a) > max_triplets:
-            keep = torch.randperm(len(a), generator=generator, device="cpu")[:max_triplets].to(a.device)
-            a, p, n = a[keep], p[keep], n[keep]
-        return a, p, n
-
-
-def ideal_dcg(r: torch.Tensor) -> torch.Tensor:
-    """Ideal DCG of each row of relevance levels ``r (q, n)``: gains ``2^r - 1`` sorted descending,
-    discount ``1/log2(pos + 1)``; returns ``(q,)`` float32."""
-    gains = torch.pow(2.0, r.float()) - 1.0
-    gains = gains.sort(dim=1, descending=True).values
-    disc = 1.0 / torch.log2(torch.arange(2, r.shape[1] + 2, device=r.device, dtype=torch.float32))
-    return (gains * disc).sum(1)
-
-
-def mine_multilevel_triplets(labels: torch.Tensor, max_triplets: int = 0,
-                             generator: Optional[torch.Generator] = None):
-    """All in-batch triplets ``(q, i, j)`` with ``r(q, i) > r(q, j)`` and their weights (Zhao et al. 2015).
-
-    ``r`` is the number of labels shared with the query (:func:`shared_label_counts`).
-    The weight is ``(2^r_i - 2^r_j) / Z_q`` with ``Z_q`` the ideal DCG of the query's
-    list over the other batch items.
-
-    Args:
-        labels: ``(b,)`` class ids or ``(b, c)`` multi-hot.
-
-    Returns:
-        ``q, i, j`` (``(t,)`` int64 positions in the batch, ``i, j != q``) and
-        ``weight`` (``(t,)`` float32, > 0).
-    """
-    with torch.no_grad():
-        r = shared_label_counts(labels, labels)
-        b = r.shape[0]
-        eye = torch.eye(b, dtype=torch.bool, device=r.device)
-        r_other = r.masked_fill(eye, -1)  # the query itself never takes part
-        valid = (r_other.unsqueeze(2) > r_other.unsqueeze(1)) & (r_other.unsqueeze(1) >= 0)
-        q, i, j = valid.nonzero(as_tuple=True)
-        if max_triplets and len(q) > max_triplets:
-            keep = torch.randperm(len(q), generator=generator, device="cpu")[:max_triplets].to(q.device)
-            q, i, j = q[keep], i[keep], j[keep]
-        z = ideal_dcg(r.masked_fill(eye, 0))
-        weight = (torch.pow(2.0, r[q, i].float()) - torch.pow(2.0, r[q, j].float())) / z[q]
-        return q, i, j, weight
 
 
 class ClassBalancedBatchSampler(Sampler[List[int]]):

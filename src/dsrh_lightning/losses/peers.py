@@ -1,6 +1,7 @@
 """Peer deep-hashing losses, as pure functions of relaxed codes and labels / triplet indices.
 
-They replace DSRH's ranking term (``loss.ranking=dpsh|dtsh|hashnet|csq``) and run
+They replace DSRH's ranking term (``loss.ranking=dpsh|dtsh|hashnet|csq``, the classes at the
+end of this file, registered in :mod:`.registry`) and run
 through the same network, data and evaluation. Codes are relaxed to ``u`` in
 (-1, 1): ``u = 2h - 1`` for the sigmoid codes ``h`` of the bags head (DPSH, DTSH,
 CSQ), ``u = tanh(beta * z)`` of the head's pre-activation ``z`` for HashNet. All
@@ -30,12 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from ..relevance import relevance_matrix
+from .base import RankingLoss, RankingResult
+from .miners import mine_all_triplets
 
-__all__ = ["PEER_LOSSES", "csq_centers", "csq_loss", "csq_targets", "dpsh_loss", "dtsh_loss", "hadamard",
+__all__ = ["CSQ", "DPSH", "DTSH", "HashNet", "csq_centers", "csq_loss", "csq_targets", "dpsh_loss", "dtsh_loss", "hadamard",
            "hashnet_loss", "hashnet_scale", "quantization_penalty"]
-
-PEER_LOSSES = ("dpsh", "dtsh", "hashnet", "csq")
-
 
 def quantization_penalty(u: torch.Tensor) -> torch.Tensor:
     """``mean_i ||u_i - b_i||^2`` with ``b = +1 if u >= 0 else -1``; ``u (b, k)`` -> scalar."""
@@ -178,3 +178,82 @@ def csq_loss(u: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, quant
     prob = ((u + 1) / 2).clamp(1e-7, 1 - 1e-7)
     center = F.binary_cross_entropy(prob, target)
     return center + quant_weight * (u.abs() - 1).pow(2).mean()
+
+
+class _PeerLoss(RankingLoss):
+    """A peer method on all codes of the batch (explicit triplets are flattened into plain rows)."""
+
+    def _result(self, loss: torch.Tensor, out, labels, explicit: bool, **extras) -> RankingResult:
+        codes = out["codes"]
+        return RankingResult(loss, [codes], codes, self.flat_labels(labels, explicit), extras)
+
+
+class DPSH(_PeerLoss):
+    """DPSH pairwise likelihood + quantisation (``loss.quant_weight`` = eta); ``loss.ranking=dpsh``."""
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.quant_weight = float(cfg.loss.quant_weight)
+
+    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+        flat = self.flat_labels(labels, explicit)
+        return self._result(dpsh_loss(2 * out["codes"] - 1, flat, self.quant_weight), out, labels, explicit)
+
+
+class DTSH(_PeerLoss):
+    """DTSH triplet likelihood (margin ``loss.dtsh_margin``) + quantisation; ``loss.ranking=dtsh``.
+
+    Explicit triplets, or every valid in-batch triplet (capped by ``data.max_triplets``).
+    """
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.alpha = float(cfg.loss.dtsh_margin)
+        self.quant_weight = float(cfg.loss.quant_weight)
+        self.max_triplets = int(cfg.data.max_triplets)
+
+    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+        codes = out["codes"]
+        if explicit:
+            a = torch.arange(0, len(codes), 3, device=codes.device)
+            p, n = a + 1, a + 2
+        else:
+            a, p, n = mine_all_triplets(labels, self.max_triplets, generator)
+        loss = dtsh_loss(2 * codes - 1, a, p, n, self.alpha, self.quant_weight)
+        return self._result(loss, out, labels, explicit)
+
+
+class HashNet(_PeerLoss):
+    """HashNet's weighted pairwise cross-entropy on ``tanh(beta * z)``; ``loss.ranking=hashnet``.
+
+    Owns the continuation ``beta_t = (1 + hashnet_gamma * t)^hashnet_power`` and reports it as
+    ``hashnet_beta``.
+    """
+
+    consumes = "code_logits"
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.alpha = float(cfg.loss.hashnet_alpha) or None
+        self.gamma = float(cfg.loss.hashnet_gamma)
+        self.power = float(cfg.loss.hashnet_power)
+
+    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+        beta = hashnet_scale(step, self.gamma, self.power)
+        flat = self.flat_labels(labels, explicit)
+        loss = hashnet_loss(torch.tanh(beta * out["code_logits"].float()), flat, self.alpha)
+        return self._result(loss, out, labels, explicit, hashnet_beta=beta)
+
+
+class CSQ(_PeerLoss):
+    """CSQ: Hadamard hash centres (a buffer, ``centers``) + quantisation; ``loss.ranking=csq``."""
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.quant_weight = float(cfg.loss.quant_weight)
+        self.register_buffer("centers", csq_centers(num_classes, self.bits))
+
+    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+        flat = self.flat_labels(labels, explicit)
+        loss = csq_loss(2 * out["codes"] - 1, flat, self.centers, self.quant_weight)
+        return self._result(loss, out, labels, explicit)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Optional, Tuple, Union
+
 import torch
 
-__all__ = ["hamming_surrogate", "weighted_ranking_loss", "balance_penalty"]
+from .base import RankingLoss, RankingResult
+from .miners import multilevel_mask, subsample
+from .triplet import effective_margin
+
+__all__ = ["WeightedRanking", "balance_penalty", "hamming_surrogate", "mined_weighted_ranking_loss",
+           "weighted_ranking_loss"]
 
 
 def hamming_surrogate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,7 +35,7 @@ def weighted_ranking_loss(codes: torch.Tensor, q: torch.Tensor, i: torch.Tensor,
     Args:
         codes: ``(b, k)`` batch codes in [0, 1].
         q, i, j: ``(t,)`` triplet positions in the batch (from
-            :func:`~dsrh_lightning.data.sampling.mine_multilevel_triplets`).
+            :func:`~dsrh_lightning.losses.miners.mine_multilevel_triplets`).
         weight: ``(t,)`` triplet weights ``(2^r_i - 2^r_j) / Z_q``.
 
     Returns:
@@ -51,3 +58,51 @@ def balance_penalty(codes: torch.Tensor) -> torch.Tensor:
         codes: ``(b, k)`` codes in [0, 1]. Returns a scalar float32 tensor.
     """
     return (2 * codes.float() - 1).mean(0).pow(2).sum()
+
+
+def mined_weighted_ranking_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float = 1.0,
+                                max_triplets: int = 0, generator: Optional[torch.Generator] = None
+                                ) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
+    """:func:`weighted_ranking_loss` over Zhao et al.'s in-batch multilevel triplets, from one ``(b, b)``
+    Hamming-surrogate matrix.
+
+    Equal to ``weighted_ranking_loss(codes, q, i, j, w, margin)`` with ``q, i, j, w =
+    mine_multilevel_triplets(labels, max_triplets, generator)`` (same subset draw): the weighted
+    hinge ``w * max(0, margin + H[q, i] - H[q, j])`` is summed over the ``(b, b, b)`` valid mask, or,
+    when ``max_triplets`` subsamples, read at the kept triplets' entries of ``H``.
+
+    Returns:
+        ``(loss, count)``: the scalar float32 loss and the number of triplets used.
+    """
+    b, k = codes.shape
+    u = 2 * codes.float() - 1
+    ham = (k - (u.unsqueeze(1) * u.unsqueeze(0)).sum(-1)) / 2  # (b, b) relaxed Hamming distances
+    valid, weight = multilevel_mask(labels)
+    if max_triplets:
+        count = int(valid.sum())
+        keep = subsample(count, max_triplets, generator, valid.device)
+        if keep is not None:
+            q, i, j = (t[keep] for t in valid.nonzero(as_tuple=True))
+            hinge = torch.clamp(margin + ham[q, i] - ham[q, j], min=0)
+            return (weight[q, i, j] * hinge).sum() / b, float(len(q))
+    hinge = torch.clamp(margin + ham.unsqueeze(2) - ham.unsqueeze(1), min=0)  # [q, i, j]
+    return (weight * hinge).sum() / b, valid.sum().float()  # weight is 0 outside the valid mask
+
+
+class WeightedRanking(RankingLoss):
+    """Zhao et al.'s weighted multilevel ranking hinge on the Hamming surrogate; ``loss.ranking=weighted``.
+
+    Triplets are mined inside plain batches only (``data.sampling=random|balanced``).
+    """
+
+    explicit_triplets = False
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.margin = effective_margin(cfg.loss.margin, self.bits, cfg.loss.margin_scaling)
+        self.max_triplets = int(cfg.data.max_triplets)
+
+    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+        codes = out["codes"]
+        loss, count = mined_weighted_ranking_loss(codes, labels, self.margin, self.max_triplets, generator)
+        return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": count})

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional, Tuple, Union
+
 import torch
 
-__all__ = ["triplet_ranking_loss", "effective_margin"]
+from .base import RankingLoss, RankingResult
+from .miners import subsample, triplet_mask
+
+__all__ = ["TripletRanking", "effective_margin", "mined_triplet_loss", "triplet_ranking_loss"]
 
 
 def effective_margin(margin: float, bits: int, scaling: str = "constant") -> float:
@@ -41,3 +46,60 @@ def triplet_ranking_loss(query: torch.Tensor, positive: torch.Tensor, negative: 
     d_pos = (q - p).pow(2).sum(1)
     d_neg = (q - n).pow(2).sum(1)
     return torch.clamp(margin - d_neg + d_pos, min=0).mean()
+
+
+def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, max_triplets: int = 0,
+                       generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
+    """:func:`triplet_ranking_loss` over every valid in-batch triplet, from one ``(b, b)`` distance matrix.
+
+    Equal to ``triplet_ranking_loss(codes[a], codes[p], codes[n], margin)`` with
+    ``a, p, n = mine_all_triplets(labels, max_triplets, generator)`` (same subset draw), without
+    gathering a ``(t, k)`` code matrix per triplet: the hinge ``margin - D[a, n] + D[a, p]`` is
+    evaluated on the ``(b, b, b)`` grid and averaged over the valid mask (no host synchronisation),
+    or, when ``max_triplets`` subsamples, read at the kept triplets' entries of ``D``.
+
+    Args:
+        codes: ``(b, k)`` relaxed codes in [0, 1].
+        labels: ``(b,)`` class ids or ``(b, c)`` multi-hot.
+        margin, max_triplets, generator: as :func:`triplet_ranking_loss` and
+            :func:`~dsrh_lightning.losses.miners.mine_all_triplets`.
+
+    Returns:
+        ``(loss, count)``: the scalar float32 loss (0 without triplets) and the number of triplets used.
+    """
+    x = codes.float()
+    dist = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # (b, b) squared distances
+    valid = triplet_mask(labels)
+    if max_triplets:
+        count = int(valid.sum())
+        keep = subsample(count, max_triplets, generator, valid.device)
+        if keep is not None:
+            a, p, n = (t[keep] for t in valid.nonzero(as_tuple=True))
+            return torch.clamp(margin - dist[a, n] + dist[a, p], min=0).mean(), float(len(a))
+    hinge = torch.clamp(margin - dist.unsqueeze(1) + dist.unsqueeze(2), min=0)  # [a, p, n]
+    count = valid.sum()
+    return torch.where(valid, hinge, 0.0).sum() / count.clamp(min=1), count.float()
+
+
+class TripletRanking(RankingLoss):
+    """DSRH's triplet hinge on squared code distances (Yao et al. 2016, Eq. 2); ``loss.ranking=triplet``.
+
+    Explicit triplets (``data.sampling=triplets``) or every valid in-batch triplet
+    (``balanced`` / ``random``, capped by ``data.max_triplets``).
+    """
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        self.margin = effective_margin(cfg.loss.margin, self.bits, cfg.loss.margin_scaling)
+        self.max_triplets = int(cfg.data.max_triplets)
+
+    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+        if explicit:
+            # Rows are (query, positive, negative) of each triplet.
+            codes = out["codes"].view(-1, 3, self.bits)
+            q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
+            return RankingResult(triplet_ranking_loss(q, p, n, self.margin), [q, p, n], out["codes"],
+                                 self.flat_labels(labels, explicit))
+        codes = out["codes"]
+        loss, count = mined_triplet_loss(codes, labels, self.margin, self.max_triplets, generator)
+        return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": count})
