@@ -117,7 +117,7 @@ def test_resolve_run(tmp_path):
     assert run_dir == tmp_path / "a" and ckpt is None  # nothing to resume: fresh
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
-    good = {"state_dict": {}, "global_step": 1}  # resume=auto checks that last.ckpt loads
+    good = {"state_dict": {}, "global_step": 1, "hyper_parameters": {"config": {}}}  # resume=auto checks it loads
     torch.save(good, last)
     assert resolve_run(load_config(base + ["name=a", "resume=auto"])) == (tmp_path / "a", last)
     # Without a name: the newest last.ckpt of runs with the same dataset/experiment/bits/seed.

@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from .errors import FileError
+
 __all__ = ["Run", "CheckpointError", "load_run", "read_checkpoint"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; ``str()`` is ``<file>: <message>``."""
-
-    def __init__(self, path, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
+class CheckpointError(FileError):
+    """A checkpoint cannot be used (missing, unsafe, truncated, not ours); ``str()`` is ``<file>: <message>``."""
 
 
 @dataclass

@@ -18,8 +18,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .callbacks import RetrievalEvaluation, RetrievalPlots
 from .callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, LastCheckpoint, TrainingInterrupted,
-                                   UnreadableCheckpointError, assert_finite_parameters, load_checkpoint,
-                                   newest_readable_checkpoint)
+                                   assert_finite_parameters, newest_readable_checkpoint)
 from .callbacks.progress import RunProgressBar, RunTimeEstimate, ValidateAtEnd
 from .callbacks.wandb_best import WandbBest
 from .config import ConfigError, parse_devices, save_config, to_dict
@@ -28,6 +27,7 @@ from .loggers import build_logger
 from .models import build_backbone
 from .module import HashingModule
 from .resources import resolve_trainer
+from .run import CheckpointError, read_checkpoint
 
 __all__ = ["check_resume_compatible", "resolve_run", "run_name", "train"]
 
@@ -79,9 +79,9 @@ def resolve_run(cfg: DictConfig) -> Tuple[Path, Optional[Path]]:
 def _readable_or_fallback(last: Path) -> Path:
     """``last`` if it loads, else the newest readable checkpoint beside it (said on stdout)."""
     try:
-        load_checkpoint(last)
+        read_checkpoint(last)
         return last
-    except UnreadableCheckpointError as exc:
+    except CheckpointError as exc:
         other = newest_readable_checkpoint(last.parent, exclude=last)
         if other is None:
             raise ConfigError(f"resume=auto: {exc}, and no other readable checkpoint in {last.parent}. "
@@ -111,8 +111,8 @@ def check_resume_compatible(cfg: DictConfig, ckpt_path: Path) -> None:
     """Raise ``ConfigError`` naming every key that differs between ``cfg`` and the config stored in
     ``ckpt_path`` and makes resuming impossible (see ``_COMPAT_*``); nothing is written."""
     try:
-        ckpt = load_checkpoint(ckpt_path)
-    except UnreadableCheckpointError as exc:
+        ckpt = read_checkpoint(ckpt_path)
+    except CheckpointError as exc:
         raise ConfigError(f"resume={cfg.resume}: {exc}") from None
     stored = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(stored, dict):

@@ -9,7 +9,7 @@
 * :class:`LastCheckpoint`: the ONE owner of ``last.ckpt`` (always the newest state): every
   ``every_n_steps`` steps, every ``every_minutes`` minutes, after each validation, at the end of fit,
   and on SIGINT / SIGTERM (then training stops with :class:`TrainingInterrupted`).
-* :func:`load_checkpoint` (``weights_only=True``) and :func:`newest_readable_checkpoint`.
+* :func:`newest_readable_checkpoint` (read with :func:`dsrh_lightning.run.read_checkpoint`, ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from ..run import CheckpointError, read_checkpoint
+
 __all__ = ["AtomicCheckpointIO", "FiniteModelCheckpoint", "LastCheckpoint", "TrainingInterrupted",
-           "UnreadableCheckpointError", "assert_finite_parameters", "atomic_torch_save", "load_checkpoint",
+           "assert_finite_parameters", "atomic_torch_save",
            "newest_readable_checkpoint"]
 
 TMP_MARK = ".tmp-"
@@ -96,33 +98,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
-class UnreadableCheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded (truncated, not a checkpoint, or unsafe)."""
-
-
-def load_checkpoint(path) -> Dict[str, Any]:
-    """Load ``path`` on the CPU with ``weights_only=True`` (no code from the file runs).
-
-    Raises :class:`UnreadableCheckpointError` naming the file when it cannot be read as a checkpoint."""
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle refused by weights_only, text file, ...
-        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UnreadableCheckpointError(f"{path}: not a dsrh-lightning checkpoint (no state_dict)")
-    return ckpt
-
-
 def newest_readable_checkpoint(folder: Path, exclude: Optional[Path] = None) -> Optional[Path]:
     """The most recently written ``*.ckpt`` in ``folder`` that loads, or None."""
     found = sorted((p for p in Path(folder).glob("*.ckpt") if p != exclude and not p.name.startswith(".")),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for p in found:
         try:
-            load_checkpoint(p)
+            read_checkpoint(p)
             return p
-        except UnreadableCheckpointError:
+        except CheckpointError:
             continue
     return None
 

@@ -25,9 +25,29 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["EpochBatchSampler", "ResumableDataLoader"]
+__all__ = ["EpochBatchSampler", "ResumableBatches", "ResumableDataLoader"]
 
-class EpochBatchSampler(Sampler[List[int]]):
+
+class ResumableBatches(Sampler[List[int]]):
+    """What every training batch sampler shares: an epoch (:meth:`set_epoch`), a resume position
+    (:meth:`resume_at`) and ``num_batches`` per epoch for this rank. Subclasses set ``num_batches``
+    and draw their batches from ``(seed, epoch)``."""
+
+    epoch: int = 0
+    start_batch: int = 0
+    num_batches: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume_at(self, batch: int) -> None:
+        """The next iteration skips the first ``batch`` batches of this rank's share (mid-epoch resume)."""
+        self.start_batch = int(batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+class EpochBatchSampler(ResumableBatches):
     """Shuffled batches of ``batch_size`` indices, seeded by ``(seed, epoch)``, split over ranks.
 
     Each epoch permutes ``range(n)``, cuts it into ``len(self) * world_size`` full
@@ -49,16 +69,6 @@ class EpochBatchSampler(Sampler[List[int]]):
         if self.num_batches == 0:
             raise ValueError(f"{self.n} training items are fewer than one batch of {self.batch_size} per process "
                              f"({self.world_size} processes); lower data.batch_size")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def resume_at(self, batch: int) -> None:
-        """The next iteration skips the first ``batch`` batches of this rank's share."""
-        self.start_batch = int(batch)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def batches(self) -> List[List[int]]:
         """This rank's batches of the current epoch (ignoring :meth:`resume_at`)."""

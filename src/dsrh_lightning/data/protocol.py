@@ -63,15 +63,8 @@ def _per_class_draw(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: n
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
 
 
-def make_single_label_split(
-    labels: np.ndarray,
-    class_names,
-    query_per_class: int,
-    train_per_class: int,
-    val_per_class: int,
-    val_database_size: int,
-    seed: int,
-) -> Split:
+def make_single_label_split(labels: np.ndarray, class_names, query_per_class: int, train_per_class: int,
+                            val_per_class: int, val_database_size: int, seed: int) -> Split:
     """Seeded single-label protocol split.
 
     Args:
@@ -152,15 +145,8 @@ def _draw_split(draw, labels, class_names, query_per_class, train_per_class, val
     return shuffle_databases(Split(query, database, train, val, val_database), seed)
 
 
-def make_multilabel_split(
-    labels: np.ndarray,
-    class_names,
-    query_per_class: int,
-    train_per_class: int,
-    val_per_class: int,
-    val_database_size: int,
-    seed: int,
-) -> Split:
+def make_multilabel_split(labels: np.ndarray, class_names, query_per_class: int, train_per_class: int,
+                          val_per_class: int, val_database_size: int, seed: int) -> Split:
     """Seeded multi-label protocol split (NUS-WIDE-21: 100 queries and 500 training images per concept).
 
     Args:

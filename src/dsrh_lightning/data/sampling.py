@@ -19,9 +19,9 @@ from typing import Iterator, List
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from ..relevance import relevance_matrix
+from .distributed import ResumableBatches
 
 __all__ = ["sample_triplets", "ClassBalancedBatchSampler"]
 
@@ -90,7 +90,7 @@ def _sample_single_label(labels: np.ndarray, per_anchor: int, rng: np.random.Gen
     return np.stack([anchors, positives, negatives], axis=1).astype(np.int64)
 
 
-class ClassBalancedBatchSampler(Sampler[List[int]]):
+class ClassBalancedBatchSampler(ResumableBatches):
     """Batches of ``classes_per_batch`` classes x ``images_per_class`` images, seeded per epoch.
 
     Each epoch shuffles every class's images and walks through them, so all
@@ -119,16 +119,6 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
         self.start_batch = 0
         total = sum(len(m) for m in self.members)
         self.num_batches = max(1, total // batch_size // world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume_at(self, batch: int) -> None:
-        """The next iteration skips the first ``batch`` batches of this rank's share (mid-epoch resume)."""
-        self.start_batch = int(batch)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[List[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])

@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import FileError
+
 __all__ = ["FORMAT", "VERSION", "CodesIndex", "CodesFileError", "write_codes", "read_codes", "check_labels"]
 
 FORMAT = "dsrh-codes"
@@ -37,12 +39,8 @@ EXPECTED = "a codes file written by `dsrh index`, or an .npz with arrays 'codes'
 MAX_CLASS_ID = 2 ** 31 - 1
 
 
-class CodesFileError(ValueError):
+class CodesFileError(FileError):
     """A codes file is missing or malformed; ``str()`` is ``<file>: <message>``."""
-
-    def __init__(self, path, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
 
 
 @dataclass

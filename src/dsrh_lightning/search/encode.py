@@ -83,7 +83,9 @@ def split_dataset(cfg, split: str):
     source = dm.source
     positions = np.asarray(getattr(dm.split, split), dtype=np.int64)
     ref = dm.query  # evaluation transform (identity for cached features), never the training augmentation
-    ds = IndexedImageDataset(ref.images, source.labels, positions, ref.transform)
+    # The evaluation transform of the split: per image (worker path) and/or batched (device path).
+    ds = IndexedImageDataset(ref.images, source.labels, positions, ref.transform,
+                             batch_transform=getattr(ref, "batch_transform", None))
     if isinstance(source.images, ImageFiles):
         ids = [str(Path(source.images.paths[j]).resolve()) for j in positions]
     else:
