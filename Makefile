@@ -12,6 +12,8 @@ DATA_DIR ?= $(if $(wildcard ../shared/data/$(DATASET)),../shared/data/$(DATASET)
 WEIGHTS ?= $(if $(filter cifar10,$(DATASET)),auto,)
 # Extra overrides, e.g. ARGS="model.bits=12 trainer.max_steps=2000"
 ARGS ?=
+# Extra flags for the bench-* scripts, e.g. BENCH_ARGS="--cases vgg19:32 --precision fp32 bf16"
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 # Sweeps: a file under experiments/sweeps/ (name or path), the W&B sweep id, the number of runs.
 SWEEP ?= bits.yaml
@@ -82,8 +84,8 @@ bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batc
 bench-scales: venv ## margin and orthogonality normalisation at 12 vs 48 bits (uses bench-results' feature cache)
 	$(PY) benchmarks/code_length_scales.py
 
-bench-throughput: venv ## training throughput vs the model-only ceiling (images/s, MFU), fp32 vs bf16
-	$(PY) benchmarks/throughput.py
+bench-throughput: venv ## training loop vs the model-only ceiling (images/s, MFU), fp32 vs bf16 on a GPU; small on CPU [BENCH_ARGS=..]
+	$(PY) benchmarks/throughput.py $(if $(DATA_DIR),--data-root $(DATA_DIR),) $(BENCH_ARGS)
 
 bench-head: venv ## head training speed on cached features
 	$(PY) benchmarks/head_speed.py

@@ -138,11 +138,14 @@ def real_loop(cfg, steps: int, warmup: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["vgg19:224", "vgg19:32", "efficientnet_lite0:224"])
+    ap.add_argument("--cases", nargs="+", default=None,
+                    help="backbone:size ... (default: vgg19:224 vgg19:32 efficientnet_lite0:224 on a GPU; on a CPU "
+                         "small_cnn:32 with --steps 20 --warmup 3 --precision fp32 unless given, to prove the harness)")
     ap.add_argument("--batch", type=int, default=192, help="images per step (a multiple of 3: triplets)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=sorted(PRECISION))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on a GPU, 20 on a CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on a GPU, 3 on a CPU)")
+    ap.add_argument("--precision", nargs="+", default=None, choices=sorted(PRECISION),
+                    help="default fp32 bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--data-root", default="")
@@ -159,6 +162,12 @@ def main(argv=None) -> int:
     if args.accelerator == "auto":
         args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    gpu = device.type == "cuda"
+    # The real measurement is on a GPU; a CPU run only proves the harness at a size that ends in minutes.
+    args.cases = args.cases or (["vgg19:224", "vgg19:32", "efficientnet_lite0:224"] if gpu else ["small_cnn:32"])
+    args.steps = args.steps if args.steps is not None else (50 if gpu else 20)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 3)
+    args.precision = args.precision or (["fp32", "bf16"] if gpu else ["fp32"])
     rows = []
     for case in args.cases:
         backbone, size = case.split(":")
