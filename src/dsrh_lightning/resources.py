@@ -10,7 +10,7 @@ depends on the thread count; but SGD on a hinge loss amplifies that float noise 
 triplet that is barely active with one thread is barely inactive with two), and a long run can end
 in a different local optimum, as two seeds do. The same seed with the same thread count on the same
 machine gives the same run; different thread counts agree within float noise over a few steps
-(``tests/test_resources.py``) and within seed-to-seed spread over long runs.
+(``tests/test_first_hour.py``) and within seed-to-seed spread over long runs.
 """
 
 from __future__ import annotations

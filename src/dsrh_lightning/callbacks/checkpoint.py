@@ -147,7 +147,6 @@ class LastCheckpoint(Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_steps, self.every_minutes = int(every_n_steps), float(every_minutes)
         self._last_time = time.monotonic()
-        self._saved_step: Optional[int] = None
         self._signal: Optional[int] = None
         self._previous: Dict[int, Any] = {}
 
@@ -193,20 +192,23 @@ class LastCheckpoint(Callback):
     def save(self, trainer: pl.Trainer) -> None:
         assert_finite_parameters(trainer.lightning_module)
         trainer.save_checkpoint(str(self.path))
-        self._saved_step = trainer.global_step
         self._last_time = time.monotonic()
 
-    def _any_rank(self, trainer: pl.Trainer, flag: bool) -> bool:
-        if trainer.world_size > 1:
-            return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
-        return bool(flag)
+    @staticmethod
+    def _any_rank(trainer: pl.Trainer, due: bool, stop: bool) -> "tuple[bool, bool]":
+        """``(due, stop)``, each true when it is true on any rank: one collective per step under DDP."""
+        if trainer.world_size == 1:
+            return due, stop
+        flags = torch.tensor([float(due), float(stop)], device=trainer.strategy.root_device)
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         due = due or (self.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * self.every_minutes)
-        stop = self._any_rank(trainer, self._signal is not None)
-        if self._any_rank(trainer, due) or stop:
+        due, stop = self._any_rank(trainer, due, self._signal is not None)
+        if due or stop:
             self.save(trainer)
         if stop:
             self._restore_handlers()
