@@ -21,8 +21,8 @@ import torch
 
 from ..relevance import relevance_matrix, shared_label_counts
 
-__all__ = ["ideal_dcg", "mine_all_triplets", "mine_multilevel_triplets", "multilevel_mask", "subsample",
-           "triplet_mask"]
+__all__ = ["ideal_dcg", "kept_triplets", "mine_all_triplets", "mine_multilevel_triplets", "multilevel_mask",
+           "subsample", "triplet_mask"]
 
 
 def triplet_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,19 @@ def subsample(count: int, max_triplets: int, generator: Optional[torch.Generator
     if max_triplets and count > max_triplets:
         return torch.randperm(count, generator=generator, device="cpu")[:max_triplets].to(device)
     return None
+
+
+def kept_triplets(valid: torch.Tensor, max_triplets: int, generator: Optional[torch.Generator]
+                  ) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The index triples of the ``(b, b, b)`` mask ``valid`` that :func:`subsample` keeps when
+    ``max_triplets`` caps them (the same draw as the ``mine_*`` functions), else None: all are used,
+    and the caller can work on the whole mask without a host synchronisation."""
+    if not max_triplets:
+        return None
+    keep = subsample(int(valid.sum()), max_triplets, generator, valid.device)
+    if keep is None:
+        return None
+    return tuple(t[keep] for t in valid.nonzero(as_tuple=True))
 
 
 def mine_all_triplets(labels: torch.Tensor, max_triplets: int = 0,

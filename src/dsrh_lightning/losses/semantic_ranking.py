@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .base import RankingLoss, RankingResult
-from .miners import multilevel_mask, subsample
+from .miners import kept_triplets, multilevel_mask
 from .triplet import effective_margin
 
 __all__ = ["WeightedRanking", "balance_penalty", "hamming_surrogate", "mined_weighted_ranking_loss",
@@ -78,13 +78,11 @@ def mined_weighted_ranking_loss(codes: torch.Tensor, labels: torch.Tensor, margi
     u = 2 * codes.float() - 1
     ham = (k - (u.unsqueeze(1) * u.unsqueeze(0)).sum(-1)) / 2  # (b, b) relaxed Hamming distances
     valid, weight = multilevel_mask(labels)
-    if max_triplets:
-        count = int(valid.sum())
-        keep = subsample(count, max_triplets, generator, valid.device)
-        if keep is not None:
-            q, i, j = (t[keep] for t in valid.nonzero(as_tuple=True))
-            hinge = torch.clamp(margin + ham[q, i] - ham[q, j], min=0)
-            return (weight[q, i, j] * hinge).sum() / b, float(len(q))
+    kept = kept_triplets(valid, max_triplets, generator)
+    if kept is not None:
+        q, i, j = kept
+        hinge = torch.clamp(margin + ham[q, i] - ham[q, j], min=0)
+        return (weight[q, i, j] * hinge).sum() / b, float(len(q))
     hinge = torch.clamp(margin + ham.unsqueeze(2) - ham.unsqueeze(1), min=0)  # [q, i, j]
     return (weight * hinge).sum() / b, valid.sum().float()  # weight is 0 outside the valid mask
 

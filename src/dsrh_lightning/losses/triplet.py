@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .base import RankingLoss, RankingResult
-from .miners import subsample, triplet_mask
+from .miners import kept_triplets, triplet_mask
 
 __all__ = ["TripletRanking", "effective_margin", "mined_triplet_loss", "triplet_ranking_loss"]
 
@@ -70,12 +70,10 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
     x = codes.float()
     dist = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # (b, b) squared distances
     valid = triplet_mask(labels)
-    if max_triplets:
-        count = int(valid.sum())
-        keep = subsample(count, max_triplets, generator, valid.device)
-        if keep is not None:
-            a, p, n = (t[keep] for t in valid.nonzero(as_tuple=True))
-            return torch.clamp(margin - dist[a, n] + dist[a, p], min=0).mean(), float(len(a))
+    kept = kept_triplets(valid, max_triplets, generator)
+    if kept is not None:
+        a, p, n = kept
+        return torch.clamp(margin - dist[a, n] + dist[a, p], min=0).mean(), float(len(a))
     hinge = torch.clamp(margin - dist.unsqueeze(1) + dist.unsqueeze(2), min=0)  # [a, p, n]
     count = valid.sum()
     return torch.where(valid, hinge, 0.0).sum() / count.clamp(min=1), count.float()
