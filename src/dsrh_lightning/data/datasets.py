@@ -79,12 +79,12 @@ class IndexedImageDataset(Dataset):
                 return self.batch_transform(self._worker_pixels(i, seed)[None])[0]
             raw = self.raw_images(np.array([i]), None if seed is None else [seed], (1,))
             return self.batch_transform(raw.pixels, raw.params)[0]
-        image = self.images[self.indices[i]]
         if self.transform is None:
-            return image
-        return self.transform(image) if seed is None else apply_seeded(self.transform, image, seed)
+            return self.images[self.indices[i]]
+        return self._worker_pixels(i, seed)
 
     def _worker_pixels(self, i: int, seed: Optional[int]) -> torch.Tensor:
+        """Item ``i`` through the per-image ``transform`` (seeded by ``seed`` when given)."""
         image = self.images[self.indices[i]]
         return self.transform(image) if seed is None else apply_seeded(self.transform, image, seed)
 
