@@ -133,26 +133,33 @@ def uninterrupted(tmp_path_factory):
     return res["last_checkpoint"]
 
 
-@pytest.mark.parametrize("sig,hold_at,saved_at,code", [
-    (signal.SIGKILL, 6, 5, -signal.SIGKILL),   # last.ckpt from the epoch-0-end validation
-    (signal.SIGKILL, 9, 8, -signal.SIGKILL),   # last.ckpt mid-epoch 1
-    (signal.SIGINT, 7, 8, 128 + signal.SIGINT),  # the signal's step finishes, then last.ckpt
-    (signal.SIGTERM, 2, 3, 128 + signal.SIGTERM),
-], ids=["sigkill-epoch-end", "sigkill-mid-epoch", "sigint", "sigterm"])
-def test_signalled_process_resumes_exactly(sig, hold_at, saved_at, code, tmp_path, uninterrupted):
+@pytest.mark.parametrize("sig,hold_at,saved_at,code,group", [
+    (signal.SIGKILL, 6, 5, -signal.SIGKILL, False),   # last.ckpt from the epoch-0-end validation
+    (signal.SIGKILL, 9, 8, -signal.SIGKILL, False),   # last.ckpt mid-epoch 1
+    (signal.SIGINT, 7, 8, 128 + signal.SIGINT, False),  # the signal's step finishes, then last.ckpt
+    (signal.SIGTERM, 2, 3, 128 + signal.SIGTERM, False),
+    # `timeout` / SLURM / kill of a job signal the whole process group, DataLoader workers included.
+    (signal.SIGTERM, 2, 3, 128 + signal.SIGTERM, True),
+], ids=["sigkill-epoch-end", "sigkill-mid-epoch", "sigint", "sigterm", "sigterm-group-with-workers"])
+def test_signalled_process_resumes_exactly(sig, hold_at, saved_at, code, group, tmp_path, uninterrupted):
     marker, go = tmp_path / "held", tmp_path / "go"
     # Same thread count as this process: a different one changes float reduction order (not bit-identical).
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    workers = ["data.num_workers=1"] if group else []
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(hold_at), str(marker), str(go),
-                              *_overrides(tmp_path / "runs", "run")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                              *_overrides(tmp_path / "runs", "run"), *workers],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=group)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
             assert child.poll() is None, child.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "child never reached the step"
             time.sleep(0.05)
-        child.send_signal(sig)
+        if group:
+            os.killpg(child.pid, sig)
+        else:
+            child.send_signal(sig)
         go.touch()
         out = child.communicate(timeout=300)[0]
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -80,6 +82,23 @@ def make_split(source: Source, partition: Optional[ListPartition], data_cfg: Dic
     split_dir = Path(data_cfg.split_dir) if data_cfg.split_dir else None
     return load_or_make_split(lambda: make(labels, source.class_names, **params), source.name, labels, params,
                               split_dir)
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers leave SIGINT / SIGTERM to the main process.
+
+    ``timeout``, SLURM and a shell's kill of a job signal the whole process group. A worker killed by
+    SIGTERM makes torch raise "DataLoader worker ... killed" in the main process, so the run ended in
+    a traceback before it could finish the step and write last.ckpt. The main process handles the
+    signal and shuts the workers down. Lightning's worker seeding (``seed_everything(workers=True)``)
+    is kept: it is only added by Lightning to loaders without a ``worker_init_fn``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 class HashingDataModule(pl.LightningDataModule):
@@ -240,7 +259,8 @@ class HashingDataModule(pl.LightningDataModule):
     def _loader(self, dataset, batch_size: int, **kw) -> DataLoader:
         # One fetch per batch (a tensor gather for cached features, raw uint8 on the device path).
         return DataLoader(BatchedFetch(dataset), batch_size=batch_size, num_workers=self._workers(),
-                          persistent_workers=False, pin_memory=torch.cuda.is_available(), collate_fn=unbatched, **kw)
+                          persistent_workers=False, pin_memory=torch.cuda.is_available(), collate_fn=unbatched,
+                          worker_init_fn=worker_init, **kw)
 
     def train_dataloader(self) -> DataLoader:
         """Seeded per epoch, a disjoint share per rank, resumable mid-epoch (see data/distributed.py)."""
@@ -265,7 +285,7 @@ class HashingDataModule(pl.LightningDataModule):
             dataset, batches = self.train, self._balanced_sampler
         return ResumableDataLoader(BatchedFetch(dataset), batch_sampler=batches, num_workers=self._workers(),
                                    pin_memory=torch.cuda.is_available(), position=self._batches_done,
-                                   collate_fn=unbatched)
+                                   collate_fn=unbatched, worker_init_fn=worker_init)
 
     def _eval_loader(self, dataset) -> DataLoader:
         # Under DDP each rank encodes a padded share; the evaluation callback gathers the shares and
