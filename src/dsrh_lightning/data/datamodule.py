@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -85,16 +84,22 @@ def make_split(source: Source, partition: Optional[ListPartition], data_cfg: Dic
 
 
 def worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader: workers leave SIGINT / SIGTERM to the main process.
+    """``worker_init_fn`` of every loader: a worker leaves job-wide signals to the main process.
 
-    ``timeout``, SLURM and a shell's kill of a job signal the whole process group. A worker killed by
-    SIGTERM makes torch raise "DataLoader worker ... killed" in the main process, so the run ended in
-    a traceback before it could finish the step and write last.ckpt. The main process handles the
-    signal and shuts the workers down. Lightning's worker seeding (``seed_everything(workers=True)``)
-    is kept: it is only added by Lightning to loaders without a ``worker_init_fn``.
+    ``timeout``, a terminal's Ctrl-C and a shell's kill of a job signal the whole process group. A
+    worker killed by SIGTERM makes torch raise "DataLoader worker ... killed" in the main process, so
+    the run ended in a traceback before it could finish the step and write last.ckpt. Each worker
+    therefore moves to a process group of its own: group signals reach only the main process, which
+    handles them and shuts the workers down. Signals sent to the worker itself keep torch's handlers,
+    so the main process can still terminate a worker that does not stop (ignoring SIGTERM instead
+    made such an exit hang). A worker whose main process dies still exits (torch's parent watchdog).
+    Lightning's worker seeding (``seed_everything(workers=True)``) is kept: Lightning only adds it to
+    loaders without a ``worker_init_fn``.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted (e.g. already a session leader): keep the inherited group
+        pass
     if os.environ.get("PL_SEED_WORKERS") == "1":
         from lightning_fabric.utilities.seed import pl_worker_init_function
 
