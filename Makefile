@@ -24,7 +24,7 @@ SWEEP_FILE = $(if $(wildcard $(SWEEP)),$(SWEEP),experiments/sweeps/$(SWEEP))
 TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
-.PHONY: help venv train test bench bench-eval bench-results bench-report bench-train-speed bench-scales \
+.PHONY: help venv train test bench bench-eval bench-tune bench-results bench-report bench-train-speed bench-scales \
 	bench-throughput bench-head bench-mining clean clean-runs sweep agent sweep-local wandb-login-check
 
 help: ## list the targets
@@ -39,7 +39,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed ## create/update the virtualenv and install the project
 
-train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERIMENT=dsrh|drh|drh_plus|dsrh_balanced|dsrh_yao|dsrh_zhao|dpsh|dtsh|hashnet|csq [DATA_DIR=..] [WEIGHTS=auto|imagenet|none] [ARGS=..]
+train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERIMENT=dsrh|dsrh_tuned|drh|drh_plus|dsrh_balanced|dsrh_yao|dsrh_zhao|dpsh|dtsh|hashnet|csq [DATA_DIR=..] [WEIGHTS=auto|imagenet|none] [ARGS=..]
 	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
 
 # W&B sweeps need an account: fail at once (never wait at wandb's login prompt; CI has no stdin).
@@ -70,13 +70,22 @@ test: venv ## run the test suite on CPU
 bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive argsort and faiss
 	$(PY) benchmarks/bench_eval.py
 
-# The CPU protocol: cached EfficientNet-Lite0 features, every method x bits x seed (resumes; see docs/RESULTS.md).
+# The CPU protocol (docs/RESULTS.md): cached EfficientNet-Lite0 features at 128 px; first a recipe search on
+# validation (same budget for every tuned method), then every method x bits x seed with its tuned settings.
+# Both resume where they stopped.
+TUNED := benchmarks/results/tuned_cpu.json
+TUNED_METHODS := ITQ DRH DRH+ DSRH HashNet CSQ
+TUNE_ARGS ?=
 RESULTS_ARGS ?=
-bench-results: venv ## CPU protocol: baselines + deep methods on cached features -> docs/RESULTS.md [RESULTS_ARGS=..]
-	$(PY) benchmarks/results_cpu.py $(RESULTS_ARGS)
+bench-tune: venv ## CPU protocol, step 1: Bayesian search on validation per method and code length -> $(TUNED) [TUNE_ARGS=..]
+	$(PY) benchmarks/tune_cpu.py --out $(TUNED) $(TUNE_ARGS)
+
+bench-results: venv ## CPU protocol, step 2: tuned methods, 3 seeds x 12/24/32/48 bits -> docs/RESULTS.md [RESULTS_ARGS=..]
+	$(PY) benchmarks/results_cpu.py --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl \
+		--methods $(TUNED_METHODS) $(RESULTS_ARGS)
 
 bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measured results
-	$(PY) benchmarks/results_cpu.py --report-only
+	$(PY) benchmarks/results_cpu.py --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl --report-only
 
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
 	$(PY) benchmarks/train_speed.py
@@ -93,7 +102,7 @@ bench-head: venv ## head training speed on cached features
 bench-mining: venv ## in-batch triplet mining: pairwise-distance hinge vs gathered triplets
 	$(PY) benchmarks/bench_mining.py
 
-bench: bench-eval bench-train-speed bench-results bench-scales ## all benchmarks
+bench: bench-eval bench-train-speed bench-tune bench-results bench-scales ## all benchmarks
 
 clean: ## remove caches (.pytest_cache, lightning_logs, ./wandb); runs/ is kept (make clean-runs)
 	rm -rf .pytest_cache lightning_logs wandb

@@ -98,8 +98,34 @@ def plots(rows, docs: Path, order=()):
     plt.close(fig)
 
 
-def write_report(rows, docs: Path, args=None, order=()):
-    """``order``: the methods' display order (results_cpu.ALL_METHODS); this module never imports results_cpu."""
+def tuned_table(tuned: dict) -> str:
+    """The settings the validation search chose (tune_cpu.py's JSON), one row per (method, tuned length)."""
+    lines = ["**Settings found on validation** (best of the trials by best validation MAP; validation "
+             "queries and a 5,000-image validation database, never the test queries)", "",
+             "| method | tuned at | trials | steps | best val MAP | settings (over the experiment config) |",
+             "|---|---|---|---|---|---|"]
+    for method, by_bits in tuned.items():
+        for bits in sorted(by_bits, key=int):
+            t = by_bits[bits]
+            settings = " ".join(f"`{_short(o)}`" for o in t["overrides"] if not o.startswith("dataset="))
+            lines.append(f"| {method} | {bits} bits | {t['trials']} | {t['steps']} | {t['best_val_map']:.4f} | {settings} |")
+    return "\n".join(lines)
+
+
+def _short(override: str) -> str:
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+        value = value if number == int(number) and "." not in value else f"{number:.3g}"
+    except ValueError:
+        pass
+    return f"{key}={value}"
+
+
+def write_report(rows, docs: Path, args=None, order=(), source="benchmarks/results/results_cpu.jsonl",
+                 tuned=None):
+    """``order``: the methods' display order (results_cpu.ALL_METHODS); this module never imports results_cpu.
+    ``tuned``: tune_cpu.py's JSON (its settings table is shown above the results)."""
     docs.mkdir(parents=True, exist_ok=True)
     if not rows:
         print("no results yet")
@@ -115,10 +141,11 @@ def write_report(rows, docs: Path, args=None, order=()):
         secs[r["method"]].append(r["seconds"])
     block = [
         BEGIN,
-        f"Generated {_dt.date.today().isoformat()} from `benchmarks/results/results_cpu.jsonl` "
+        f"Generated {_dt.date.today().isoformat()} from `{source}` "
         f"({len(rows)} runs; seeds {seeds}; deep-model steps {steps}; commits {', '.join(commits)}; "
         f"machine: {'; '.join(machines)}; measured {dates[0]} .. {dates[-1]}).",
         "",
+        *([tuned_table(tuned), ""] if tuned else []),
         table(rows, "map", "MAP@all (test queries ranked against the whole database)", order),
         "",
         table(rows, "precision_r2", "Precision within Hamming radius 2 (0 when no item is within radius 2)", order),

@@ -57,6 +57,11 @@ DEEP = {
     "HashNet": ("hashnet", []),
     "CSQ": ("csq", []),
 }
+# With --tuned: method -> (tuned method whose settings it takes, keys it drops). The ablations take DSRH's
+# tuned recipe without the terms they ablate, so the comparison isolates the terms.
+TUNED_FROM = {"DSRH": ("DSRH", []), "DRH+": ("DSRH", ["loss.cls_weight"]),
+              "DRH": ("DSRH", ["loss.cls_weight", "loss.orth_weight"]),
+              "HashNet": ("HashNet", []), "CSQ": ("CSQ", [])}
 NAMES = {"lsh": "LSH", "pcah": "PCAH", "itq": "ITQ", "sh": "SH"}
 ALL_METHODS = [NAMES[b] for b in BASELINES] + list(DEEP)
 
@@ -108,11 +113,24 @@ def run_baseline(name: str, args, bits: int, seed: int, dm: HashingDataModule) -
     return res
 
 
+def tuned_overrides(tuned: dict, name: str, bits: int) -> list[str] | None:
+    """The validation-tuned settings of ``name`` at the tuned code length nearest ``bits`` (None: untuned)."""
+    source, drop = TUNED_FROM.get(name, (None, []))
+    if not tuned or source not in tuned:
+        return None
+    lengths = sorted(tuned[source], key=lambda b: (abs(int(b) - bits), int(b)))
+    over = tuned[source][lengths[0]]["overrides"]
+    return [o for o in over if o.split("=", 1)[0] not in {"dataset", "experiment", *drop}]
+
+
 def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
     from dsrh_lightning.run import load_run
     from dsrh_lightning.train import train
 
     exp, extra = DEEP[name]
+    tuned = tuned_overrides(dm_cache.get("tuned"), name, bits)
+    if tuned is not None:
+        extra = extra + tuned
     with tempfile.TemporaryDirectory() as tmp:
         over = base_overrides(args, bits, seed) + [
             f"experiment={exp}", f"output_dir={tmp}", "name=run", f"trainer.max_steps={args.steps}",
@@ -131,8 +149,14 @@ def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
             qc = binarize(module(xq), cfg.eval.threshold)
             dbc = binarize(torch.cat([module(xdb[i:i + 8192]) for i in range(0, len(xdb), 8192)]), cfg.eval.threshold)
     res = evaluate_codes(qc, dbc, yq, ydb, pr=True)
-    res.update(train_seconds=round(train_s, 1), best_val_map=result.get("best_val_map"))
+    res.update(train_seconds=round(train_s, 1), best_val_map=result.get("best_val_map"), tuned=tuned)
     return res
+
+
+def _lr(res: dict, args) -> float:
+    """The learning rate a deep run used: its tuned one, else ``--lr``."""
+    lrs = [float(o.split("=", 1)[1]) for o in res.get("tuned") or [] if o.startswith("optim.lr=")]
+    return lrs[-1] if lrs else args.lr
 
 
 def load_results(path: Path) -> list[dict]:
@@ -158,25 +182,32 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The protocol's arguments (shared with tune_cpu.py): data, features, training length and batch."""
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="imagenet")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--feature-dir", default=str(REPO / "data" / "features"))
     p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=64, help="triplets (or images) per batch")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate of untuned methods")
+    p.add_argument("--lr-decay-steps", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every deep run")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_args(p)
     p.add_argument("--bits", type=int, nargs="+", default=[12, 24, 32, 48])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, help=f"from {ALL_METHODS}")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--val-every", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32, help="triplets per batch (explicit triplets)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--lr-decay-steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
-    p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every deep run")
+    p.add_argument("--tuned", default="", help="tune_cpu.py's JSON: each tuned method runs with the settings "
+                   "found on validation at the nearest tuned code length (its lr included)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "results_cpu.jsonl"))
     p.add_argument("--docs", default=str(REPO / "docs"))
     p.add_argument("--report-only", action="store_true")
@@ -189,6 +220,7 @@ def main(argv=None) -> None:
         if unknown:
             p.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
         torch.set_num_threads(args.threads)
+        tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else {}
         for seed in args.seeds:
             dm = None
             for bits in args.bits:
@@ -204,9 +236,9 @@ def main(argv=None) -> None:
                         key = [k for k, v in NAMES.items() if v == method][0]
                         res = run_baseline(key, args, bits, seed, dm)
                     else:
-                        res = run_deep(method, args, bits, seed, {"dm": dm})
+                        res = run_deep(method, args, bits, seed, {"dm": dm, "tuned": tuned})
                     row = dict(method=method, bits=bits, seed=seed, steps=args.steps if method in DEEP else None,
-                               batch_size=args.batch_size if method in DEEP else None, lr=args.lr if method in DEEP else None,
+                               batch_size=args.batch_size if method in DEEP else None, lr=_lr(res, args) if method in DEEP else None,
                                image_size=args.image_size, backbone=args.backbone,
                                seconds=round(time.perf_counter() - t0, 1), commit=git_commit(),
                                date=_dt.datetime.now().isoformat(timespec="seconds"), machine=machine(), **res)
@@ -216,7 +248,12 @@ def main(argv=None) -> None:
                           f"{res['precision_r2']:.4f}  ({row['seconds']} s)", flush=True)
     from report_cpu import write_report  # noqa: E402  (benchmarks/report_cpu.py)
 
-    write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS)
+    try:
+        source = str(results_path.resolve().relative_to(REPO))
+    except ValueError:
+        source = str(results_path)
+    tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else None
+    write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS, source=source, tuned=tuned)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,41 @@ def test_weights_auto_falls_back_loudly_and_records_it(monkeypatch, tmp_path, ca
     cfg = load_config(["model.backbone=resnet18", "model.weights=imagenet"])
     resolve_weights(cfg)  # explicit imagenet is left alone (and fails later, clearly)
     assert cfg.model.weights == "imagenet"
+
+
+def _head_net(shared_dim: int):
+    cfg = load_config(["model.bits=8", "model.bag_size=4", "model.dropout=0", f"model.shared_dim={shared_dim}"])
+    torch.manual_seed(0)
+    return build_network(cfg.model, num_classes=5, feature_dim=16)
+
+
+@pytest.mark.parametrize("shared_dim", [0, 12])
+def test_classification_reaches_the_hash_stream_only_through_a_shared_layer(shared_dim):
+    """On cached features (identity backbone) the classification loss can only change the codes through
+    model.shared_dim's layer: without it, its gradient on every hash-stream parameter is exactly 0."""
+    net = _head_net(shared_dim)
+    x, y = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    out = net(x)
+    assert out["codes"].shape == (6, 8) and out["logits"].shape == (6, 5)
+    torch.nn.functional.cross_entropy(out["logits"], y).backward()
+    hash_grad = sum(float(p.grad.abs().sum()) for p in net.hash_head.parameters() if p.grad is not None)
+    assert hash_grad == 0.0  # the classification loss never reaches the head's own weights
+    shared = [p for p in net.shared.parameters()]
+    if shared_dim:
+        assert net.shared[0].weight.shape == (12, 16) and net.hash_head.fc.in_features == 12
+        # ... but it moves the shared layer, whose output is the hash stream's input
+        assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in shared)
+        before = net(x)["codes"].detach()
+        with torch.no_grad():
+            for p in shared:
+                p -= 0.5 * p.grad
+        assert not torch.allclose(net(x)["codes"], before)
+    else:
+        assert shared == [] and net.hash_head.fc.in_features == 16
+
+
+def test_shared_dim_must_not_be_negative():
+    from dsrh_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.shared_dim"):
+        load_config(["model.shared_dim=-1"])

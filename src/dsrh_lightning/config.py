@@ -126,6 +126,10 @@ class ModelConfig:
     bag_activation: str = "relu"
     # Input of the hash stream: "last" (fc7 for VGG) or "last_two" (fc6 and fc7 concatenated, Zhao et al.).
     hash_input: str = "last"
+    # A trainable shared layer (FC shared_dim + ReLU) between the backbone and both streams; 0 = none. With a
+    # frozen backbone or cached features it is the only place the classification stream can shape what
+    # the hash stream reads (without it DSRH's classification term cannot change the codes there).
+    shared_dim: int = 0
     # Classification stream on the shared features (its loss weight is loss.cls_weight).
     classifier: bool = True
     dropout: float = 0.5
@@ -281,6 +285,7 @@ _POSITIVE = (
 )
 
 _NON_NEGATIVE = (
+    "model.shared_dim",
     "data.num_workers",
     "data.protocol.val_per_class",
     "data.protocol.val_database_size",

@@ -19,14 +19,19 @@ class HashingNetwork(nn.Module):
     "logits" (b, classes) or None}``."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, bits: int, bag_size: int,
-                 num_classes: Optional[int], bag_activation: str = "relu", dropout: float = 0.0) -> None:
+                 num_classes: Optional[int], bag_activation: str = "relu", dropout: float = 0.0,
+                 shared_dim: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.hash_head = BagsHashHead(feature_dim, bits, bag_size, bag_activation, dropout)
-        self.classifier = nn.Linear(feature_dim, num_classes) if num_classes else None
+        # Optional trainable layer both streams read (model.shared_dim): the classification loss reaches
+        # the hash stream's input through it even when the backbone is frozen or replaced by cached features.
+        self.shared = nn.Sequential(nn.Linear(feature_dim, shared_dim), nn.ReLU()) if shared_dim else nn.Identity()
+        dim = shared_dim or feature_dim
+        self.hash_head = BagsHashHead(dim, bits, bag_size, bag_activation, dropout)
+        self.classifier = nn.Linear(dim, num_classes) if num_classes else None
 
     def forward(self, x: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
-        features = self.backbone(x)
+        features = self.shared(self.backbone(x))
         code_logits = self.hash_head.pre_activation(features)
         return {
             "features": features,
@@ -47,4 +52,4 @@ def build_network(model_cfg: DictConfig, num_classes: int, feature_dim: Optional
             p.requires_grad_(False)
     return HashingNetwork(backbone, dim, model_cfg.bits, model_cfg.bag_size,
                           num_classes if model_cfg.classifier else None,
-                          model_cfg.bag_activation, model_cfg.dropout)
+                          model_cfg.bag_activation, model_cfg.dropout, int(model_cfg.shared_dim))

@@ -1,0 +1,117 @@
+"""Recipe search on validation for the CPU protocol (issue 9, item 3).
+
+Every tuned method gets the same budget: ``--count`` Bayesian trials of W&B's sweeps engine
+(``sweep-local``: ``experiments/sweeps/tune_<method>.yaml``) at each of ``--bits``, each trial a run of
+``--steps`` steps on the cached EfficientNet-Lite0 features of CIFAR-10 (the same features, split
+seed, batch and length as ``results_cpu.py``), scored by its best validation MAP. Validation queries come
+from the database minus the training images and rank a 5,000-image database subset: the test queries
+are never seen. Trials run in this process (the sweep's command line, parsed by the project's config),
+so the engine, its state file and its resumption are those of ``dsrh sweep-local``.
+
+The best trial of each (method, bits) is written to ``--out`` (JSON), which ``results_cpu.py --tuned``
+reads. Run it with nothing else on the machine.
+
+    PYTHONPATH=src python benchmarks/tune_cpu.py --methods DSRH HashNet CSQ --bits 12 48 --count 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from dsrh_lightning.config import load_config  # noqa: E402
+from dsrh_lightning.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local  # noqa: E402
+
+# method -> sweep file (experiments/sweeps/)
+SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune_csq.yaml"}
+
+
+def protocol_overrides(args, bits: int) -> List[str]:
+    """The CPU protocol every trial shares (results_cpu.py's, at ``--steps``), validation only."""
+    from results_cpu import base_overrides
+
+    return base_overrides(args, bits, args.seed) + [
+        f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
+        f"optim.lr_decay_steps={args.lr_decay_steps}", f"data.batch_size={args.batch_size}",
+        "trainer.test_after_fit=false", "trainer.checkpoint_every_n_steps=0",
+    ]
+
+
+def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[int, Optional[Dict[str, Any]]]:
+    """sweep-local's ``run_fn``: the trial's ``dsrh train`` command, run in this process."""
+    from dsrh_lightning.train import train
+
+    try:
+        result = train(load_config(overrides))
+    except Exception as exc:  # a failed trial is recorded as failed; the search goes on
+        logging.getLogger(__name__).error("trial %s failed: %s", name, exc)
+        return 1, None
+    return 0, result
+
+
+def best_trial(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    ok = [r for r in records if r["state"] == "finished" and r.get("history")]
+    return max(ok, key=lambda r: r["history"][0]["best_val_map"]) if ok else None
+
+
+def main(argv=None) -> int:
+    from results_cpu import add_protocol_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_args(p)
+    p.add_argument("--methods", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    p.add_argument("--tune-bits", dest="tune_bits", type=int, nargs="+", default=[12, 48])
+    p.add_argument("--count", type=int, default=8, help="Bayesian trials per (method, bits)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed of every trial")
+    p.add_argument("--sweep-dir", default=str(REPO / "runs" / "tune_cpu"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    out_path = Path(args.out)
+    tuned = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    for method in args.methods:
+        sweep_file = resolve_sweep_path(SWEEPS[method])
+        sweep = load_sweep(sweep_file)
+        fixed = [a for a in sweep["command"] if "=" in a and not a.startswith("${")]
+        for bits in args.tune_bits:
+            sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
+            t0 = time.perf_counter()
+            state_file = sweep_dir / "sweep_state.json"
+            already = len(json.loads(state_file.read_text())["runs"]) if state_file.is_file() else 0
+            run_sweep_local(sweep_file, count=max(args.count - already, 0), overrides=protocol_overrides(args, bits),
+                            output_dir=sweep_dir, seed=args.seed, run_fn=train_in_process)
+            records = json.loads(state_file.read_text())["runs"] if state_file.is_file() else []
+            best = best_trial(records[:args.count])
+            if best is None:
+                print(f"{method} {bits} bits: no finished trial", flush=True)
+                continue
+            params = {k: v["value"] for k, v in best["config"].items()}
+            tuned.setdefault(method, {})[str(bits)] = {
+                "overrides": fixed + [f"{k}={v}" for k, v in params.items()],
+                "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
+                "trials": len(records[:args.count]), "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
+                "all": [{"params": {k: v["value"] for k, v in r["config"].items()},
+                         "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
+                        for r in records[:args.count]],
+            }
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(tuned, indent=2))
+            print(f"{method} {bits} bits: best val MAP {best['history'][0]['best_val_map']:.4f} with {params}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The tuned CPU protocol's plumbing (benchmarks/results_cpu.py, report_cpu.py): which validation-tuned
+settings each method runs with, and the settings table the report shows."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+results_cpu = pytest.importorskip("results_cpu")
+report_cpu = pytest.importorskip("report_cpu")
+
+TUNED = {
+    "DSRH": {
+        "12": {"overrides": ["dataset=cifar10", "experiment=dsrh", "loss.orth_norm=bits", "loss.orth_weight=0.1",
+                             "loss.cls_weight=0.5", "optim.lr=0.02"], "best_val_map": 0.44, "trials": 8, "steps": 1500},
+        "48": {"overrides": ["dataset=cifar10", "experiment=dsrh", "loss.orth_norm=bits", "loss.orth_weight=0.3",
+                             "loss.cls_weight=1.5", "optim.lr=0.01"], "best_val_map": 0.55, "trials": 8, "steps": 1500},
+    },
+}
+
+
+@pytest.mark.parametrize("bits, expected_lr", [(12, "0.02"), (24, "0.02"), (32, "0.01"), (48, "0.01"), (64, "0.01")])
+def test_nearest_tuned_length(bits, expected_lr):
+    over = results_cpu.tuned_overrides(TUNED, "DSRH", bits)
+    assert f"optim.lr={expected_lr}" in over
+    # the method's own experiment config and the protocol's dataset are never overridden by the search
+    assert not any(o.startswith(("experiment=", "dataset=")) for o in over)
+
+
+def test_ablations_take_dsrh_settings_without_their_terms():
+    drh_plus = results_cpu.tuned_overrides(TUNED, "DRH+", 48)
+    drh = results_cpu.tuned_overrides(TUNED, "DRH", 48)
+    assert "loss.orth_weight=0.3" in drh_plus and not any(o.startswith("loss.cls_weight=") for o in drh_plus)
+    assert not any(o.startswith(("loss.cls_weight=", "loss.orth_weight=")) for o in drh)
+    assert "optim.lr=0.01" in drh and "loss.orth_norm=bits" in drh
+
+
+def test_untuned_methods_and_no_file():
+    assert results_cpu.tuned_overrides(TUNED, "HashNet", 48) is None
+    assert results_cpu.tuned_overrides({}, "DSRH", 48) is None
+
+
+def test_recorded_lr_is_the_one_used():
+    class Args:
+        lr = 0.01
+    assert results_cpu._lr({"tuned": ["optim.lr=0.0234"]}, Args) == pytest.approx(0.0234)
+    assert results_cpu._lr({"tuned": None}, Args) == 0.01
+
+
+def test_settings_table_lists_each_tuned_length():
+    text = report_cpu.tuned_table(TUNED)
+    rows = [line for line in text.splitlines() if line.startswith("| DSRH |")]
+    assert len(rows) == 2 and "12 bits" in rows[0] and "48 bits" in rows[1]
+    assert "`loss.orth_weight=0.3`" in rows[1] and "dataset=" not in text
+
+
+def test_shipped_dsrh_tuned_is_the_48_bit_search_winner():
+    """experiment=dsrh_tuned holds the recorded search's 48-bit settings (3 significant digits; lr excluded)."""
+    import json
+
+    from dsrh_lightning.config import load_config
+
+    tuned = json.loads((REPO / "benchmarks" / "results" / "tuned_cpu.json").read_text())["DSRH"]["48"]
+    cfg = load_config(["experiment=dsrh_tuned"])
+    found = dict(o.split("=", 1) for o in tuned["overrides"])
+    assert found.pop("experiment") == "dsrh" and found.pop("dataset") == "cifar10"
+    found.pop("optim.lr")
+    for key, value in found.items():
+        section, name = key.split(".")
+        shipped = getattr(getattr(cfg, section), name)
+        if isinstance(shipped, str):
+            assert shipped == value, key
+        else:
+            assert float(shipped) == pytest.approx(float(value), rel=5e-3), key
