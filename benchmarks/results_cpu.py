@@ -123,12 +123,12 @@ def tuned_overrides(tuned: dict, name: str, bits: int) -> list[str] | None:
     return [o for o in over if o.split("=", 1)[0] not in {"dataset", "experiment", *drop}]
 
 
-def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
+def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned_settings: dict) -> dict:
     from dsrh_lightning.run import load_run
     from dsrh_lightning.train import train
 
     exp, extra = DEEP[name]
-    tuned = tuned_overrides(dm_cache.get("tuned"), name, bits)
+    tuned = tuned_overrides(tuned_settings, name, bits)
     if tuned is not None:
         extra = extra + tuned
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +142,6 @@ def run_deep(name: str, args, bits: int, seed: int, dm_cache: dict) -> dict:
         result = train(cfg)
         train_s = time.perf_counter() - t0
         module = load_run(result["best_checkpoint"]).module  # weights_only load, saved feature_dim
-        dm = dm_cache["dm"]
         with torch.no_grad():
             xq, yq = _features(dm, "query")
             xdb, ydb = _features(dm, "database")
@@ -215,12 +214,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
+    tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else {}
     if not args.report_only:
         unknown = set(args.methods) - set(ALL_METHODS)
         if unknown:
             p.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
         torch.set_num_threads(args.threads)
-        tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else {}
         for seed in args.seeds:
             dm = None
             for bits in args.bits:
@@ -236,7 +235,7 @@ def main(argv=None) -> None:
                         key = [k for k, v in NAMES.items() if v == method][0]
                         res = run_baseline(key, args, bits, seed, dm)
                     else:
-                        res = run_deep(method, args, bits, seed, {"dm": dm, "tuned": tuned})
+                        res = run_deep(method, args, bits, seed, dm, tuned)
                     row = dict(method=method, bits=bits, seed=seed, steps=args.steps if method in DEEP else None,
                                batch_size=args.batch_size if method in DEEP else None, lr=_lr(res, args) if method in DEEP else None,
                                image_size=args.image_size, backbone=args.backbone,
@@ -252,7 +251,6 @@ def main(argv=None) -> None:
         source = str(results_path.resolve().relative_to(REPO))
     except ValueError:
         source = str(results_path)
-    tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else None
     write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS, source=source, tuned=tuned)
 
 

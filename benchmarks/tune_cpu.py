@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dsrh_lightning.config import load_config  # noqa: E402
-from dsrh_lightning.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local  # noqa: E402
+from dsrh_lightning.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs  # noqa: E402
 
 # method -> sweep file (experiments/sweeps/)
 SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune_csq.yaml"}
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(p)
     p.add_argument("--methods", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
-    p.add_argument("--tune-bits", dest="tune_bits", type=int, nargs="+", default=[12, 48])
+    p.add_argument("--bits", type=int, nargs="+", default=[12, 48], help="code lengths to tune at")
     p.add_argument("--count", type=int, default=8, help="Bayesian trials per (method, bits)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed of every trial")
     p.add_argument("--sweep-dir", default=str(REPO / "runs" / "tune_cpu"))
@@ -85,15 +85,14 @@ def main(argv=None) -> int:
         sweep_file = resolve_sweep_path(SWEEPS[method])
         sweep = load_sweep(sweep_file)
         fixed = [a for a in sweep["command"] if "=" in a and not a.startswith("${")]
-        for bits in args.tune_bits:
+        for bits in args.bits:
             sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
             t0 = time.perf_counter()
-            state_file = sweep_dir / "sweep_state.json"
-            already = len(json.loads(state_file.read_text())["runs"]) if state_file.is_file() else 0
-            run_sweep_local(sweep_file, count=max(args.count - already, 0), overrides=protocol_overrides(args, bits),
-                            output_dir=sweep_dir, seed=args.seed, run_fn=train_in_process)
-            records = json.loads(state_file.read_text())["runs"] if state_file.is_file() else []
-            best = best_trial(records[:args.count])
+            run_sweep_local(sweep_file, count=max(args.count - len(sweep_runs(sweep_dir)), 0),
+                            overrides=protocol_overrides(args, bits), output_dir=sweep_dir, seed=args.seed,
+                            run_fn=train_in_process)
+            trials = sweep_runs(sweep_dir)[:args.count]
+            best = best_trial(trials)
             if best is None:
                 print(f"{method} {bits} bits: no finished trial", flush=True)
                 continue
@@ -101,10 +100,10 @@ def main(argv=None) -> int:
             tuned.setdefault(method, {})[str(bits)] = {
                 "overrides": fixed + [f"{k}={v}" for k, v in params.items()],
                 "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
-                "trials": len(records[:args.count]), "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
+                "trials": len(trials), "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
                 "all": [{"params": {k: v["value"] for k, v in r["config"].items()},
                          "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
-                        for r in records[:args.count]],
+                        for r in trials],
             }
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(tuned, indent=2))

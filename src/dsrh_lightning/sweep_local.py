@@ -28,7 +28,7 @@ import yaml
 from .config import ConfigError, default_config_dir
 
 __all__ = ["SweepError", "load_sweep", "resolve_sweep_path", "run_overrides", "run_sweep_local",
-           "sample_values", "format_value"]
+           "sample_values", "format_value", "state_path", "sweep_runs"]
 
 # Macros of a W&B sweep ``command`` that carry no override.
 _DROP = {"${env}", "${interpreter}", "${program}", "dsrh", "train"}
@@ -114,12 +114,19 @@ def sample_values(spec: Dict[str, Any]) -> List[Any]:
     raise SweepError(f"parameter spec {spec} has no values, value or min/max")
 
 
-def _state_path(out_dir: Path) -> Path:
+def state_path(out_dir: Path) -> Path:
+    """Where a sweep kept in ``out_dir`` records its runs."""
     return out_dir / "sweep_state.json"
 
 
+def sweep_runs(out_dir: Path) -> List[Dict[str, Any]]:
+    """The run records of the sweep kept in ``out_dir`` (oldest first; [] before its first run)."""
+    path = state_path(out_dir)
+    return json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
 def _load_state(out_dir: Path, sweep_file: Path, overrides: Sequence[str], seed: int) -> Dict[str, Any]:
-    path = _state_path(out_dir)
+    path = state_path(out_dir)
     if path.is_file():
         try:
             state = json.loads(path.read_text())
@@ -240,12 +247,12 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
                   "state": "failed" if error else "finished", "returncode": code, "error": error,
                   "summary": summary, "history": history, "seconds": round(time.time() - started, 1)}
         state["runs"].append(record)
-        _state_path(out_dir).write_text(json.dumps(state, indent=2))
+        state_path(out_dir).write_text(json.dumps(state, indent=2))
         shown = f"{metric}={history[0][metric]:.4f}" if history else f"FAILED ({error}; see {out_dir}/{name}.log)"
         print(f"sweep-local: run {name}: {shown} ({record['seconds']}s)", flush=True)
         done.append(record)
     if done:
-        print(f"sweep-local: state in {_state_path(out_dir)}; upload the offline W&B runs with "
+        print(f"sweep-local: state in {state_path(out_dir)}; upload the offline W&B runs with "
               f"`wandb sync {out_dir}/*/wandb/offline-run-*`", flush=True)
     return done
 
