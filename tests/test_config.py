@@ -46,12 +46,16 @@ def test_bad_keys_and_values_name_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
-def test_bad_yaml_file_names_file_and_key(tmp_path):
+@pytest.mark.parametrize("text, fragment", [
+    ("model:\n  bitss: 12\n", "bitss"),                       # a misspelled key is named
+    ("- model.bits=12\n- seed=3\n", "top level is a list"),   # a list instead of a mapping
+], ids=["misspelled-key", "top-level-list"])
+def test_bad_yaml_file_names_file_and_problem(tmp_path, text, fragment):
     f = tmp_path / "x.yaml"
-    f.write_text("model:\n  bitss: 12\n")
+    f.write_text(text)
     with pytest.raises(ConfigError) as err:
         load_config([], config_files=[f])
-    assert str(f) in str(err.value) and "bitss" in str(err.value)
+    assert str(f) in str(err.value) and fragment in str(err.value)
 
 
 def test_override_without_value_is_an_error():
@@ -133,13 +137,6 @@ def test_parse_devices_accepts_lightning_forms(value, parsed):
     assert load_config([f"trainer.devices={value}"]).trainer.devices == value
     assert parse_devices(value) == parsed
 
-
-def test_yaml_top_level_list_is_an_error(tmp_path):
-    f = tmp_path / "list.yaml"
-    f.write_text("- model.bits=12\n- seed=3\n")
-    with pytest.raises(ConfigError) as err:
-        load_config([], config_files=[f])
-    assert str(f) in str(err.value) and "top level is a list" in str(err.value)
 
 
 def test_yaml_syntax_error_keeps_line_and_column(tmp_path):
