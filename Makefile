@@ -25,7 +25,7 @@ TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
 .PHONY: help venv train test bench bench-eval bench-tune bench-results bench-report bench-train-speed bench-scales \
-	bench-throughput bench-head bench-mining clean clean-runs sweep agent sweep-local wandb-login-check
+	bench-throughput bench-head bench-mining bench-finetune clean clean-runs sweep agent sweep-local wandb-login-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -86,6 +86,9 @@ bench-results: venv ## CPU protocol, step 2: tuned methods, 3 seeds x 12/24/32/4
 
 bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measured results
 	$(PY) benchmarks/results_cpu.py --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl --report-only
+
+bench-finetune: venv ## end-to-end fine-tune on CPU: DRH vs DRH+ vs DSRH, EfficientNet-Lite0 at 64 px, 48 bits [FINETUNE_ARGS=..]
+	$(PY) benchmarks/finetune_cpu.py --tuned $(TUNED) $(FINETUNE_ARGS)
 
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
 	$(PY) benchmarks/train_speed.py

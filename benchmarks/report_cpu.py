@@ -158,12 +158,17 @@ def write_report(rows, docs: Path, args=None, order=(), source="benchmarks/resul
         "![PR curves at 48 bits](results_pr_48bits.png)",
         END,
     ]
-    path = docs / "RESULTS.md"
-    text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + "\n".join(block) + tail
+    replace_block(docs / "RESULTS.md", BEGIN, END, block)
+
+
+def replace_block(path: Path, begin: str, end: str, block) -> None:
+    """Write ``block`` (lines, starting with ``begin`` and ending with ``end``) in place of the text between
+    those markers in ``path``, keeping the text around them; appended when the markers are missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.is_file() else "# Results\n"
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        text = head + "\n".join(block) + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + "\n".join(block) + "\n"
     path.write_text(text)

@@ -1,0 +1,167 @@
+"""End-to-end fine-tuning on CPU (issue 9, item 5): DRH vs DRH+ vs DSRH with a trainable backbone.
+
+On cached (frozen) features the classification stream cannot shape what the hash stream reads, so
+DSRH = DRH+ there. Here the whole network trains: EfficientNet-Lite0 (ImageNet weights) at
+``--image-size`` px (64-96), CIFAR-10 on the paper protocol (1,000 test queries ranked against the
+whole 59,000-image database), the hash stream and, for DSRH, the classification stream. Each method
+runs through ``dsrh train`` (the project's Trainer, checkpoints, validation-based model selection);
+the test metrics are those of the best validation checkpoint.
+
+The three methods share everything but their loss terms: DSRH's validation-tuned recipe
+(``--tuned``, tune_cpu.py's JSON, tuned on frozen features) without the orthogonality term (DRH)
+or the classification term (DRH and DRH+). The heads' tuned learning rate is not used: an
+end-to-end run takes ``--lr`` for the heads and ``--lr * --backbone-lr-mult`` for the backbone.
+
+Each (method, bits, seed) is appended to ``--results`` as one JSON line; runs keep their folders under
+``--output-dir`` and an interrupted run continues from its last.ckpt (``resume=auto``) when the
+command is run again. ``--report`` rewrites the fine-tune block of docs/RESULTS.md.
+
+    PYTHONPATH=src python benchmarks/finetune_cpu.py                 # 3 runs, about 25 min each here
+    PYTHONPATH=src python benchmarks/finetune_cpu.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from report_cpu import replace_block  # noqa: E402
+from results_cpu import git_commit, load_results, machine, tuned_overrides  # noqa: E402
+
+# method -> experiment config (the tuned DSRH settings are laid over it, without the ablated terms)
+METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh"}
+BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED (finetune) -->"
+
+
+def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[str]:
+    """The ``dsrh train`` overrides of one fine-tuning run (pure: tested)."""
+    recipe = [o for o in tuned_overrides(tuned, method, bits) or [] if not o.startswith("optim.lr=")]
+    over = [
+        f"dataset={args.dataset}", f"experiment={METHODS[method]}", *recipe,
+        f"model.backbone={args.backbone}", f"model.weights={args.weights}", "model.freeze_backbone=false",
+        f"data.image_size={args.image_size}", "data.cache_features=false", "data.download=false",
+        f"data.sampling={args.sampling}", f"data.batch_size={args.batch_size}",
+        f"data.images_per_class={args.images_per_class}", f"model.bits={bits}", f"seed={seed}",
+        f"data.protocol.seed={seed}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
+        f"optim.lr={args.lr}", f"optim.backbone_lr_mult={args.backbone_lr_mult}",
+        f"optim.lr_decay_steps={args.lr_decay_steps}", "trainer.test_after_fit=true",
+        # cifar10.npz is sorted by class: "stable" tie-breaking would rank tied items in class order
+        "eval.ties=average", "logger.name=csv", "trainer.progress_bar=false",
+        f"output_dir={args.output_dir}", f"name={run_name(method, bits, seed, args.image_size)}", "resume=auto",
+    ]
+    if args.data_root:
+        over.append(f"data.root={args.data_root}")
+    if args.split_dir:
+        over.append(f"data.split_dir={args.split_dir}")
+    return over + list(args.override)
+
+
+def run_name(method: str, bits: int, seed: int, image_size: int) -> str:
+    return f"finetune-{method.lower().replace('+', 'plus')}-{bits}b-{image_size}px-s{seed}"
+
+
+def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.train import train
+
+    over = run_overrides(args, method, bits, seed, tuned)
+    cfg = load_config(over)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - t0
+    return dict(method=method, bits=bits, seed=seed, image_size=args.image_size, backbone=args.backbone,
+                steps=int(result["global_step"]), batch_size=args.batch_size, sampling=args.sampling,
+                lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, map=result["test/map"],
+                precision_r2=result["test/precision_radius"], best_val_map=result.get("best_val_map"),
+                database=int(result.get("test/num_database", 0)), queries=int(result.get("test/num_queries", 0)),
+                seconds=round(seconds, 1), run_dir=result["run_dir"], overrides=over, commit=git_commit(),
+                date=_dt.datetime.now().isoformat(timespec="seconds"), machine=machine())
+
+
+def report(rows: List[Dict], source: str) -> List[str]:
+    """The fine-tune block of docs/RESULTS.md (one row per run; lines between the markers)."""
+    lines = [BEGIN]
+    if not rows:
+        return lines + ["No end-to-end run measured yet (`make bench-finetune`).", END]
+    lines += [
+        f"Generated {_dt.date.today().isoformat()} from `{source}` ({len(rows)} runs; commits "
+        f"{', '.join(sorted({r['commit'] for r in rows}))}; machine: {'; '.join(sorted({r['machine'] for r in rows}))}; "
+        f"measured {min(r['date'] for r in rows)} .. {max(r['date'] for r in rows)}).", "",
+        "| method | bits | seed | image size | steps | batch | lr (backbone x) | best val MAP | test MAP@all | "
+        "precision r<=2 | database | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["bits"], r["seed"], list(METHODS).index(r["method"])
+                                         if r["method"] in METHODS else 99)):
+        val = f"{r['best_val_map']:.4f}" if r.get("best_val_map") is not None else "-"
+        lines.append(f"| {r['method']} | {r['bits']} | {r['seed']} | {r['image_size']} px | {r['steps']} | "
+                     f"{r['batch_size']} ({r['sampling']}) | {r['lr']:g} (x{r['backbone_lr_mult']:g}) | {val} | "
+                     f"{r['map']:.4f} | {r['precision_r2']:.4f} | {r['database']:,} | {r['seconds'] / 60:.1f} |")
+    return lines + [END]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--bits", type=int, nargs="+", default=[48])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--sampling", default="balanced", help="balanced: class-balanced batches, triplets mined inside")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (balanced sampling)")
+    p.add_argument("--images-per-class", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--lr", type=float, default=0.01, help="the heads' learning rate")
+    p.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="1.0: the whole network at one lr, as in the paper (0.1 left the hash stream flat for 200+ steps at 64 px)")
+    p.add_argument("--lr-decay-steps", type=int, default=1000)
+    p.add_argument("--tuned", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"),
+                   help="tune_cpu.py's JSON ('' = each experiment config as it is)")
+    p.add_argument("--output-dir", default=str(REPO / "runs" / "finetune_cpu"))
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "finetune_cpu.jsonl"))
+    p.add_argument("--docs", default=str(REPO / "docs"))
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    if args.tuned and not Path(args.tuned).is_file():
+        p.error(f"--tuned {args.tuned}: no such file (run `make bench-tune`, or pass --tuned '' for the "
+                "experiment configs as they are)")
+    tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else {}
+    if not args.report_only:
+        for seed in args.seeds:
+            for bits in args.bits:
+                for method in args.methods:
+                    done = {(r["method"], r["bits"], r["seed"], r["image_size"]) for r in load_results(results)}
+                    if (method, bits, seed, args.image_size) in done:
+                        continue
+                    row = run_one(args, method, bits, seed, tuned)
+                    with results.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{method:5s} {bits} bits seed {seed}: test MAP {row['map']:.4f}  P@r2 "
+                          f"{row['precision_r2']:.4f}  best val MAP {row['best_val_map']:.4f}  "
+                          f"({row['seconds'] / 60:.1f} min)", flush=True)
+    try:
+        source = str(results.resolve().relative_to(REPO))
+    except ValueError:
+        source = str(results)
+    replace_block(Path(args.docs) / "RESULTS.md", BEGIN, END, report(load_results(results), source))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The end-to-end fine-tune benchmark's plumbing (benchmarks/finetune_cpu.py): which settings each ablation
+runs with, that the project's config accepts them, and the RESULTS.md block it writes beside report_cpu's."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+finetune_cpu = pytest.importorskip("finetune_cpu")
+report_cpu = pytest.importorskip("report_cpu")
+
+from dsrh_lightning.config import load_config  # noqa: E402
+
+TUNED = {"DSRH": {"48": {"overrides": [
+    "dataset=cifar10", "experiment=dsrh", "loss.margin_scaling=per_bit", "loss.orth_norm=bits",
+    "loss.orth_weight=0.8", "loss.cls_weight=1.9", "loss.margin=0.38", "model.dropout=0.5", "optim.lr=0.0068"],
+    "best_val_map": 0.5, "trials": 8, "steps": 1500}}}
+
+
+def _args(tmp_path, **kw):
+    args = dict(dataset="cifar10", data_root=str(tmp_path / "data"), split_dir=str(tmp_path / "splits"),
+                backbone="efficientnet_lite0", weights="imagenet", image_size=64, sampling="balanced", batch_size=64,
+                images_per_class=8, steps=1500, val_every=500, lr=0.01, backbone_lr_mult=1.0, lr_decay_steps=1000,
+                output_dir=str(tmp_path / "runs"), override=[])
+    args.update(kw)
+    return SimpleNamespace(**args)
+
+
+def _settings(over):
+    return dict(o.split("=", 1) for o in over)
+
+
+@pytest.mark.parametrize("method, classifier, orth, cls", [
+    ("DRH", False, 0.0, 0.0), ("DRH+", False, 0.8, 0.0), ("DSRH", True, 0.8, 1.9)])
+def test_ablations_differ_only_in_their_terms(tmp_path, method, classifier, orth, cls):
+    over = finetune_cpu.run_overrides(_args(tmp_path), method, 48, 0, TUNED)
+    cfg = load_config(over)  # every key exists in the schema and every value is allowed
+    assert cfg.model.classifier is classifier
+    assert cfg.loss.orth_weight == pytest.approx(orth) and cfg.loss.cls_weight == pytest.approx(cls)
+    # the shared recipe: the tuned margin and its scaling, a trainable backbone, the whole database, fair ties
+    assert cfg.loss.margin == pytest.approx(0.38) and cfg.loss.margin_scaling == "per_bit"
+    assert cfg.model.freeze_backbone is False and cfg.data.cache_features is False
+    assert cfg.trainer.test_after_fit is True and cfg.eval.ties == "average" and cfg.eval.topk == 0
+    # the heads' lr tuned on cached features is not used end to end
+    assert cfg.optim.lr == pytest.approx(0.01) and cfg.optim.backbone_lr_mult == pytest.approx(1.0)
+    assert cfg.resume == "auto" and cfg.name == finetune_cpu.run_name(method, 48, 0, 64)
+
+
+def test_three_methods_share_every_other_setting(tmp_path):
+    runs = {m: _settings(finetune_cpu.run_overrides(_args(tmp_path), m, 48, 0, TUNED)) for m in finetune_cpu.METHODS}
+    ablated = {"experiment", "name", "loss.orth_weight", "loss.cls_weight"}
+    common = [{k: v for k, v in s.items() if k not in ablated} for s in runs.values()]
+    assert common[0] == common[1] == common[2]
+    assert len({s["name"] for s in runs.values()}) == 3  # separate run folders
+
+
+def test_without_tuned_settings_the_experiment_configs_apply(tmp_path):
+    cfg = load_config(finetune_cpu.run_overrides(_args(tmp_path), "DSRH", 48, 0, {}))
+    paper = load_config(["dataset=cifar10", "experiment=dsrh"])
+    assert cfg.loss.margin == paper.loss.margin and cfg.loss.orth_weight == paper.loss.orth_weight
+
+
+def _row(method, val, test):
+    return dict(method=method, bits=48, seed=0, image_size=64, backbone="efficientnet_lite0", steps=1500,
+                batch_size=64, sampling="balanced", lr=0.01, backbone_lr_mult=1.0, map=test, precision_r2=0.3,
+                best_val_map=val, database=59000, queries=1000, seconds=1500.0, commit="abc1234",
+                date="2026-11-23T17:00:00", machine="test CPU, 2 cores")
+
+
+def test_report_block_rows_in_ablation_order_and_coexists_with_report_cpu(tmp_path):
+    rows = [_row("DSRH", 0.61, 0.6), _row("DRH", 0.51, 0.5), _row("DRH+", 0.56, 0.55)]
+    block = finetune_cpu.report(rows, "finetune.jsonl")
+    body = [line for line in block if line.startswith("| DR") or line.startswith("| DS")]
+    assert [line.split("|")[1].strip() for line in body] == ["DRH", "DRH+", "DSRH"]
+    assert "| 0.6000 |" in body[2] and "59,000" in body[2] and "| 25.0 |" in body[2]
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nintro\n\n" + report_cpu.BEGIN + "\nold tables\n" + report_cpu.END + "\n\nend text\n")
+    report_cpu.replace_block(results, finetune_cpu.BEGIN, finetune_cpu.END, block)
+    report_cpu.replace_block(results, report_cpu.BEGIN, report_cpu.END, [report_cpu.BEGIN, "new tables", report_cpu.END])
+    report_cpu.replace_block(results, finetune_cpu.BEGIN, finetune_cpu.END, finetune_cpu.report(rows[:1], "x"))
+    text = results.read_text()
+    assert "old tables" not in text and text.count("new tables") == 1 and "intro" in text and "end text" in text
+    assert text.count(finetune_cpu.BEGIN) == 1 and text.count("| DSRH |") == 1 and "| DRH |" not in text
+    assert text.index("new tables") < text.index(finetune_cpu.BEGIN)
+
+
+def test_report_without_runs_says_how_to_measure():
+    block = finetune_cpu.report([], "x")
+    assert block[0] == finetune_cpu.BEGIN and block[-1] == finetune_cpu.END and "make bench-finetune" in block[1]
