@@ -37,8 +37,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from report_cpu import replace_block  # noqa: E402
 from results_cpu import git_commit, load_results, machine, tuned_overrides  # noqa: E402
 
-# method -> experiment config (the tuned DSRH settings are laid over it, without the ablated terms)
-METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh"}
+# method -> experiment config. The ablations take DSRH's tuned settings without the ablated terms; the
+# peers (not run by default) their own tuned settings, each without its heads' lr.
+METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh", "HashNet": "hashnet", "CSQ": "csq"}
+ABLATIONS = ["DRH", "DRH+", "DSRH"]
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED (finetune) -->"
 
 
@@ -111,7 +113,7 @@ def report(rows: List[Dict], source: str) -> List[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=ABLATIONS, choices=list(METHODS))
     p.add_argument("--bits", type=int, nargs="+", default=[48])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--dataset", default="cifar10")

@@ -123,21 +123,23 @@ def tuned_overrides(tuned: dict, name: str, bits: int) -> list[str] | None:
     return [o for o in over if o.split("=", 1)[0] not in {"dataset", "experiment", *drop}]
 
 
+def deep_overrides(name: str, args, bits: int, seed: int, tuned_settings: dict, output_dir: str) -> list[str]:
+    """The config overrides of one deep run (pure: the recorded lr and settings are read from its config)."""
+    exp, extra = DEEP[name]
+    tuned = tuned_overrides(tuned_settings, name, bits)
+    return base_overrides(args, bits, seed) + [
+        f"experiment={exp}", f"output_dir={output_dir}", "name=run", f"trainer.max_steps={args.steps}",
+        f"trainer.val_check_interval={args.val_every}", "trainer.test_after_fit=false",
+        f"optim.lr_decay_steps={args.lr_decay_steps}", f"optim.lr={args.lr}", f"data.batch_size={args.batch_size}",
+    ] + extra + (tuned or [])
+
+
 def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned_settings: dict) -> dict:
     from dsrh_lightning.run import load_run
     from dsrh_lightning.train import train
 
-    exp, extra = DEEP[name]
-    tuned = tuned_overrides(tuned_settings, name, bits)
-    if tuned is not None:
-        extra = extra + tuned
     with tempfile.TemporaryDirectory() as tmp:
-        over = base_overrides(args, bits, seed) + [
-            f"experiment={exp}", f"output_dir={tmp}", "name=run", f"trainer.max_steps={args.steps}",
-            f"trainer.val_check_interval={args.val_every}", "trainer.test_after_fit=false",
-            f"optim.lr_decay_steps={args.lr_decay_steps}", f"optim.lr={args.lr}", f"data.batch_size={args.batch_size}",
-        ] + extra
-        cfg = load_config(over)
+        cfg = load_config(deep_overrides(name, args, bits, seed, tuned_settings, tmp))
         t0 = time.perf_counter()
         result = train(cfg)
         train_s = time.perf_counter() - t0
@@ -148,14 +150,9 @@ def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned
             qc = binarize(module(xq), cfg.eval.threshold)
             dbc = binarize(torch.cat([module(xdb[i:i + 8192]) for i in range(0, len(xdb), 8192)]), cfg.eval.threshold)
     res = evaluate_codes(qc, dbc, yq, ydb, pr=True)
-    res.update(train_seconds=round(train_s, 1), best_val_map=result.get("best_val_map"), tuned=tuned)
+    res.update(train_seconds=round(train_s, 1), best_val_map=result.get("best_val_map"),
+               tuned=tuned_overrides(tuned_settings, name, bits), lr=float(cfg.optim.lr))
     return res
-
-
-def _lr(res: dict, args) -> float:
-    """The learning rate a deep run used: its tuned one, else ``--lr``."""
-    lrs = [float(o.split("=", 1)[1]) for o in res.get("tuned") or [] if o.startswith("optim.lr=")]
-    return lrs[-1] if lrs else args.lr
 
 
 def load_results(path: Path) -> list[dict]:
@@ -237,7 +234,7 @@ def main(argv=None) -> None:
                     else:
                         res = run_deep(method, args, bits, seed, dm, tuned)
                     row = dict(method=method, bits=bits, seed=seed, steps=args.steps if method in DEEP else None,
-                               batch_size=args.batch_size if method in DEEP else None, lr=_lr(res, args) if method in DEEP else None,
+                               batch_size=args.batch_size if method in DEEP else None, lr=res.pop("lr", None),
                                image_size=args.image_size, backbone=args.backbone,
                                seconds=round(time.perf_counter() - t0, 1), commit=git_commit(),
                                date=_dt.datetime.now().isoformat(timespec="seconds"), machine=machine(), **res)

@@ -51,7 +51,7 @@ def test_ablations_differ_only_in_their_terms(tmp_path, method, classifier, orth
 
 
 def test_three_methods_share_every_other_setting(tmp_path):
-    runs = {m: _settings(finetune_cpu.run_overrides(_args(tmp_path), m, 48, 0, TUNED)) for m in finetune_cpu.METHODS}
+    runs = {m: _settings(finetune_cpu.run_overrides(_args(tmp_path), m, 48, 0, TUNED)) for m in finetune_cpu.ABLATIONS}
     ablated = {"experiment", "name", "loss.orth_weight", "loss.cls_weight"}
     common = [{k: v for k, v in s.items() if k not in ablated} for s in runs.values()]
     assert common[0] == common[1] == common[2]

@@ -43,11 +43,23 @@ def test_untuned_methods_and_no_file():
     assert results_cpu.tuned_overrides({}, "DSRH", 48) is None
 
 
-def test_recorded_lr_is_the_one_used():
-    class Args:
-        lr = 0.01
-    assert results_cpu._lr({"tuned": ["optim.lr=0.0234"]}, Args) == pytest.approx(0.0234)
-    assert results_cpu._lr({"tuned": None}, Args) == 0.01
+def _protocol_args(tmp_path):
+    import argparse
+    p = argparse.ArgumentParser()
+    results_cpu.add_protocol_args(p)
+    return p.parse_args(["--data-root", str(tmp_path), "--feature-dir", str(tmp_path), "--split-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("name, bits, lr", [("DSRH", 12, 0.02), ("DRH", 48, 0.01), ("HashNet", 48, 0.01)])
+def test_recorded_lr_is_the_one_the_config_uses(tmp_path, name, bits, lr):
+    from dsrh_lightning.config import load_config
+
+    args = _protocol_args(tmp_path)
+    args.lr = 0.01 if name != "HashNet" else 0.0123  # untuned methods take --lr
+    cfg = load_config(results_cpu.deep_overrides(name, args, bits, 0, TUNED, str(tmp_path)))
+    assert cfg.optim.lr == pytest.approx(lr if name != "HashNet" else 0.0123)
+    if name == "DRH":  # the ablation keeps DSRH's tuned scaling but not the ablated terms
+        assert cfg.loss.orth_norm == "bits" and cfg.loss.orth_weight == 0 and cfg.loss.cls_weight == 0
 
 
 def test_settings_table_lists_each_tuned_length():
