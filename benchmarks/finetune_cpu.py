@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report_cpu import replace_block  # noqa: E402
-from results_cpu import git_commit, load_results, machine, tuned_overrides  # noqa: E402
+from results_cpu import git_commit, load_results, machine, repo_relative, tuned_overrides  # noqa: E402
 
 # method -> experiment config. The ablations take DSRH's tuned settings without the ablated terms; the
 # peers (not run by default) their own tuned settings, each without its heads' lr.
@@ -158,11 +158,7 @@ def main(argv=None) -> None:
                     print(f"{method:5s} {bits} bits seed {seed}: test MAP {row['map']:.4f}  P@r2 "
                           f"{row['precision_r2']:.4f}  best val MAP {row['best_val_map']:.4f}  "
                           f"({row['seconds'] / 60:.1f} min)", flush=True)
-    try:
-        source = str(results.resolve().relative_to(REPO))
-    except ValueError:
-        source = str(results)
-    replace_block(Path(args.docs) / "RESULTS.md", BEGIN, END, report(load_results(results), source))
+    replace_block(Path(args.docs) / "RESULTS.md", BEGIN, END, report(load_results(results), repo_relative(results)))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,14 @@ def load_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as the reports cite their source), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def machine() -> str:
     try:
         name = [l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -244,11 +252,8 @@ def main(argv=None) -> None:
                           f"{res['precision_r2']:.4f}  ({row['seconds']} s)", flush=True)
     from report_cpu import write_report  # noqa: E402  (benchmarks/report_cpu.py)
 
-    try:
-        source = str(results_path.resolve().relative_to(REPO))
-    except ValueError:
-        source = str(results_path)
-    write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS, source=source, tuned=tuned)
+    write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS, source=repo_relative(results_path),
+                 tuned=tuned)
 
 
 if __name__ == "__main__":
