@@ -11,7 +11,7 @@ so the engine, its state file and its resumption are those of ``dsrh sweep-local
 The best trial of each (method, bits) is written to ``--out`` (JSON), which ``results_cpu.py --tuned``
 reads. Run it with nothing else on the machine.
 
-    PYTHONPATH=src python benchmarks/tune_cpu.py --methods DSRH HashNet CSQ --bits 12 48 --count 8
+    PYTHONPATH=src python benchmarks/tune_cpu.py --methods DSRH HashNet CSQ --bits 12 48 --count 16
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     add_protocol_args(p)
     p.add_argument("--methods", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     p.add_argument("--bits", type=int, nargs="+", default=[12, 48], help="code lengths to tune at")
-    p.add_argument("--count", type=int, default=8, help="Bayesian trials per (method, bits)")
+    p.add_argument("--count", type=int, default=16, help="Bayesian trials per (method, bits)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed of every trial")
     p.add_argument("--sweep-dir", default=str(REPO / "runs" / "tune_cpu"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"))
