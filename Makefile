@@ -87,8 +87,10 @@ bench-results: venv ## CPU protocol, step 2: tuned methods, 3 seeds x 12/24/32/4
 bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measured results
 	$(PY) benchmarks/results_cpu.py --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl --report-only
 
+# The recorded fine-tune runs (docs/RESULTS.md) used round 1's recipe; FINETUNE_TUNED=$(TUNED) for round 2's.
+FINETUNE_TUNED ?= benchmarks/results/tuned_cpu_round1.json
 bench-finetune: venv ## end-to-end fine-tune on CPU: DRH vs DRH+ vs DSRH, EfficientNet-Lite0 at 64 px, 48 bits [FINETUNE_ARGS=..]
-	$(PY) benchmarks/finetune_cpu.py --tuned $(TUNED) $(FINETUNE_ARGS)
+	$(PY) benchmarks/finetune_cpu.py --tuned $(FINETUNE_TUNED) $(FINETUNE_ARGS)
 
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
 	$(PY) benchmarks/train_speed.py
