@@ -10,7 +10,7 @@ import torch
 from dsrh_lightning.callbacks import checkpoint as ck
 from dsrh_lightning.config import ConfigError, load_config, to_dict
 from dsrh_lightning.run import read_checkpoint
-from dsrh_lightning.train import resolve_run, train
+from dsrh_lightning.train import open_resume, resolve_run, train
 
 
 def _ckpt(step, config=None):
@@ -56,16 +56,39 @@ def test_unreadable_last_ckpt_falls_back_to_newest_readable(tmp_path, capsys):
     torch.save(_ckpt(1), folder / "older.ckpt")
     import os
     os.utime(folder / "older.ckpt", (1, 1))
-    good = (folder / "last.ckpt")
-    torch.save(_ckpt(5), good)
-    good.write_bytes(good.read_bytes()[:100])  # truncated by a kill
-    assert resolve_run(load_config(base)) == (tmp_path / "a", old)
+    last = folder / "last.ckpt"
+    torch.save(_ckpt(5), last)
+    last.write_bytes(last.read_bytes()[:100])  # truncated by a kill
+    cfg = load_config(base)
+    assert resolve_run(cfg) == (tmp_path / "a", last)  # resolve_run reads nothing
+    used, ckpt = open_resume(cfg, last)
+    assert used == old and ckpt["global_step"] == 3
     out = capsys.readouterr().out
     assert "last.ckpt" in out and str(old) in out and "WARNING" in out
+    # An explicit path does not fall back: the error names it.
+    with pytest.raises(ConfigError, match="resume=.*last.ckpt"):
+        open_resume(load_config(base[:-1] + [f"resume={last}"]), last)
     old.write_text("not a checkpoint")
     (folder / "older.ckpt").unlink()
     with pytest.raises(ConfigError, match="no other readable checkpoint"):
-        resolve_run(load_config(base))
+        open_resume(cfg, last)
+
+
+def test_resume_reads_the_checkpoint_once_before_lightning(tiny_overrides, monkeypatch):
+    """resume=auto: dsrh reads last.ckpt once (fallback + compatibility check), then Lightning loads it."""
+    import dsrh_lightning.train as train_mod
+
+    base = tiny_overrides + ["name=r", "trainer.max_steps=3"]
+    train(load_config(base))
+    reads = []
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return read_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "read_checkpoint", counting_read)
+    out = train(load_config(base[:-1] + ["trainer.max_steps=6", "resume=auto"]))
+    assert reads == ["last.ckpt"] and out["global_step"] == 6
 
 
 def test_changed_bits_on_resume_names_keys_and_touches_nothing(tmp_path):

@@ -29,7 +29,7 @@ from .module import HashingModule
 from .resources import resolve_trainer
 from .run import CheckpointError, read_checkpoint
 
-__all__ = ["check_resume_compatible", "resolve_run", "run_name", "train"]
+__all__ = ["check_resume_compatible", "open_resume", "resolve_run", "run_name", "train"]
 
 # Set by rank 0 for the processes Lightning's DDP launcher starts, so all ranks share one run folder.
 _RUN_DIR_ENV, _RESUME_ENV = "DSRH_RUN_DIR", "DSRH_RESUME_CKPT"
@@ -53,7 +53,8 @@ def resolve_run(cfg: DictConfig) -> Tuple[Path, Optional[Path]]:
 
     ``auto`` takes ``<output_dir>/<name>/checkpoints/last.ckpt``; without ``name`` the newest
     ``last.ckpt`` of ``<output_dir>/<dataset>-<experiment>-<bits>b-s<seed>-*``. No checkpoint: a fresh run.
-    A path continues in that checkpoint's run folder unless ``name`` is given.
+    A path continues in that checkpoint's run folder unless ``name`` is given. Nothing is read here:
+    :func:`open_resume` reads the checkpoint (once) and falls back where ``last.ckpt`` is unreadable.
     """
     out = Path(cfg.output_dir)
     if not cfg.resume:
@@ -67,7 +68,7 @@ def resolve_run(cfg: DictConfig) -> Tuple[Path, Optional[Path]]:
         if not found:
             print(f"resume=auto: no last.ckpt for this run under {out}; starting a fresh run", flush=True)
             return out / run_name(cfg), None
-        return found[-1].parent.parent, _readable_or_fallback(found[-1])
+        return found[-1].parent.parent, found[-1]
     path = Path(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file (use resume=auto to pick last.ckpt)")
@@ -76,19 +77,24 @@ def resolve_run(cfg: DictConfig) -> Tuple[Path, Optional[Path]]:
     return out / run_name(cfg), path
 
 
-def _readable_or_fallback(last: Path) -> Path:
-    """``last`` if it loads, else the newest readable checkpoint beside it (said on stdout)."""
+def open_resume(cfg: DictConfig, path: Path) -> Tuple[Path, Dict[str, Any]]:
+    """Read the checkpoint to resume from: ``(path actually used, its contents)``.
+
+    With ``resume=auto`` an unreadable ``last.ckpt`` falls back to the newest readable checkpoint
+    beside it (said on stdout); with ``resume=PATH`` it is a ``ConfigError`` naming the file.
+    """
     try:
-        read_checkpoint(last)
-        return last
+        return path, read_checkpoint(path)
     except CheckpointError as exc:
-        other = newest_readable_checkpoint(last.parent, exclude=last)
+        if cfg.resume != "auto":
+            raise ConfigError(f"resume={cfg.resume}: {exc}") from None
+        other = newest_readable_checkpoint(path.parent, exclude=path)
         if other is None:
-            raise ConfigError(f"resume=auto: {exc}, and no other readable checkpoint in {last.parent}. "
+            raise ConfigError(f"resume=auto: {exc}, and no other readable checkpoint in {path.parent}. "
                               "Give resume=PATH of a good checkpoint, or remove the folder to start over.") from None
         print(f"WARNING: resume=auto: {exc}; resuming from the newest readable checkpoint instead: {other}",
               flush=True)
-        return other
+        return other, read_checkpoint(other)
 
 
 # Keys whose change makes a checkpoint unusable (weight shapes, the method, the meaning of the saved
@@ -107,13 +113,10 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def check_resume_compatible(cfg: DictConfig, ckpt_path: Path) -> None:
+def check_resume_compatible(cfg: DictConfig, ckpt_path: Path, ckpt: Dict[str, Any]) -> None:
     """Raise ``ConfigError`` naming every key that differs between ``cfg`` and the config stored in
-    ``ckpt_path`` and makes resuming impossible (see ``_COMPAT_*``); nothing is written."""
-    try:
-        ckpt = read_checkpoint(ckpt_path)
-    except CheckpointError as exc:
-        raise ConfigError(f"resume={cfg.resume}: {exc}") from None
+    ``ckpt`` (the contents of ``ckpt_path``, from :func:`open_resume`) and makes resuming impossible
+    (see ``_COMPAT_*``); nothing is written."""
     stored = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(stored, dict):
         raise ConfigError(f"resume={cfg.resume}: {ckpt_path} stores no run configuration "
@@ -187,8 +190,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         run_dir, resume = Path(os.environ[_RUN_DIR_ENV]), (Path(os.environ[_RESUME_ENV]) if os.environ.get(_RESUME_ENV) else None)
     else:
         run_dir, resume = resolve_run(cfg)
-        if resume is not None:  # before anything is written
-            check_resume_compatible(cfg, resume)
+        if resume is not None:  # before anything is written; Lightning reads it once more in fit()
+            resume, ckpt = open_resume(cfg, resume)
+            check_resume_compatible(cfg, resume, ckpt)
         os.environ[_RUN_DIR_ENV], os.environ[_RESUME_ENV] = str(run_dir), str(resume or "")
     try:
         return _train(cfg, run_dir, resume)
