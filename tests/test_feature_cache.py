@@ -83,3 +83,79 @@ def test_train_on_cached_features_end_to_end(feature_overrides):
     assert not any(k.startswith("net.backbone.") for k in ckpt["state_dict"])
     again = evaluate_checkpoint(Path(results["best_checkpoint"]))
     assert again["test/map"] == pytest.approx(results["test/map"])
+
+
+def test_feature_statistics_match_sklearn_and_a_loop():
+    """Per-column mean and population std of the fit rows only, as scikit-learn's StandardScaler has them."""
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    feats = rng.gamma(2.0, 3.0, (40, 5)).astype(np.float32)
+    feats[:, 4] = 7.0  # a constant column: std 1 (centred, not divided by zero), as StandardScaler does
+    fit = np.array([1, 4, 5, 9, 10, 20, 33])
+    mean, std = features_mod.feature_statistics(feats, fit)
+    ref = StandardScaler().fit(feats[fit].astype(np.float64))
+    np.testing.assert_allclose(mean, ref.mean_, rtol=1e-6)
+    np.testing.assert_allclose(std, ref.scale_, rtol=1e-6)
+    for j in range(5):  # the obvious loop
+        col = [float(feats[i, j]) for i in fit]
+        mu = sum(col) / len(col)
+        sd = (sum((c - mu) ** 2 for c in col) / len(col)) ** 0.5
+        assert mean[j] == pytest.approx(mu, rel=1e-6) and std[j] == pytest.approx(sd if sd > 1e-6 else 1.0, rel=1e-6)
+    assert mean.dtype == std.dtype == np.float32
+    with pytest.raises(ValueError, match="no rows"):
+        features_mod.feature_statistics(feats, np.array([], dtype=np.int64))
+
+
+def test_feature_norm_standardize_training_statistics_in_the_model(feature_overrides, tmp_path):
+    """The training split's statistics (only) become the model's first layer: saved in the checkpoint and
+    applied to image files indexed later through the backbone."""
+    from dsrh_lightning.run import load_run
+    from dsrh_lightning.search.encode import encoder
+
+    cfg = load_config(feature_overrides + ["data.feature_norm=standardize", "trainer.max_steps=4",
+                                           "trainer.val_check_interval=2"])
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
+    dm.setup("fit")
+    train_x = torch.stack([dm.train[i][0] for i in range(len(dm.split.train))]).double()
+    mean, std = dm.feature_stats
+    torch.testing.assert_close(torch.from_numpy(mean).double(), train_x.mean(0), rtol=1e-5, atol=1e-6)
+    sd = train_x.std(0, unbiased=False)
+    dead = sd < 1e-6  # constant features (dead ReLUs of the random backbone): centred, std 1
+    assert dead.any() and not dead.all()
+    torch.testing.assert_close(torch.from_numpy(std).double(), torch.where(dead, torch.ones_like(sd), sd),
+                               rtol=1e-4, atol=1e-6)
+    query_x = torch.stack([dm.query[i][0] for i in range(len(dm.split.query))]).double()
+    assert not torch.allclose(query_x.mean(0), train_x.mean(0), atol=1e-4)  # queries are not in the statistics
+
+    results = train(cfg)
+    run = load_run(results["last_checkpoint"])
+    first = run.module.net.backbone
+    torch.testing.assert_close(first.mean, torch.from_numpy(mean))
+    torch.testing.assert_close(first.std, torch.from_numpy(std))
+    # The module on raw features == its heads on (x - mean) / std.
+    x = dm.query[0][0][None]
+    z = (x - first.mean) / first.std
+    heads = run.module.net
+    torch.testing.assert_close(run.module(x), torch.sigmoid(heads.hash_head.pre_activation(heads.shared(z))))
+    # An image file goes backbone -> standardise -> heads.
+    torch.manual_seed(0)
+    backbone = build_backbone("small_cnn", "none")[0].eval()
+    from dsrh_lightning.data.transforms import build_transform
+    image = build_transform(32, 32, False, False)(dm.source.images[int(dm.split.query[0])])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(run)(image), run.module(backbone(image)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(encoder(run)(image), run.module(x), rtol=1e-4, atol=1e-5)
+    # Without the option the cached features reach the heads unchanged.
+    plain = HashingDataModule(load_config(feature_overrides), backbone_factory=build_backbone)
+    plain.setup("fit")
+    assert plain.feature_stats is None
+
+
+def test_feature_norm_needs_cached_features(tiny_overrides):
+    from dsrh_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.feature_norm=standardize.*data.cache_features=true"):
+        load_config(tiny_overrides + ["data.feature_norm=standardize"])
+    with pytest.raises(ConfigError, match="data.feature_norm='zscore'"):
+        load_config(tiny_overrides + ["data.cache_features=true", "data.feature_norm=zscore"])

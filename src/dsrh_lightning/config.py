@@ -107,6 +107,9 @@ class DataConfig:
     # data.feature_dir, keyed by backbone, weights, image size and data fingerprint; the backbone is frozen.
     cache_features: bool = False
     feature_dir: str = "data/features"
+    # With cache_features: "standardize" z-scores every feature dimension by the mean and std of the
+    # training images' features (statistics from the training split only); "none" keeps them as extracted.
+    feature_norm: str = "none"
     # Synthetic data set (dataset=synthetic).
     synthetic_classes: int = 10
     synthetic_per_class: int = 200
@@ -256,6 +259,7 @@ _CHOICES = {
     "data.dataset": DATASETS,
     "data.sampling": ("triplets", "balanced", "random"),
     "data.augment_on": ("device", "worker"),
+    "data.feature_norm": ("none", "standardize"),
     "data.on_bad": ("error", "skip"),
     "data.check_images": ("none", "exists", "header", "decode"),
     "data.nuswide_source": ("auto", "lists", "official"),
@@ -513,6 +517,9 @@ def validate(cfg: DictConfig) -> None:
     for k in cfg.eval.precision_at:
         if k <= 0:
             raise ConfigError(f"eval.precision_at contains {k}: every k must be > 0")
+    if cfg.data.feature_norm != "none" and not cfg.data.cache_features:
+        raise ConfigError(f"data.feature_norm={cfg.data.feature_norm} normalises cached backbone features: "
+                          "set data.cache_features=true, or data.feature_norm=none")
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std must have the same length (or both be empty)")
 

@@ -59,13 +59,20 @@ class HashingModule(pl.LightningModule):
     """DSRH training. ``forward(x)`` returns relaxed codes ``(b, bits)`` in (0, 1)."""
 
     def __init__(self, config: Dict[str, Any], num_classes: int, multilabel: bool = False,
-                 feature_dim: Optional[int] = None) -> None:
+                 feature_dim: Optional[int] = None, feature_stats: Optional[tuple] = None) -> None:
         super().__init__()
-        # The resolved config becomes the run's hyperparameters (logged to W&B, stored in checkpoints).
-        self.save_hyperparameters()
+        # The resolved config becomes the run's hyperparameters (logged to W&B, stored in checkpoints);
+        # the feature statistics travel as buffers of the network instead.
+        self.save_hyperparameters(ignore=["feature_stats"])
         self.cfg: DictConfig = OmegaConf.create(config)
-        # feature_dim: inputs are cached backbone features (data.cache_features), the backbone is the identity.
-        self.net = build_network(self.cfg.model, num_classes, feature_dim)
+        # feature_dim: inputs are cached backbone features (data.cache_features), the backbone is the identity
+        # or, with data.feature_norm=standardize, a fixed standardisation by feature_stats = (mean, std).
+        standardize = bool(feature_dim) and self.cfg.data.get("feature_norm", "none") == "standardize"
+        self.net = build_network(self.cfg.model, num_classes, feature_dim, standardize=standardize)
+        if feature_stats is not None:
+            if not standardize:
+                raise ValueError("feature_stats given, but the config does not standardise cached features")
+            self.net.backbone.set_statistics(*feature_stats)
         self._mine_gen = torch.Generator().manual_seed(int(self.cfg.seed))
         # The ranking method (loss.ranking): owns its hyperparameters, buffers and schedules.
         self.ranking = build_ranking_loss(self.cfg, num_classes)

@@ -100,7 +100,8 @@ def open_resume(cfg: DictConfig, path: Path) -> Tuple[Path, Dict[str, Any]]:
 # Keys whose change makes a checkpoint unusable (weight shapes, the method, the meaning of the saved
 # data-loader position). model.weights only picks the initialisation, which the checkpoint replaces.
 _COMPAT_SECTIONS = ("model",)
-_COMPAT_KEYS = ("loss.ranking", "data.dataset", "data.sampling", "data.cache_features", "data.num_labels")
+_COMPAT_KEYS = ("loss.ranking", "data.dataset", "data.sampling", "data.cache_features", "data.feature_norm",
+                "data.num_labels")
 _COMPAT_IGNORE = ("model.weights",)
 
 
@@ -217,7 +218,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     save_config(cfg, run_dir / "config.yaml")
     print(f"data: {cfg.data.dataset} {dm.split.summary()}; image size {dm.image_size}", flush=True)
     module = HashingModule(to_dict(cfg), num_classes=dm.num_classes, multilabel=dm.multilabel,
-                           feature_dim=dm.feature_dim)
+                           feature_dim=dm.feature_dim, feature_stats=dm.feature_stats)
     _write_wandb_id(cfg, run_dir)
     logger = build_logger(cfg, run_dir, name)
     evaluation = RetrievalEvaluation(cfg.eval)

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .datasets import BatchedFetch, IndexedImageDataset, RawImages, TripletDataset, unbatched
-from .features import FeatureRows, data_fingerprint, feature_cache_path, load_or_extract_features
+from .features import (FeatureRows, data_fingerprint, feature_cache_path, feature_statistics,
+                       load_or_extract_features)
 from .image_list import usable_images
 from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
 from .protocol import (Split, load_or_make_split, make_multilabel_split, make_single_label_split, save_split,
@@ -159,6 +160,9 @@ class HashingDataModule(pl.LightningDataModule):
         in_memory = isinstance(img, np.ndarray)
         eval_batch = BatchTransform(self.image_size, native, False, False, d.mean, d.std) if in_memory else None
         self.feature_dim: Optional[int] = None
+        # data.feature_norm=standardize: (mean, std) of the training features, applied by the model's
+        # first layer (so image files indexed later through the backbone are standardised alike).
+        self.feature_stats: Optional[tuple] = None
         train_kw: dict = {}
         eval_kw: dict = {}
         if d.cache_features:
@@ -225,7 +229,10 @@ class HashingDataModule(pl.LightningDataModule):
                                               batch_size=d.eval_batch_size, progress=self.cfg.trainer.progress_bar,
                                               batch_transform=eval_batch)
         self.feature_cache = path
-        return FeatureRows(feats, idx, len(self.source.labels))
+        rows = FeatureRows(feats, idx, len(self.source.labels))
+        if d.feature_norm == "standardize":  # the training images' statistics only: no test leakage
+            self.feature_stats = feature_statistics(feats, rows.position[self.split.train])
+        return rows
 
     @property
     def num_classes(self) -> int:

@@ -116,6 +116,17 @@ class FeatureRows:
         return torch.from_numpy(self.features[pos])
 
 
+def feature_statistics(features: np.ndarray, fit_rows: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column ``(mean (d,), std (d,))`` float32 of the rows ``fit_rows`` (m,) of ``features`` (n, d),
+    for ``data.feature_norm=standardize`` (z = (x - mean) / std). Population std (float64 sums); a
+    column whose std is below ``eps`` gets std 1 (centred, not scaled)."""
+    fit = np.asarray(features, dtype=np.float64)[np.asarray(fit_rows, dtype=np.int64)]
+    if len(fit) == 0:
+        raise ValueError("feature_statistics: no rows to compute the statistics from")
+    mean, std = fit.mean(axis=0), fit.std(axis=0)
+    return mean.astype(np.float32), np.where(std < eps, 1.0, std).astype(np.float32)
+
+
 def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Callable[[], nn.Module], images,
                              transform: Optional[Callable], meta: dict, batch_size: int = 128,
                              progress: bool = True,

@@ -11,7 +11,30 @@ from torch import nn
 from .backbones import build_backbone
 from .heads import BagsHashHead
 
-__all__ = ["HashingNetwork", "build_network"]
+__all__ = ["FeatureStandardize", "HashingNetwork", "build_network"]
+
+
+class FeatureStandardize(nn.Module):
+    """``(b, d) -> (b, d)``: ``(x - mean) / std`` with fixed buffers (saved in checkpoints), the first layer
+    of a network trained on cached features with ``data.feature_norm=standardize``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean, std) -> None:
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ValueError(f"feature statistics of shape {tuple(mean.shape)}/{tuple(std.shape)}, expected "
+                             f"{tuple(self.mean.shape)} (the feature width)")
+        if not bool((std > 0).all()):
+            raise ValueError("feature statistics: every std must be > 0")
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class HashingNetwork(nn.Module):
@@ -41,10 +64,12 @@ class HashingNetwork(nn.Module):
         }
 
 
-def build_network(model_cfg: DictConfig, num_classes: int, feature_dim: Optional[int] = None) -> HashingNetwork:
-    """The network; with ``feature_dim`` (cached backbone features) the backbone is the identity."""
+def build_network(model_cfg: DictConfig, num_classes: int, feature_dim: Optional[int] = None,
+                  standardize: bool = False) -> HashingNetwork:
+    """The network; with ``feature_dim`` (cached backbone features) the backbone is the identity, or a
+    :class:`FeatureStandardize` with ``standardize`` (its statistics are set by the caller or a checkpoint)."""
     if feature_dim:
-        backbone, dim = nn.Identity(), int(feature_dim)
+        backbone, dim = (FeatureStandardize(int(feature_dim)) if standardize else nn.Identity()), int(feature_dim)
     else:
         backbone, dim = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.hash_input)
     if model_cfg.freeze_backbone:
