@@ -65,6 +65,24 @@ def best_trial(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return max(ok, key=lambda r: r["history"][0]["best_val_map"]) if ok else None
 
 
+def pool_rounds(entry: Dict[str, Any], out: str, pooled: List[Tuple[str, Dict[str, Any]]], method: str,
+                bits: int) -> Dict[str, Any]:
+    """This round's ``entry`` for (method, bits), or an earlier round's if its best validation MAP is higher;
+    ``trials`` becomes the total over the rounds and ``rounds`` lists each round's file, best and trials."""
+    rounds = [(out, entry)] + [(path, d[method][str(bits)]) for path, d in pooled
+                               if str(bits) in d.get(method, {})]
+    if len(rounds) == 1:
+        return entry
+    steps = {r["steps"] for _, r in rounds}
+    if len(steps) > 1:
+        raise SystemExit(f"--pool: {method} {bits} bits was tuned with different --steps {sorted(steps)}")
+    path, best = max(rounds, key=lambda pr: pr[1]["best_val_map"])
+    return dict(best, trials=sum(r["trials"] for _, r in rounds), seconds=sum(r["seconds"] for _, r in rounds),
+                rounds=[{"file": Path(p).name, "best_val_map": r["best_val_map"], "trials": r["trials"],
+                         "trial": r["trial"]} for p, r in rounds],
+                all=[t for _, r in rounds for t in r["all"]], chosen_from=Path(path).name)
+
+
 def main(argv=None) -> int:
     from results_cpu import add_protocol_args
 
@@ -76,7 +94,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="split and training seed of every trial")
     p.add_argument("--sweep-dir", default=str(REPO / "runs" / "tune_cpu"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"))
+    p.add_argument("--pool", nargs="*", default=[],
+                   help="earlier rounds' --out files: each (method, bits) keeps the best validation trial over "
+                        "all rounds (every method gets the same total budget when every round gives the same count)")
     args = p.parse_args(argv)
+    pooled = [(path, json.loads(Path(path).read_text())) for path in args.pool]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
@@ -97,7 +119,7 @@ def main(argv=None) -> int:
                 print(f"{method} {bits} bits: no finished trial", flush=True)
                 continue
             params = {k: v["value"] for k, v in best["config"].items()}
-            tuned.setdefault(method, {})[str(bits)] = {
+            entry = {
                 "overrides": fixed + [f"{k}={v}" for k, v in params.items()],
                 "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
                 "trials": len(trials), "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
@@ -105,6 +127,7 @@ def main(argv=None) -> int:
                          "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
                         for r in trials],
             }
+            tuned.setdefault(method, {})[str(bits)] = pool_rounds(entry, args.out, pooled, method, bits)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(tuned, indent=2))
             print(f"{method} {bits} bits: best val MAP {best['history'][0]['best_val_map']:.4f} with {params}",
