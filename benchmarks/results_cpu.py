@@ -131,7 +131,7 @@ def deep_overrides(name: str, args, bits: int, seed: int, tuned_settings: dict, 
         f"experiment={exp}", f"output_dir={output_dir}", "name=run", f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.val_every}", "trainer.test_after_fit=false",
         f"optim.lr_decay_steps={args.lr_decay_steps}", f"optim.lr={args.lr}", f"data.batch_size={args.batch_size}",
-    ] + extra + (tuned or [])
+    ] + extra + (tuned or []) + list(args.override)  # --override last: it wins over the tuned settings
 
 
 def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned_settings: dict) -> dict:

@@ -87,3 +87,14 @@ def test_shipped_dsrh_tuned_is_the_48_bit_search_winner():
             assert shipped == value, key
         else:
             assert float(shipped) == pytest.approx(float(value), rel=5e-3), key
+
+
+def test_extra_overrides_win_over_tuned_settings(tmp_path):
+    """results_cpu.py --override KEY=V changes a tuned key too (it used to be overridden by the tuned value)."""
+    from dsrh_lightning.config import load_config
+
+    args = _protocol_args(tmp_path)
+    args.override = ["loss.cls_weight=0.05", "model.shared_dim=512"]
+    cfg = load_config(results_cpu.deep_overrides("DSRH", args, 48, 0, TUNED, str(tmp_path)))
+    assert cfg.loss.cls_weight == pytest.approx(0.05) and cfg.model.shared_dim == 512
+    assert cfg.loss.orth_weight == pytest.approx(0.3)  # the other tuned settings stay
