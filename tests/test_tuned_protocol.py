@@ -98,3 +98,27 @@ def test_extra_overrides_win_over_tuned_settings(tmp_path):
     cfg = load_config(results_cpu.deep_overrides("DSRH", args, 48, 0, TUNED, str(tmp_path)))
     assert cfg.loss.cls_weight == pytest.approx(0.05) and cfg.model.shared_dim == 512
     assert cfg.loss.orth_weight == pytest.approx(0.3)  # the other tuned settings stay
+
+
+def test_pooled_rounds_keep_the_best_validation_trial_and_count_every_trial():
+    tune_cpu = pytest.importorskip("tune_cpu")
+
+    def entry(best, trial, n, steps=1500):
+        return {"overrides": [f"optim.lr={best}"], "best_val_map": best, "trial": trial, "trials": n,
+                "steps": steps, "seconds": 10.0 * n, "all": [{"params": {"i": i}, "best_val_map": best} for i in range(n)]}
+
+    earlier = {"DSRH": {"48": entry(0.55, "r2-009", 16)}}
+    # An earlier round wins: its settings, every trial of both rounds counted.
+    got = tune_cpu.pool_rounds(entry(0.54, "r3-004", 12), "out/tuned.json", [("a/round2.json", earlier)], "DSRH", 48)
+    assert got["overrides"] == ["optim.lr=0.55"] and got["trial"] == "r2-009" and got["chosen_from"] == "round2.json"
+    assert got["trials"] == 28 and len(got["all"]) == 28 and got["seconds"] == 280.0
+    assert [r["file"] for r in got["rounds"]] == ["tuned.json", "round2.json"]
+    # This round wins.
+    got = tune_cpu.pool_rounds(entry(0.56, "r3-007", 12), "out/tuned.json", [("a/round2.json", earlier)], "DSRH", 48)
+    assert got["trial"] == "r3-007" and got["chosen_from"] == "tuned.json" and got["trials"] == 28
+    # Nothing pooled for this (method, bits): the round's own entry, unchanged.
+    alone = entry(0.5, "r3-001", 12)
+    assert tune_cpu.pool_rounds(alone, "out/tuned.json", [("a/round2.json", earlier)], "DSRH", 12) == alone
+    # Rounds of different lengths are not comparable.
+    with pytest.raises(SystemExit, match="different --steps"):
+        tune_cpu.pool_rounds(entry(0.5, "x", 12, steps=900), "o.json", [("a/round2.json", earlier)], "DSRH", 48)
