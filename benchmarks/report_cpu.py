@@ -51,6 +51,23 @@ def table(rows, key, title, order=()):
     return "\n".join(lines)
 
 
+def _line(method: str) -> str:
+    """Dashed for the classical baselines, solid for the deep methods."""
+    return "--" if method in ("LSH", "PCAH", "ITQ", "SH") else "-"
+
+
+def _finish(fig, ax, title: str, path: Path) -> None:
+    """Title, grid, legend; save at 110 dpi and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plots(rows, docs: Path, order=()):
     import matplotlib
 
@@ -64,17 +81,11 @@ def plots(rows, docs: Path, order=()):
         bits = sorted(b for (mm, b) in agg if mm == m)
         mean = np.array([agg[(m, b)][0] for b in bits])
         std = np.array([agg[(m, b)][1] for b in bits])
-        style = "--" if m in ("LSH", "PCAH", "ITQ", "SH") else "-"
-        ax.errorbar(bits, mean, yerr=std, fmt=style + "o", ms=4, capsize=3, label=m, color=plt.cm.tab20(i % 20))
+        ax.errorbar(bits, mean, yerr=std, fmt=_line(m) + "o", ms=4, capsize=3, label=m, color=plt.cm.tab20(i % 20))
     ax.set_xlabel("bits")
     ax.set_ylabel("MAP (whole database)")
     ax.set_xticks(sorted({r["bits"] for r in rows}))
-    ax.set_title("CIFAR-10, EfficientNet-Lite0 cached features: MAP vs code length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(docs / "results_map_vs_bits.png", dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, "CIFAR-10, EfficientNet-Lite0 cached features: MAP vs code length", docs / "results_map_vs_bits.png")
 
     fig, ax = plt.subplots(figsize=(7, 5.5))
     for i, m in enumerate(methods):
@@ -84,18 +95,12 @@ def plots(rows, docs: Path, order=()):
         # Micro-averaged counts per seed; the plotted curve is the mean over seeds at each radius.
         prec = np.mean([c["precision"] for c in curves], axis=0)
         rec = np.mean([c["recall"] for c in curves], axis=0)
-        style = "--" if m in ("LSH", "PCAH", "ITQ", "SH") else "-"
-        ax.plot(rec, prec, style, marker=".", ms=3, label=f"{m} (n={len(curves)})", color=plt.cm.tab20(i % 20))
+        ax.plot(rec, prec, _line(m), marker=".", ms=3, label=f"{m} (n={len(curves)})", color=plt.cm.tab20(i % 20))
     ax.set_xlabel("recall (within Hamming radius r, r = 0..48)")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title("PR curves by Hamming radius, 48 bits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(docs / "results_pr_48bits.png", dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, "PR curves by Hamming radius, 48 bits", docs / "results_pr_48bits.png")
 
 
 def tuned_table(tuned: dict) -> str:

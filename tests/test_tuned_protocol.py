@@ -122,3 +122,17 @@ def test_pooled_rounds_keep_the_best_validation_trial_and_count_every_trial():
     # Rounds of different lengths are not comparable.
     with pytest.raises(SystemExit, match="different --steps"):
         tune_cpu.pool_rounds(entry(0.5, "x", 12, steps=900), "o.json", [("a/round2.json", earlier)], "DSRH", 48)
+
+
+def test_report_plots_are_written(tmp_path):
+    """report_cpu.plots writes the MAP-vs-bits and 48-bit PR figures (110 dpi: 8 x 5.5 and 7 x 5.5 inches)."""
+    from PIL import Image
+
+    curve = {"precision": [1.0, 0.8, 0.5], "recall": [0.1, 0.4, 1.0]}
+    rows = [{"method": m, "bits": b, "seed": s, "map": 0.1 * (i + 1) + 0.01 * s, "pr_curve": curve}
+            for i, m in enumerate(["ITQ", "DSRH"]) for b in (12, 48) for s in (0, 1)]
+    report_cpu.plots(rows, tmp_path)
+    with Image.open(tmp_path / "results_map_vs_bits.png") as im:
+        assert im.size == (880, 605)
+    with Image.open(tmp_path / "results_pr_48bits.png") as im:
+        assert im.size == (770, 605)
