@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report_cpu import replace_block  # noqa: E402
-from results_cpu import git_commit, load_results, machine, repo_relative, tuned_overrides  # noqa: E402
+from results_cpu import (add_data_args, add_report_args, add_schedule_args, git_commit, load_results,  # noqa: E402
+                         machine, repo_relative, tuned_overrides)
 
 # method -> experiment config. The ablations take DSRH's tuned settings without the ablated terms; the
 # peers (not run by default) their own tuned settings, each without its heads' lr.
@@ -116,27 +117,19 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=ABLATIONS, choices=list(METHODS))
     p.add_argument("--bits", type=int, nargs="+", default=[48])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    add_data_args(p, image_size=64)
     p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--weights", default="imagenet")
-    p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--sampling", default="balanced", help="balanced: class-balanced batches, triplets mined inside")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (balanced sampling)")
     p.add_argument("--images-per-class", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--val-every", type=int, default=500)
+    add_schedule_args(p)
     p.add_argument("--lr", type=float, default=0.01, help="the heads' learning rate")
     p.add_argument("--backbone-lr-mult", type=float, default=1.0,
                    help="1.0: the whole network at one lr, as in the paper (0.1 left the hash stream flat for 200+ steps at 64 px)")
-    p.add_argument("--lr-decay-steps", type=int, default=1000)
     p.add_argument("--tuned", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"),
                    help="tune_cpu.py's JSON ('' = each experiment config as it is)")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "finetune_cpu"))
-    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "finetune_cpu.jsonl"))
-    p.add_argument("--docs", default=str(REPO / "docs"))
-    p.add_argument("--report-only", action="store_true")
+    add_report_args(p, "finetune_cpu.jsonl")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     args = p.parse_args(argv)
     results = Path(args.results)

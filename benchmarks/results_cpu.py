@@ -186,20 +186,37 @@ def git_commit() -> str:
         return "unknown"
 
 
-def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """The protocol's arguments (shared with tune_cpu.py): data, features, training length and batch."""
+def add_data_args(p: argparse.ArgumentParser, image_size: int) -> None:
+    """Where the images come from and the backbone that reads them (results_cpu, tune_cpu, finetune_cpu)."""
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="imagenet")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--feature-dir", default=str(REPO / "data" / "features"))
-    p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
+    p.add_argument("--image-size", type=int, default=image_size)
+
+
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Training length, validation interval and lr decay (the same in every CPU protocol)."""
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--lr-decay-steps", type=int, default=1000)
+
+
+def add_report_args(p: argparse.ArgumentParser, results: str) -> None:
+    """The results file (JSON lines, resumed) and the report written from it into --docs."""
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / results))
+    p.add_argument("--docs", default=str(REPO / "docs"))
+    p.add_argument("--report-only", action="store_true")
+
+
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The protocol's arguments (shared with tune_cpu.py): data, features, training length and batch."""
+    add_data_args(p, image_size=128)
+    p.add_argument("--feature-dir", default=str(REPO / "data" / "features"))
+    p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
+    add_schedule_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="triplets (or images) per batch")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of untuned methods")
-    p.add_argument("--lr-decay-steps", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every deep run")
 
@@ -212,9 +229,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, help=f"from {ALL_METHODS}")
     p.add_argument("--tuned", default="", help="tune_cpu.py's JSON: each tuned method runs with the settings "
                    "found on validation at the nearest tuned code length (its lr included)")
-    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "results_cpu.jsonl"))
-    p.add_argument("--docs", default=str(REPO / "docs"))
-    p.add_argument("--report-only", action="store_true")
+    add_report_args(p, "results_cpu.jsonl")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results_path = Path(args.results)
