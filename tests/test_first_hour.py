@@ -215,3 +215,16 @@ def test_one_and_two_threads_agree_within_float_noise(tiny_overrides, tmp_path, 
     assert rel < 1e-2, rel
     for key in ("val/map", "test/map"):
         assert runs[1][key] == pytest.approx(runs[2][key], abs=0.02), key
+
+
+def test_training_metrics_reach_the_logger_on_every_log_step(tiny_overrides, tmp_path):
+    """train/* metrics are logged on Lightning's log steps (every trainer.log_every_n_steps), all of them there."""
+    train(load_config(tiny_overrides + ["name=logs", "trainer.log_every_n_steps=4", "trainer.max_steps=12",
+                                        "data.num_workers=0"]))
+    with open(tmp_path / "runs" / "logs" / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [3, 7, 11]
+    for r in rows:
+        for key in ("train/loss", "train/ranking", "train/orth", "train/cls", "train/bit_balance"):
+            assert r.get(key) not in (None, ""), (key, r["step"])
+        assert float(r["train/loss"]) > 0

@@ -144,12 +144,19 @@ class HashingModule(pl.LightningModule):
         self._note_finite(losses)
         if self._check_due():
             self.check_finite()
-        for k, v in r.extras.items():
-            self.log(f"train/{k}", v, on_step=True)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True)
         self.log("loss", losses["loss"].detach(), prog_bar=True, on_step=True, logger=False)
-        self.log("train/bit_balance", (r.codes.detach().float().mean(0) - 0.5).abs().mean(), on_step=True)
+        if self._logs_due():  # step metrics reach the logger on log steps only: skip the bookkeeping between
+            for k, v in r.extras.items():
+                self.log(f"train/{k}", v, on_step=True)
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True)
+            self.log("train/bit_balance", (r.codes.detach().float().mean(0) - 0.5).abs().mean(), on_step=True)
         return losses["loss"]
+
+    def _logs_due(self) -> bool:
+        """Whether Lightning writes step metrics after this step (every ``trainer.log_every_n_steps``).
+        Each ``self.log`` costs Lightning's result bookkeeping (~0.25 ms on 2 CPU cores, ~18 calls a step)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
 
     def on_validation_start(self) -> None:
         self.check_finite()
