@@ -142,3 +142,19 @@ def test_last_checkpoint_every_minutes_and_steps(tmp_path, monkeypatch):
         trainer.global_step, clock[0] = step, float(t)
         cb.on_train_batch_end(trainer, None, None, None, 0)
     assert saved == [3, 10, 11]  # 2 min after start, step 10, 2 min after the step-10 save
+
+
+def test_resume_from_a_checkpoint_written_before_newer_keys(tmp_path):
+    """A key the checkpoint's version lacked (model.shared_dim, data.feature_norm) counts as its default:
+    such a run resumes with today's defaults, and a non-default value is still refused by name."""
+    from dsrh_lightning.train import check_resume_compatible
+
+    cfg = load_config(["dataset=synthetic", f"output_dir={tmp_path}", "name=a", "resume=auto"])
+    stored = to_dict(cfg)
+    del stored["model"]["shared_dim"], stored["data"]["feature_norm"]
+    ckpt = _ckpt(3, stored)
+    check_resume_compatible(cfg, tmp_path / "last.ckpt", ckpt)  # no error
+    wider = load_config(["dataset=synthetic", f"output_dir={tmp_path}", "name=a", "resume=auto",
+                         "model.shared_dim=512"])
+    with pytest.raises(ConfigError, match=r"model.shared_dim: checkpoint 0, now 512"):
+        check_resume_compatible(wider, tmp_path / "last.ckpt", ckpt)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -21,7 +21,7 @@ from .callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, La
                                    assert_finite_parameters, newest_readable_checkpoint)
 from .callbacks.progress import RunProgressBar, RunTimeEstimate, ValidateAtEnd
 from .callbacks.wandb_best import WandbBest
-from .config import ConfigError, parse_devices, save_config, to_dict
+from .config import Config, ConfigError, parse_devices, save_config, to_dict
 from .data.datamodule import HashingDataModule
 from .loggers import build_logger
 from .models import build_backbone
@@ -114,6 +114,16 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _with_defaults(stored: Dict[str, Any]) -> Dict[str, Any]:
+    """``stored`` (a saved config) over the schema's defaults: keys added since it was written get theirs."""
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return over
+
+    return merge(to_dict(OmegaConf.structured(Config)), stored)
+
+
 def check_resume_compatible(cfg: DictConfig, ckpt_path: Path, ckpt: Dict[str, Any]) -> None:
     """Raise ``ConfigError`` naming every key that differs between ``cfg`` and the config stored in
     ``ckpt`` (the contents of ``ckpt_path``, from :func:`open_resume`) and makes resuming impossible
@@ -122,7 +132,8 @@ def check_resume_compatible(cfg: DictConfig, ckpt_path: Path, ckpt: Dict[str, An
     if not isinstance(stored, dict):
         raise ConfigError(f"resume={cfg.resume}: {ckpt_path} stores no run configuration "
                           "(hyper_parameters.config); it was not written by dsrh train")
-    old, new = _flat(stored), _flat(to_dict(cfg))
+    # A key the checkpoint's version did not have yet (e.g. data.feature_norm) counts as today's default.
+    old, new = _flat(_with_defaults(stored)), _flat(to_dict(cfg))
     keys = sorted(k for k in set(old) | set(new)
                   if (k.split(".")[0] in _COMPAT_SECTIONS or k in _COMPAT_KEYS) and k not in _COMPAT_IGNORE)
     diff = [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
