@@ -67,6 +67,7 @@ ALL_METHODS = [NAMES[b] for b in BASELINES] + list(DEEP)
 
 
 def base_overrides(args, bits: int, seed: int) -> list[str]:
+    """The protocol's data and feature settings; callers append ``--override`` last, so it wins."""
     over = [
         f"dataset={args.dataset}", "model.backbone=" + args.backbone, "model.weights=" + args.weights,
         f"data.image_size={args.image_size}", "data.cache_features=true", f"data.feature_dir={args.feature_dir}",
@@ -78,7 +79,7 @@ def base_overrides(args, bits: int, seed: int) -> list[str]:
         over.append(f"data.root={args.data_root}")
     if args.split_dir:
         over.append(f"data.split_dir={args.split_dir}")
-    return over + list(args.override)
+    return over
 
 
 def _features(dm: HashingDataModule, split: str):
@@ -248,7 +249,8 @@ def main(argv=None) -> None:
                     if (method, bits, seed) in done:
                         continue
                     if dm is None:  # the features and split of this seed (split seed = seed)
-                        dm = HashingDataModule(load_config(base_overrides(args, bits, seed)), backbone_factory=build_backbone)
+                        dm = HashingDataModule(load_config(base_overrides(args, bits, seed) + list(args.override)),
+                                               backbone_factory=build_backbone)
                         dm.setup("fit")
                     t0 = time.perf_counter()
                     if method in NAMES.values():

@@ -45,7 +45,7 @@ def protocol_overrides(args, bits: int) -> List[str]:
         f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
         f"optim.lr_decay_steps={args.lr_decay_steps}", f"data.batch_size={args.batch_size}",
         "trainer.test_after_fit=false", "trainer.checkpoint_every_n_steps=0",
-    ]
+    ] + list(args.override)  # last among the protocol's settings (a trial's swept values still follow)
 
 
 def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[int, Optional[Dict[str, Any]]]:

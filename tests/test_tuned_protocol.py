@@ -136,3 +136,15 @@ def test_report_plots_are_written(tmp_path):
         assert im.size == (880, 605)
     with Image.open(tmp_path / "results_pr_48bits.png") as im:
         assert im.size == (770, 605)
+
+
+def test_tune_protocol_takes_extra_overrides_last(tmp_path):
+    """tune_cpu.py --override wins over the protocol's own settings too (trials' swept values come after)."""
+    from dsrh_lightning.config import load_config
+
+    tune_cpu = pytest.importorskip("tune_cpu")
+    args = _protocol_args(tmp_path)
+    args.seed, args.override = 0, ["trainer.max_steps=7", "data.batch_size=32"]
+    cfg = load_config(tune_cpu.protocol_overrides(args, 48))
+    assert cfg.trainer.max_steps == 7 and cfg.data.batch_size == 32
+    assert not any(o in results_cpu.base_overrides(args, 48, 0) for o in args.override)
