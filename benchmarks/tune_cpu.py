@@ -12,11 +12,23 @@ The best trial of each (method, bits) is written to ``--out`` (JSON), which ``re
 reads. Run it with nothing else on the machine.
 
     PYTHONPATH=src python benchmarks/tune_cpu.py --methods DSRH HashNet CSQ --bits 12 48 --count 16
+
+Later rounds (every method alike):
+
+* ``--pool``: earlier rounds' files; each (method, bits) keeps the best trial over all rounds.
+* ``--refine``: this round searches around the pooled best instead of the sweep file's whole space
+  (:func:`refine_sweep`: a knob the earlier rounds chose a value for is fixed, or searched within a factor
+  of 2 of it; a knob they never searched keeps its full range).
+* ``--rescore K``: the K best trials (pooled) run again with ``--rescore-seeds`` (each seed its own split
+  and initialisation), and the one with the best mean validation MAP over all its seeds is chosen, so the
+  choice is less a matter of one seed's luck.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import logging
 import sys
@@ -25,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -83,6 +96,68 @@ def pool_rounds(entry: Dict[str, Any], out: str, pooled: List[Tuple[str, Dict[st
                 all=[t for _, r in rounds for t in r["all"]], chosen_from=Path(path).name)
 
 
+def refine_sweep(sweep: Dict[str, Any], centre: Dict[str, Any], factor: float = 2.0) -> Dict[str, Any]:
+    """A copy of ``sweep`` whose search space surrounds ``centre`` (the earlier rounds' best parameters).
+
+    A parameter ``centre`` has a value for is fixed at it when it is categorical (``values``), searched
+    in ``[v / factor, v * factor]`` when log-uniform and in ``v +- (max - min) / (2 * factor)`` when
+    uniform, both clipped to the sweep file's own bounds. A parameter ``centre`` lacks (a knob added
+    after those rounds) keeps its full specification.
+    """
+    params: Dict[str, Any] = {}
+    for key, spec in sweep["parameters"].items():
+        if key not in centre:
+            params[key] = copy.deepcopy(spec)
+            continue
+        v, dist = centre[key], spec.get("distribution")
+        if "values" in spec or "value" in spec:
+            params[key] = {"value": v}
+        elif dist == "log_uniform_values":
+            params[key] = {"distribution": dist, "min": max(spec["min"], v / factor),
+                           "max": min(spec["max"], v * factor)}
+        elif dist == "uniform":
+            half = (spec["max"] - spec["min"]) / (2 * factor)
+            params[key] = {"distribution": dist, "min": max(spec["min"], v - half), "max": min(spec["max"], v + half)}
+        else:
+            raise SystemExit(f"--refine: {key}: no refinement for distribution {dist!r}")
+    return dict(copy.deepcopy(sweep), parameters=params)
+
+
+def top_trials(entry: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
+    """The ``k`` trials of ``entry["all"]`` with the highest validation MAP (failed trials left out)."""
+    ok = [t for t in entry["all"] if t.get("best_val_map") is not None]
+    return sorted(ok, key=lambda t: -t["best_val_map"])[:k]
+
+
+def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: List[str],
+            cache_path: Path) -> Dict[str, Any]:
+    """``entry`` with its choice remade from the ``k`` best trials, each run again with every seed in
+    ``seeds`` (``run_seed(overrides, seed) -> best val MAP``; results kept in ``cache_path`` so an
+    interrupted rescoring goes on where it stopped). The chosen trial has the best mean over its recorded
+    validation MAP and the new seeds'; ``rescored`` lists every candidate."""
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    candidates = []
+    for trial in top_trials(entry, k):
+        overrides = fixed + [f"{key}={value}" for key, value in trial["params"].items()]
+        maps = [trial["best_val_map"]]
+        for seed in seeds:
+            key = json.dumps([overrides, seed])
+            if key not in cache:
+                cache[key] = run_seed(overrides, seed)
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                cache_path.write_text(json.dumps(cache, indent=1))
+            maps.append(cache[key])
+        if any(m is None for m in maps):
+            continue  # a failed run: not a candidate
+        candidates.append({"params": trial["params"], "overrides": overrides, "val_maps": maps,
+                           "mean_val_map": sum(maps) / len(maps)})
+    if not candidates:
+        return entry
+    best = max(candidates, key=lambda c: c["mean_val_map"])
+    return dict(entry, overrides=best["overrides"], best_val_map=best["val_maps"][0],
+                mean_val_map=best["mean_val_map"], rescore_seeds=seeds, rescored=candidates)
+
+
 def main(argv=None) -> int:
     from results_cpu import add_protocol_args
 
@@ -97,18 +172,34 @@ def main(argv=None) -> int:
     p.add_argument("--pool", nargs="*", default=[],
                    help="earlier rounds' --out files: each (method, bits) keeps the best validation trial over "
                         "all rounds (every method gets the same total budget when every round gives the same count)")
+    p.add_argument("--refine", action="store_true",
+                   help="search around the --pool files' best trial (refine_sweep) instead of the whole space")
+    p.add_argument("--rescore", type=int, default=0, metavar="K",
+                   help="run the K best (pooled) trials again with --rescore-seeds; choose by mean validation MAP")
+    p.add_argument("--rescore-seeds", type=int, nargs="+", default=[1, 2])
     args = p.parse_args(argv)
+    if args.refine and not args.pool:
+        p.error("--refine searches around the best trial of the --pool files: give them")
     pooled = [(path, json.loads(Path(path).read_text())) for path in args.pool]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     tuned = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for method in args.methods:
-        sweep_file = resolve_sweep_path(SWEEPS[method])
-        sweep = load_sweep(sweep_file)
+        base_file = resolve_sweep_path(SWEEPS[method])
+        sweep = load_sweep(base_file)
         fixed = [a for a in sweep["command"] if "=" in a and not a.startswith("${")]
         for bits in args.bits:
             sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
+            sweep_file = base_file
+            if args.refine:
+                earlier = [t for _, d in pooled for t in d.get(method, {}).get(str(bits), {}).get("all", [])]
+                if not top_trials({"all": earlier}, 1):
+                    raise SystemExit(f"--refine: no finished {method} {bits}-bit trial in the --pool files")
+                sweep_file = sweep_dir / f"{base_file.stem}_refine.yaml"
+                sweep_dir.mkdir(parents=True, exist_ok=True)
+                sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, top_trials({"all": earlier}, 1)[0]["params"]),
+                                                     sort_keys=False))
             t0 = time.perf_counter()
             run_sweep_local(sweep_file, count=max(args.count - len(sweep_runs(sweep_dir)), 0),
                             overrides=protocol_overrides(args, bits), output_dir=sweep_dir, seed=args.seed,
@@ -127,11 +218,20 @@ def main(argv=None) -> int:
                          "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
                         for r in trials],
             }
-            tuned.setdefault(method, {})[str(bits)] = pool_rounds(entry, args.out, pooled, method, bits)
+            entry = pool_rounds(entry, args.out, pooled, method, bits)
+            if args.rescore:
+                def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
+                    name = f"rescore-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]}-seed{seed}"
+                    code, result = train_in_process(
+                        overrides + protocol_overrides(argparse.Namespace(**{**vars(args), "seed": seed}), bits)
+                        + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}"], sweep_dir, name)
+                    return result.get("best_val_map") if code == 0 and result else None
+                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, sweep_dir / "rescore.json")
+            tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(tuned, indent=2))
-            print(f"{method} {bits} bits: best val MAP {best['history'][0]['best_val_map']:.4f} with {params}",
-                  flush=True)
+            print(f"{method} {bits} bits: this round's best val MAP {best['history'][0]['best_val_map']:.4f} with "
+                  f"{params}; chosen: {entry['overrides']}", flush=True)
     return 0
 
 

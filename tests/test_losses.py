@@ -170,6 +170,60 @@ def test_mined_triplet_loss_matches_loop_and_is_zero_without_triplets():
     assert float(n0) == 0 and empty.item() == 0.0
 
 
+def _ref_active_mean(hinges):
+    active = [h for h in hinges if h > 0]
+    return sum(active) / len(active) if active else 0.0
+
+
+def test_triplet_average_active_divides_by_the_triplets_with_a_positive_hinge():
+    """loss.triplet_average=active: the summed hinge over the number of violated triplets (loop reference);
+    ``all`` stays the plain mean. Explicit triplets and in-batch mining alike."""
+    from dsrh_lightning.losses.triplet import mined_triplet_loss
+
+    g = torch.Generator().manual_seed(4)
+    q, p, n = (torch.rand(9, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    hinges = [max(0.0, float(0.3 - ((q[i] - n[i]) ** 2).sum() + ((q[i] - p[i]) ** 2).sum())) for i in range(9)]
+    assert 0 < sum(h > 0 for h in hinges) < 9  # some triplets satisfied, some not: the two averages differ
+    assert triplet_ranking_loss(q, p, n, 0.3, "active").item() == pytest.approx(_ref_active_mean(hinges), rel=1e-6)
+    assert triplet_ranking_loss(q, p, n, 0.3, "all").item() == pytest.approx(sum(hinges) / 9, rel=1e-6)
+
+    codes = torch.rand(8, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0, 2, 1])
+    hinges = [max(0.0, float(0.6 - ((codes[a] - codes[n]) ** 2).sum() + ((codes[a] - codes[p]) ** 2).sum()))
+              for a in range(8) for p in range(8) for n in range(8)
+              if p != a and labels[p] == labels[a] and labels[n] != labels[a]]
+    assert 0 < sum(h > 0 for h in hinges) < len(hinges)
+    loss, count = mined_triplet_loss(codes, labels, 0.6, average="active")
+    assert loss.item() == pytest.approx(_ref_active_mean(hinges), rel=1e-6) and float(count) == len(hinges)
+    # Nothing violated: 0, not a division by zero.
+    assert triplet_ranking_loss(q, q, 1 - q.round(), 0.0, "active").item() == 0.0
+    with pytest.raises(ValueError, match="triplet_average"):
+        triplet_ranking_loss(q, p, n, 1.0, "hardest")
+
+
+@pytest.mark.parametrize("max_triplets", [0, 37])
+def test_mined_active_average_equals_gathered_loss_and_gradients(max_triplets):
+    from dsrh_lightning.losses.miners import mine_all_triplets
+    from dsrh_lightning.losses.triplet import mined_triplet_loss
+
+    g = torch.Generator().manual_seed(8)
+    codes = torch.rand(20, 12, generator=g)
+    labels = _batch_labels("single", 20, g)
+
+    def gathered(x):
+        a, p, n = mine_all_triplets(labels, max_triplets, torch.Generator().manual_seed(7))
+        return triplet_ranking_loss(x[a], x[p], x[n], 1.5, "active")
+
+    def matrix(x):
+        return mined_triplet_loss(x, labels, 1.5, max_triplets, torch.Generator().manual_seed(7), "active")[0]
+
+    ref_loss, ref_grad = _grads(gathered, codes)
+    loss, grad = _grads(matrix, codes)
+    assert ref_loss > 0 and ref_grad.abs().sum() > 0
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 @pytest.mark.parametrize("kind", ["single", "multi"])
 @pytest.mark.parametrize("max_triplets", [0, 50])
 def test_mined_weighted_ranking_equals_gathered_loss_and_gradients(kind, max_triplets):

@@ -148,3 +148,55 @@ def test_tune_protocol_takes_extra_overrides_last(tmp_path):
     cfg = load_config(tune_cpu.protocol_overrides(args, 48))
     assert cfg.trainer.max_steps == 7 and cfg.data.batch_size == 32
     assert not any(o in results_cpu.base_overrides(args, 48, 0) for o in args.override)
+
+
+def test_refine_sweep_searches_around_the_earlier_best():
+    """--refine: categorical knobs fixed at the earlier best, log-uniform within x/÷2, uniform within a quarter of
+    the range either side, both clipped to the file's bounds; a knob the earlier rounds lacked keeps its range.
+    The result is a valid W&B sweep."""
+    from sweeps import schema_violations_from_proposed_config
+
+    tune_cpu = pytest.importorskip("tune_cpu")
+    sweep = {"method": "bayes", "metric": {"name": "best_val_map", "goal": "maximize"},
+             "command": ["${env}", "dsrh", "train", "experiment=dsrh", "${args}"],
+             "parameters": {"optim.lr": {"distribution": "log_uniform_values", "min": 0.003, "max": 0.3},
+                            "loss.margin": {"distribution": "uniform", "min": 0.05, "max": 0.5},
+                            "model.dropout": {"values": [0.0, 0.25, 0.5]},
+                            "loss.triplet_average": {"values": ["all", "active"]}}}
+    got = tune_cpu.refine_sweep(sweep, {"optim.lr": 0.2, "loss.margin": 0.1, "model.dropout": 0.25})
+    assert got["parameters"]["optim.lr"] == {"distribution": "log_uniform_values", "min": 0.1, "max": 0.3}
+    assert got["parameters"]["loss.margin"]["min"] == 0.05
+    assert got["parameters"]["loss.margin"]["max"] == pytest.approx(0.1 + 0.1125)
+    assert got["parameters"]["model.dropout"] == {"value": 0.25}
+    assert got["parameters"]["loss.triplet_average"] == {"values": ["all", "active"]}
+    assert got["command"] == sweep["command"] and sweep["parameters"]["optim.lr"]["min"] == 0.003  # input kept
+    assert not schema_violations_from_proposed_config(got)
+
+
+def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
+    tune_cpu = pytest.importorskip("tune_cpu")
+    entry = {"overrides": ["experiment=dsrh", "optim.lr=0.1"], "best_val_map": 0.60, "trials": 4,
+             "all": [{"params": {"optim.lr": 0.1}, "best_val_map": 0.60},   # lucky seed 0
+                     {"params": {"optim.lr": 0.2}, "best_val_map": 0.58},   # best on average
+                     {"params": {"optim.lr": 0.3}, "best_val_map": 0.50},   # not among the top 2
+                     {"params": {"optim.lr": 0.4}, "best_val_map": None}]}  # failed trial
+    other_seeds = {"0.1": 0.50, "0.2": 0.57, "0.3": 0.9}
+    calls = []
+
+    def run_seed(overrides, seed):
+        calls.append((overrides[-1], seed))
+        return other_seeds[overrides[-1].split("=")[1]] - 0.01 * seed
+
+    cache = tmp_path / "rescore.json"
+    got = tune_cpu.rescore(entry, 2, [1, 2], run_seed, ["experiment=dsrh"], cache)
+    assert got["overrides"] == ["experiment=dsrh", "optim.lr=0.2"] and got["best_val_map"] == 0.58
+    assert got["mean_val_map"] == pytest.approx((0.58 + 0.56 + 0.55) / 3)
+    assert [c["params"]["optim.lr"] for c in got["rescored"]] == [0.1, 0.2] and got["rescore_seeds"] == [1, 2]
+    assert sorted(calls) == [("optim.lr=0.1", 1), ("optim.lr=0.1", 2), ("optim.lr=0.2", 1), ("optim.lr=0.2", 2)]
+    # Run again (an interrupted rescoring resumed): every run comes from the cache.
+    calls.clear()
+    assert tune_cpu.rescore(entry, 2, [1, 2], run_seed, ["experiment=dsrh"], cache) == got and not calls
+    # A candidate whose run failed is not chosen.
+    got = tune_cpu.rescore(entry, 2, [1, 2], lambda o, s: None if "0.2" in o[-1] else 0.5, ["experiment=dsrh"],
+                           tmp_path / "other.json")
+    assert got["overrides"][-1] == "optim.lr=0.1"

@@ -152,6 +152,9 @@ class LossConfig:
     margin: float = 1.0
     # "constant": margin as given; "per_bit": margin * bits (codes live in [0,1]^bits).
     margin_scaling: str = "constant"
+    # DSRH's triplet hinge averaged over "all" triplets (the paper's mean) or over the "active" ones (hinge > 0,
+    # Hermans et al. 2017's batch-all), which keeps the step from shrinking as more triplets are satisfied.
+    triplet_average: str = "all"
     # lambda of the orthogonality penalty (0 disables it).
     orth_weight: float = 0.25
     # Normalisation of ||(1/m) H~^T H~ - I||_F^2: "none" (paper), "bits" (/k) or "bits2" (/k^2).
@@ -269,6 +272,7 @@ _CHOICES = {
     "model.bag_activation": ("relu", "sigmoid", "none"),
     "loss.margin_scaling": ("constant", "per_bit"),
     "loss.orth_norm": ("none", "bits", "bits2"),
+    "loss.triplet_average": ("all", "active"),
     "eval.empty_queries": ("zero", "skip"),
     "eval.ties": ("stable", "average"),
     "logger.name": ("wandb", "csv", "none"),

@@ -26,13 +26,32 @@ def effective_margin(margin: float, bits: int, scaling: str = "constant") -> flo
     raise ValueError(f"loss.margin_scaling={scaling!r}: expected 'constant' or 'per_bit'")
 
 
+AVERAGES = ("all", "active")
+
+
+def _average(hinge: torch.Tensor, valid: Optional[torch.Tensor], average: str) -> torch.Tensor:
+    """Mean of ``hinge`` over the ``valid`` entries (all entries when None): over every one (``all``)
+    or over those with a positive hinge (``active``); 0 when there are none."""
+    if average not in AVERAGES:
+        raise ValueError(f"loss.triplet_average={average!r}: expected one of {AVERAGES}")
+    if valid is None and average == "all":
+        return hinge.mean()
+    if valid is not None:
+        hinge = torch.where(valid, hinge, 0.0)
+    count = (hinge > 0).sum() if average == "active" else valid.sum()
+    return hinge.sum() / count.clamp(min=1)
+
+
 def triplet_ranking_loss(query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                         margin: float = 1.0) -> torch.Tensor:
+                         margin: float = 1.0, average: str = "all") -> torch.Tensor:
     """Mean over triplets of ``max(0, margin - ||q - n||^2 + ||q - p||^2)``.
 
     Args:
         query, positive, negative: ``(t, k)`` relaxed codes (sigmoid outputs in [0, 1]).
         margin: hinge margin (paper: 1).
+        average: ``all`` divides the summed hinge by the number of triplets (the paper's mean);
+            ``active`` by the number of triplets whose hinge is positive (Hermans et al. 2017's
+            "batch all"), so the step does not shrink as more triplets are satisfied.
 
     Returns:
         Scalar tensor (0 for an empty batch of triplets). Computed in float32.
@@ -45,14 +64,15 @@ def triplet_ranking_loss(query: torch.Tensor, positive: torch.Tensor, negative: 
     q, p, n = query.float(), positive.float(), negative.float()
     d_pos = (q - p).pow(2).sum(1)
     d_neg = (q - n).pow(2).sum(1)
-    return torch.clamp(margin - d_neg + d_pos, min=0).mean()
+    return _average(torch.clamp(margin - d_neg + d_pos, min=0), None, average)
 
 
 def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, max_triplets: int = 0,
-                       generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
+                       generator: Optional[torch.Generator] = None, average: str = "all"
+                       ) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
     """:func:`triplet_ranking_loss` over every valid in-batch triplet, from one ``(b, b)`` distance matrix.
 
-    Equal to ``triplet_ranking_loss(codes[a], codes[p], codes[n], margin)`` with
+    Equal to ``triplet_ranking_loss(codes[a], codes[p], codes[n], margin, average)`` with
     ``a, p, n = mine_all_triplets(labels, max_triplets, generator)`` (same subset draw), without
     gathering a ``(t, k)`` code matrix per triplet: the hinge ``margin - D[a, n] + D[a, p]`` is
     evaluated on the ``(b, b, b)`` grid and averaged over the valid mask (no host synchronisation),
@@ -61,7 +81,7 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
     Args:
         codes: ``(b, k)`` relaxed codes in [0, 1].
         labels: ``(b,)`` class ids or ``(b, c)`` multi-hot.
-        margin, max_triplets, generator: as :func:`triplet_ranking_loss` and
+        margin, max_triplets, generator, average: as :func:`triplet_ranking_loss` and
             :func:`~dsrh_lightning.losses.miners.mine_all_triplets`.
 
     Returns:
@@ -73,10 +93,9 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
     kept = kept_triplets(valid, max_triplets, generator)
     if kept is not None:
         a, p, n = kept
-        return torch.clamp(margin - dist[a, n] + dist[a, p], min=0).mean(), float(len(a))
+        return _average(torch.clamp(margin - dist[a, n] + dist[a, p], min=0), None, average), float(len(a))
     hinge = torch.clamp(margin - dist.unsqueeze(1) + dist.unsqueeze(2), min=0)  # [a, p, n]
-    count = valid.sum()
-    return torch.where(valid, hinge, 0.0).sum() / count.clamp(min=1), count.float()
+    return _average(hinge, valid, average), valid.sum().float()
 
 
 class TripletRanking(RankingLoss):
@@ -90,14 +109,16 @@ class TripletRanking(RankingLoss):
         super().__init__(cfg, num_classes)
         self.margin = effective_margin(cfg.loss.margin, self.bits, cfg.loss.margin_scaling)
         self.max_triplets = int(cfg.data.max_triplets)
+        self.average = cfg.loss.triplet_average
 
     def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
         if explicit:
             # Rows are (query, positive, negative) of each triplet.
             codes = out["codes"].view(-1, 3, self.bits)
             q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
-            return RankingResult(triplet_ranking_loss(q, p, n, self.margin), [q, p, n], out["codes"],
+            return RankingResult(triplet_ranking_loss(q, p, n, self.margin, self.average), [q, p, n], out["codes"],
                                  self.flat_labels(labels, explicit))
         codes = out["codes"]
-        loss, count = mined_triplet_loss(codes, labels, self.margin, self.max_triplets, generator)
+        loss, count = mined_triplet_loss(codes, labels, self.margin, self.max_triplets, generator,
+                                         self.average)
         return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": count})
