@@ -154,8 +154,12 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
     if not candidates:
         return entry
     best = max(candidates, key=lambda c: c["mean_val_map"])
-    return dict(entry, overrides=best["overrides"], best_val_map=best["val_maps"][0],
-                mean_val_map=best["mean_val_map"], rescore_seeds=seeds, rescored=candidates)
+    out = dict(entry, overrides=best["overrides"], best_val_map=best["val_maps"][0],
+               mean_val_map=best["mean_val_map"], rescore_seeds=seeds, rescored=candidates)
+    if best["overrides"] != entry["overrides"]:  # not the seed-0 best: its trial name and round are not known here
+        out.pop("trial", None)
+        out.pop("chosen_from", None)
+    return out
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,17 @@ def test_settings_table_lists_each_tuned_length():
     assert "`loss.orth_weight=0.3`" in rows[1] and "dataset=" not in text
 
 
+def test_settings_table_shows_the_mean_over_seeds_of_rescored_choices():
+    import copy
+
+    tuned = copy.deepcopy(TUNED)
+    tuned["DSRH"]["48"].update(mean_val_map=0.5432, rescore_seeds=[1, 2], rescored=[{}, {}, {}])
+    rows = [line for line in report_cpu.tuned_table(tuned).splitlines() if line.startswith("| DSRH |")]
+    assert "| 0.5500 | 0.5432 (seeds 0, 1, 2; best of 3) |" in rows[1]
+    assert "| 0.4400 | - |" in rows[0]  # a length that was not rescored says so
+    assert rows[0].count("|") == rows[1].count("|") == 8
+
+
 def test_shipped_dsrh_tuned_is_the_48_bit_search_winner():
     """experiment=dsrh_tuned holds the recorded search's 48-bit settings (3 significant digits; lr excluded)."""
     import json
@@ -175,7 +186,8 @@ def test_refine_sweep_searches_around_the_earlier_best():
 
 def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
     tune_cpu = pytest.importorskip("tune_cpu")
-    entry = {"overrides": ["experiment=dsrh", "optim.lr=0.1"], "best_val_map": 0.60, "trials": 4,
+    entry = {"overrides": ["experiment=dsrh", "optim.lr=0.1"], "best_val_map": 0.60, "trials": 4, "trial": "r2-003",
+             "chosen_from": "round2.json",
              "all": [{"params": {"optim.lr": 0.1}, "best_val_map": 0.60},   # lucky seed 0
                      {"params": {"optim.lr": 0.2}, "best_val_map": 0.58},   # best on average
                      {"params": {"optim.lr": 0.3}, "best_val_map": 0.50},   # not among the top 2
@@ -190,6 +202,7 @@ def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
     cache = tmp_path / "rescore.json"
     got = tune_cpu.rescore(entry, 2, [1, 2], run_seed, ["experiment=dsrh"], cache)
     assert got["overrides"] == ["experiment=dsrh", "optim.lr=0.2"] and got["best_val_map"] == 0.58
+    assert "trial" not in got and "chosen_from" not in got  # they named the seed-0 best, not the choice
     assert got["mean_val_map"] == pytest.approx((0.58 + 0.56 + 0.55) / 3)
     assert [c["params"]["optim.lr"] for c in got["rescored"]] == [0.1, 0.2] and got["rescore_seeds"] == [1, 2]
     assert sorted(calls) == [("optim.lr=0.1", 1), ("optim.lr=0.1", 2), ("optim.lr=0.2", 1), ("optim.lr=0.2", 2)]
@@ -199,4 +212,4 @@ def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
     # A candidate whose run failed is not chosen.
     got = tune_cpu.rescore(entry, 2, [1, 2], lambda o, s: None if "0.2" in o[-1] else 0.5, ["experiment=dsrh"],
                            tmp_path / "other.json")
-    assert got["overrides"][-1] == "optim.lr=0.1"
+    assert got["overrides"][-1] == "optim.lr=0.1" and got["trial"] == "r2-003"  # the seed-0 best kept its name
