@@ -111,7 +111,7 @@ def tuned_table(tuned: dict) -> str:
             else "best of the trials by best validation MAP")
     lines = [f"**Settings found on validation** ({head}; validation queries and a 5,000-image validation database, "
              "never the test queries)", "",
-             "| method | tuned at | trials | steps | val MAP, seed 0 |" + (" val MAP, mean over seeds |" if rescored else "")
+             "| method | tuned at | trials | steps | val MAP, search seed |" + (" val MAP, mean over seeds |" if rescored else "")
              + " settings (over the experiment config) |",
              "|---|---|---|---|---|" + ("---|" if rescored else "") + "---|"]
     for method, by_bits in tuned.items():
@@ -120,7 +120,8 @@ def tuned_table(tuned: dict) -> str:
             settings = " ".join(f"`{_short(o)}`" for o in t["overrides"] if not o.startswith("dataset="))
             mean = ""
             if rescored:
-                mean = (f" {t['mean_val_map']:.4f} (seeds 0, {', '.join(map(str, t['rescore_seeds']))}; best of "
+                seeds = [t.get("seed", 0)] + list(t["rescore_seeds"]) if "mean_val_map" in t else []
+                mean = (f" {t['mean_val_map']:.4f} (seeds {', '.join(map(str, seeds))}; best of "
                         f"{len(t['rescored'])}) |" if "mean_val_map" in t else " - |")
             lines.append(f"| {method} | {bits} bits | {t['trials']} | {t['steps']} | {t['best_val_map']:.4f} |{mean} "
                          f"{settings} |")

@@ -16,7 +16,8 @@ reads. Run it with nothing else on the machine.
 Later rounds (every method alike):
 
 * ``--pool``: earlier rounds' files; each (method, bits) keeps the best trial over all rounds.
-* ``--refine``: this round searches around the pooled best instead of the sweep file's whole space
+* ``--refine``: this round searches around the pooled best (a re-scored choice where there is one) instead
+  of the sweep file's whole space
   (:func:`refine_sweep`: a knob the earlier rounds chose a value for is fixed, or searched within a factor
   of 2 of it; a knob they never searched keeps its full range).
 * ``--rescore K``: the K best trials (pooled) run again with ``--rescore-seeds`` (each seed its own split
@@ -34,7 +35,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -92,7 +93,7 @@ def pool_rounds(entry: Dict[str, Any], out: str, pooled: List[Tuple[str, Dict[st
     path, best = max(rounds, key=lambda pr: pr[1]["best_val_map"])
     return dict(best, trials=sum(r["trials"] for _, r in rounds), seconds=sum(r["seconds"] for _, r in rounds),
                 rounds=[{"file": Path(p).name, "best_val_map": r["best_val_map"], "trials": r["trials"],
-                         "trial": r["trial"]} for p, r in rounds],
+                         "trial": r.get("trial")} for p, r in rounds],
                 all=[t for _, r in rounds for t in r["all"]], chosen_from=Path(path).name)
 
 
@@ -123,6 +124,17 @@ def refine_sweep(sweep: Dict[str, Any], centre: Dict[str, Any], factor: float = 
     return dict(copy.deepcopy(sweep), parameters=params)
 
 
+def refine_centre(entries: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The parameters ``--refine`` searches around, from the ``--pool`` files' entries for one (method, bits):
+    a re-scored entry's choice (the best mean validation MAP over seeds), else the best trial's."""
+    rescored = [e for e in entries if "rescored" in e]
+    if rescored:
+        e = max(rescored, key=lambda e: e["mean_val_map"])
+        return next(c["params"] for c in e["rescored"] if c["overrides"] == e["overrides"])
+    best = top_trials({"all": [t for e in entries for t in e.get("all", [])]}, 1)
+    return best[0]["params"] if best else None
+
+
 def top_trials(entry: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     """The ``k`` trials of ``entry["all"]`` with the highest validation MAP (failed trials left out)."""
     ok = [t for t in entry["all"] if t.get("best_val_map") is not None]
@@ -130,23 +142,26 @@ def top_trials(entry: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
 
 
 def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: List[str],
-            cache_path: Path) -> Dict[str, Any]:
+            cache_path: Path, protocol: Sequence[str] = ()) -> Dict[str, Any]:
     """``entry`` with its choice remade from the ``k`` best trials, each run again with every seed in
-    ``seeds`` (``run_seed(overrides, seed) -> best val MAP``; results kept in ``cache_path`` so an
-    interrupted rescoring goes on where it stopped). The chosen trial has the best mean over its recorded
-    validation MAP and the new seeds'; ``rescored`` lists every candidate."""
+    ``seeds`` (``run_seed(overrides, seed) -> best val MAP``, None when the run failed; finished runs are
+    kept in ``cache_path`` under the trial's overrides, the ``protocol`` settings and the seed, so an
+    interrupted rescoring goes on where it stopped and a changed protocol is run again). The chosen trial
+    has the best mean over its recorded validation MAP and the new seeds'; ``rescored`` lists every
+    candidate."""
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     candidates = []
     for trial in top_trials(entry, k):
         overrides = fixed + [f"{key}={value}" for key, value in trial["params"].items()]
         maps = [trial["best_val_map"]]
         for seed in seeds:
-            key = json.dumps([overrides, seed])
-            if key not in cache:
-                cache[key] = run_seed(overrides, seed)
+            key = json.dumps([overrides, list(protocol), seed])
+            value = cache[key] if key in cache else run_seed(overrides, seed)
+            if value is not None and key not in cache:  # a failed run is tried again next time
+                cache[key] = value
                 cache_path.parent.mkdir(parents=True, exist_ok=True)
                 cache_path.write_text(json.dumps(cache, indent=1))
-            maps.append(cache[key])
+            maps.append(value)
         if any(m is None for m in maps):
             continue  # a failed run: not a candidate
         candidates.append({"params": trial["params"], "overrides": overrides, "val_maps": maps,
@@ -182,6 +197,8 @@ def main(argv=None) -> int:
                    help="run the K best (pooled) trials again with --rescore-seeds; choose by mean validation MAP")
     p.add_argument("--rescore-seeds", type=int, nargs="+", default=[1, 2])
     args = p.parse_args(argv)
+    if args.rescore and args.seed in args.rescore_seeds:
+        p.error(f"--rescore-seeds {args.rescore_seeds}: the trials already ran with --seed {args.seed}")
     if args.refine and not args.pool:
         p.error("--refine searches around the best trial of the --pool files: give them")
     pooled = [(path, json.loads(Path(path).read_text())) for path in args.pool]
@@ -197,13 +214,12 @@ def main(argv=None) -> int:
             sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
             sweep_file = base_file
             if args.refine:
-                earlier = [t for _, d in pooled for t in d.get(method, {}).get(str(bits), {}).get("all", [])]
-                if not top_trials({"all": earlier}, 1):
+                centre = refine_centre([d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})])
+                if centre is None:
                     raise SystemExit(f"--refine: no finished {method} {bits}-bit trial in the --pool files")
                 sweep_file = sweep_dir / f"{base_file.stem}_refine.yaml"
                 sweep_dir.mkdir(parents=True, exist_ok=True)
-                sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, top_trials({"all": earlier}, 1)[0]["params"]),
-                                                     sort_keys=False))
+                sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, centre), sort_keys=False))
             t0 = time.perf_counter()
             run_sweep_local(sweep_file, count=max(args.count - len(sweep_runs(sweep_dir)), 0),
                             overrides=protocol_overrides(args, bits), output_dir=sweep_dir, seed=args.seed,
@@ -217,7 +233,8 @@ def main(argv=None) -> int:
             entry = {
                 "overrides": fixed + [f"{k}={v}" for k, v in params.items()],
                 "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
-                "trials": len(trials), "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
+                "trials": len(trials), "steps": args.steps, "seed": args.seed,
+                "seconds": round(time.perf_counter() - t0, 1),
                 "all": [{"params": {k: v["value"] for k, v in r["config"].items()},
                          "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
                         for r in trials],
@@ -230,7 +247,8 @@ def main(argv=None) -> int:
                         overrides + protocol_overrides(argparse.Namespace(**{**vars(args), "seed": seed}), bits)
                         + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}"], sweep_dir, name)
                     return result.get("best_val_map") if code == 0 and result else None
-                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, sweep_dir / "rescore.json")
+                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, sweep_dir / "rescore.json",
+                                protocol_overrides(args, bits))
             tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(tuned, indent=2))

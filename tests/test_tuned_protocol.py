@@ -213,3 +213,40 @@ def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
     got = tune_cpu.rescore(entry, 2, [1, 2], lambda o, s: None if "0.2" in o[-1] else 0.5, ["experiment=dsrh"],
                            tmp_path / "other.json")
     assert got["overrides"][-1] == "optim.lr=0.1" and got["trial"] == "r2-003"  # the seed-0 best kept its name
+
+
+def test_rescore_cache_is_keyed_by_the_protocol_and_keeps_no_failed_run(tmp_path):
+    tune_cpu = pytest.importorskip("tune_cpu")
+    entry = {"overrides": ["optim.lr=0.1"], "best_val_map": 0.6, "all": [{"params": {"optim.lr": 0.1}, "best_val_map": 0.6}]}
+    calls = []
+
+    def run_seed(overrides, seed):
+        calls.append(seed)
+        return None if len(calls) == 1 else 0.5  # the first run fails
+
+    cache = tmp_path / "rescore.json"
+    assert "mean_val_map" not in tune_cpu.rescore(entry, 1, [1], run_seed, [], cache, ["trainer.max_steps=1500"])
+    got = tune_cpu.rescore(entry, 1, [1], run_seed, [], cache, ["trainer.max_steps=1500"])  # tried again
+    assert got["mean_val_map"] == pytest.approx(0.55) and calls == [1, 1]
+    tune_cpu.rescore(entry, 1, [1], run_seed, [], cache, ["trainer.max_steps=1500"])  # cached now
+    assert calls == [1, 1]
+    tune_cpu.rescore(entry, 1, [1], run_seed, [], cache, ["trainer.max_steps=900"])  # another protocol: runs
+    assert calls == [1, 1, 1]
+
+
+def test_refine_centre_prefers_a_rescored_choice():
+    tune_cpu = pytest.importorskip("tune_cpu")
+    trials = [{"params": {"optim.lr": 0.1}, "best_val_map": 0.6}, {"params": {"optim.lr": 0.2}, "best_val_map": 0.58}]
+    plain = {"overrides": ["optim.lr=0.1"], "best_val_map": 0.6, "all": trials}
+    assert tune_cpu.refine_centre([plain]) == {"optim.lr": 0.1}
+    chosen = dict(plain, overrides=["optim.lr=0.2"], mean_val_map=0.57,
+                  rescored=[{"params": {"optim.lr": 0.1}, "overrides": ["optim.lr=0.1"], "mean_val_map": 0.55},
+                            {"params": {"optim.lr": 0.2}, "overrides": ["optim.lr=0.2"], "mean_val_map": 0.57}])
+    assert tune_cpu.refine_centre([plain, chosen]) == {"optim.lr": 0.2}
+    assert tune_cpu.refine_centre([{"all": [{"params": {}, "best_val_map": None}]}]) is None
+
+
+def test_rescore_seeds_must_differ_from_the_search_seed(tmp_path):
+    tune_cpu = pytest.importorskip("tune_cpu")
+    with pytest.raises(SystemExit):
+        tune_cpu.main(["--rescore", "2", "--seed", "1", "--rescore-seeds", "1", "2", "--out", str(tmp_path / "t.json")])
