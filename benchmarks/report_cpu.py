@@ -119,10 +119,11 @@ def tuned_table(tuned: dict) -> str:
             t = by_bits[bits]
             settings = " ".join(f"`{_short(o)}`" for o in t["overrides"] if not o.startswith("dataset="))
             mean = ""
-            if rescored:
-                seeds = [t.get("seed", 0)] + list(t["rescore_seeds"]) if "mean_val_map" in t else []
-                mean = (f" {t['mean_val_map']:.4f} (seeds {', '.join(map(str, seeds))}; best of "
-                        f"{len(t['rescored'])}) |" if "mean_val_map" in t else " - |")
+            if "mean_val_map" in t:
+                seeds = ", ".join(map(str, [t.get("seed", 0)] + list(t["rescore_seeds"])))
+                mean = f" {t['mean_val_map']:.4f} (seeds {seeds}; best of {len(t['rescored'])}) |"
+            elif rescored:
+                mean = " - |"
             lines.append(f"| {method} | {bits} bits | {t['trials']} | {t['steps']} | {t['best_val_map']:.4f} |{mean} "
                          f"{settings} |")
     return "\n".join(lines)

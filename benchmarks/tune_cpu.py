@@ -135,6 +135,12 @@ def refine_centre(entries: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return best[0]["params"] if best else None
 
 
+def trial_overrides(fixed: List[str], params: Dict[str, Any]) -> List[str]:
+    """A trial's settings as ``results_cpu.py --tuned`` reads them: the sweep command's fixed overrides, then
+    the swept values (the form an entry's ``overrides`` and every re-scored candidate's share, so they compare)."""
+    return fixed + [f"{key}={value}" for key, value in params.items()]
+
+
 def top_trials(entry: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     """The ``k`` trials of ``entry["all"]`` with the highest validation MAP (failed trials left out)."""
     ok = [t for t in entry["all"] if t.get("best_val_map") is not None]
@@ -152,7 +158,7 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     candidates = []
     for trial in top_trials(entry, k):
-        overrides = fixed + [f"{key}={value}" for key, value in trial["params"].items()]
+        overrides = trial_overrides(fixed, trial["params"])
         maps = [trial["best_val_map"]]
         for seed in seeds:
             key = json.dumps([overrides, list(protocol), seed])
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
                 continue
             params = {k: v["value"] for k, v in best["config"].items()}
             entry = {
-                "overrides": fixed + [f"{k}={v}" for k, v in params.items()],
+                "overrides": trial_overrides(fixed, params),
                 "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
                 "trials": len(trials), "steps": args.steps, "seed": args.seed,
                 "seconds": round(time.perf_counter() - t0, 1),
