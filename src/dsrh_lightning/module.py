@@ -14,7 +14,7 @@ from .losses.orthogonality import orthogonality_penalty
 from .losses.registry import build_ranking_loss
 from .losses.semantic_ranking import balance_penalty
 from .models import build_network
-from .seeding import SLOT_STEP, item_seed
+from .seeding import SLOT_STEP, item_seed, seed_device
 
 __all__ = ["HashingModule", "combine_losses"]
 
@@ -94,7 +94,7 @@ class HashingModule(pl.LightningModule):
         # Dropout and in-batch mining draw from generators seeded by (seed, step, rank): the random
         # numbers of step t do not depend on what ran before, so a resumed run matches an uninterrupted one.
         step_seed = item_seed(int(self.cfg.seed), self.global_step, self.global_rank, slot=SLOT_STEP)
-        torch.manual_seed(step_seed)
+        seed_device(step_seed, self.device)
         self._mine_gen.manual_seed(step_seed)
 
     def _note_finite(self, losses: Dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .dropout import Dropout
+
 __all__ = ["BagsHashHead"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "none": nn.Identity}
@@ -27,7 +29,7 @@ class BagsHashHead(nn.Module):
         self.bits, self.bag_size = bits, bag_size
         self.fc = nn.Linear(in_dim, bits * bag_size)
         self.act = _ACTIVATIONS[activation]()
-        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.drop = Dropout(dropout) if dropout else nn.Identity()
         self.bag_weight = nn.Parameter(torch.empty(bits, bag_size))
         self.bag_bias = nn.Parameter(torch.zeros(bits))
         bound = 1.0 / math.sqrt(bag_size)
