@@ -263,6 +263,8 @@ def main(argv=None) -> None:
                                image_size=args.image_size, backbone=args.backbone,
                                seconds=round(time.perf_counter() - t0, 1), commit=git_commit(),
                                date=_dt.datetime.now().isoformat(timespec="seconds"), machine=machine(), **res)
+                    if args.override:  # a probe's row says what it changed
+                        row["override"] = list(args.override)
                     with results_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(f"{method:10s} {bits:2d} bits seed {seed}: MAP {res['map']:.4f}  P@r2 "

@@ -171,3 +171,16 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: "), proc.stderr
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.sampling=triplets", "loss.triplet_mining=hard"], "data.sampling=balanced"),
+    (["data.sampling=balanced", "data.max_triplets=100", "loss.triplet_mining=semihard"], "data.max_triplets=0"),
+    (["loss.triplet_mining=hardest"], "loss.triplet_mining='hardest'"),
+])
+def test_triplet_mining_needs_in_batch_triplets_without_subsampling(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(["dataset=synthetic", *overrides])
+    assert fragment in str(err.value)
+    cfg = load_config(["dataset=synthetic", "data.sampling=balanced", "loss.triplet_mining=hard"])
+    assert cfg.loss.triplet_mining == "hard"

@@ -313,3 +313,74 @@ def test_nan_guard_syncs_only_at_log_checkpoint_and_last_steps(monkeypatch):
         step["now"] = s
         fresh.training_step((x, lab), s)
     assert checked == [4, 6, 9, 11]  # log steps (5, 10 done), checkpoint (7 done), last (12 done)
+
+
+def _loop_mined_hinges(codes, labels, margin, mining):
+    """Slow reference for loss.triplet_mining: the hinges of the triplets a loop over (a, p, n) selects."""
+    b = len(labels)
+    d = [[float(((codes[i] - codes[j]) ** 2).sum()) for j in range(b)] for i in range(b)]
+    same = [[bool(labels[i] == labels[j]) for j in range(b)] for i in range(b)]
+    if mining == "hard":
+        hinges = []
+        for a in range(b):
+            pos = [d[a][p] for p in range(b) if p != a and same[a][p]]
+            neg = [d[a][n] for n in range(b) if not same[a][n]]
+            if pos and neg:
+                hinges.append(max(0.0, margin - min(neg) + max(pos)))
+        return hinges
+    return [max(0.0, margin - d[a][n] + d[a][p]) for a in range(b) for p in range(b) for n in range(b)
+            if p != a and same[a][p] and not same[a][n] and (mining == "all" or d[a][n] > d[a][p])]
+
+
+@pytest.mark.parametrize("mining", ["semihard", "hard"])
+@pytest.mark.parametrize("average", ["all", "active"])
+def test_triplet_mining_matches_loop_reference(mining, average):
+    from dsrh_lightning.losses.triplet import mined_triplet_loss
+
+    g = torch.Generator().manual_seed(11)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0, 2, 1, 3, 3])
+    # Codes near a centre per class: some anchors' hardest triplets are satisfied, some not.
+    codes = torch.rand(4, 6, generator=g, dtype=torch.float64)[labels] + 0.8 * torch.rand(10, 6, generator=g,
+                                                                                          dtype=torch.float64)
+    hinges = _loop_mined_hinges(codes, labels, 0.8, mining)
+    everything = _loop_mined_hinges(codes, labels, 0.8, "all")
+    assert 0 < len(hinges) < len(everything) and 0 < sum(h > 0 for h in hinges) < len(hinges)
+    want = _ref_active_mean(hinges) if average == "active" else sum(hinges) / len(hinges)
+    loss, count = mined_triplet_loss(codes, labels, 0.8, average=average, mining=mining)
+    assert loss.item() == pytest.approx(want, rel=1e-6) and float(count) == len(hinges)
+    # An anchor without a positive (class 4 alone) is left out of the hard mining's average.
+    lone = torch.cat([labels[:-1], torch.tensor([4])])
+    assert float(mined_triplet_loss(codes, lone, 0.8, mining=mining)[1]) == len(_loop_mined_hinges(codes, lone, 0.8,
+                                                                                                     mining))
+    empty, n0 = mined_triplet_loss(codes, torch.zeros(10, dtype=torch.long), 0.8, mining=mining)
+    assert float(n0) == 0 and empty.item() == 0.0
+    with pytest.raises(ValueError, match="max_triplets"):
+        mined_triplet_loss(codes, labels, 0.8, max_triplets=5, mining=mining)
+    with pytest.raises(ValueError, match="triplet_mining"):
+        mined_triplet_loss(codes, labels, 0.8, mining="hardest")
+
+
+@pytest.mark.parametrize("average", ["all", "active"])
+def test_hard_and_semihard_mining_equal_gathered_loss_and_gradients(average):
+    """The matrix forms against the explicit-triplet loss on the triplets a loop picks (same loss, same gradient)."""
+    from dsrh_lightning.losses.triplet import mined_triplet_loss
+
+    g = torch.Generator().manual_seed(12)
+    codes = torch.rand(20, 12, generator=g)
+    labels = _batch_labels("single", 20, g)
+    d = torch.cdist(codes.double(), codes.double()) ** 2
+    same = labels[:, None] == labels[None, :]
+    hard, semi = [], []
+    for a in range(20):
+        pos = [p for p in range(20) if p != a and same[a, p]]
+        neg = [n for n in range(20) if not same[a, n]]
+        if pos and neg:
+            hard.append((a, max(pos, key=lambda p: d[a, p]), min(neg, key=lambda n: d[a, n])))
+        semi += [(a, p, n) for p in pos for n in neg if d[a, n] > d[a, p]]
+    for mining, triplets in (("hard", hard), ("semihard", semi)):
+        a, p, n = (torch.tensor(t) for t in zip(*triplets))
+        ref_loss, ref_grad = _grads(lambda x: triplet_ranking_loss(x[a], x[p], x[n], 1.5, average), codes)
+        loss, grad = _grads(lambda x: mined_triplet_loss(x, labels, 1.5, average=average, mining=mining)[0], codes)
+        assert ref_loss > 0 and ref_grad.abs().sum() > 0
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)

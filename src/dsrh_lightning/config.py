@@ -155,6 +155,10 @@ class LossConfig:
     # DSRH's triplet hinge averaged over "all" triplets (the paper's mean) or over the "active" ones (hinge > 0,
     # Hermans et al. 2017's batch-all), which keeps the step from shrinking as more triplets are satisfied.
     triplet_average: str = "all"
+    # Which in-batch triplets (data.sampling=balanced or random) the hinge sees: "all" valid ones (the paper),
+    # "semihard" (negative farther than the positive) or "hard" (each anchor's farthest positive and nearest
+    # negative, Hermans et al. 2017's batch-hard).
+    triplet_mining: str = "all"
     # lambda of the orthogonality penalty (0 disables it).
     orth_weight: float = 0.25
     # Normalisation of ||(1/m) H~^T H~ - I||_F^2: "none" (paper), "bits" (/k) or "bits2" (/k^2).
@@ -273,6 +277,7 @@ _CHOICES = {
     "loss.margin_scaling": ("constant", "per_bit"),
     "loss.orth_norm": ("none", "bits", "bits2"),
     "loss.triplet_average": ("all", "active"),
+    "loss.triplet_mining": ("all", "semihard", "hard"),
     "eval.empty_queries": ("zero", "skip"),
     "eval.ties": ("stable", "average"),
     "logger.name": ("wandb", "csv", "none"),
@@ -514,6 +519,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.loss.ranking == "weighted" and cfg.data.sampling == "triplets":
         raise ConfigError("loss.ranking=weighted mines multilevel triplets inside each batch: set "
                           "data.sampling=random (or balanced for single-label data)")
+    if cfg.loss.triplet_mining != "all" and cfg.loss.ranking == "triplet":
+        if cfg.data.sampling == "triplets":
+            raise ConfigError(f"loss.triplet_mining={cfg.loss.triplet_mining} mines triplets inside each batch: set "
+                              "data.sampling=balanced (or random), or loss.triplet_mining=all for explicit triplets")
+        if cfg.data.max_triplets:
+            raise ConfigError(f"loss.triplet_mining={cfg.loss.triplet_mining} does not subsample triplets: set "
+                              "data.max_triplets=0 (or loss.triplet_mining=all)")
     if cfg.model.hash_input == "last_two" and not cfg.model.backbone.startswith("vgg"):
         raise ConfigError(f"model.hash_input=last_two needs a VGG backbone (fc6 + fc7), not {cfg.model.backbone}")
     if not 0.0 <= cfg.model.dropout < 1.0:

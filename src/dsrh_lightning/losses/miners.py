@@ -22,7 +22,20 @@ import torch
 from ..relevance import relevance_matrix, shared_label_counts
 
 __all__ = ["ideal_dcg", "kept_triplets", "mine_all_triplets", "mine_multilevel_triplets", "multilevel_mask",
-           "subsample", "triplet_mask"]
+           "pair_masks", "subsample", "triplet_mask"]
+
+
+def pair_masks(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(positive, negative)``, two ``(b, b)`` bool masks: ``positive[a, p] = rel(a, p) and a != p``,
+    ``negative[a, n] = not rel(a, n)``.
+
+    Args:
+        labels: ``(b,)`` class ids or ``(b, c)`` multi-hot labels of the batch.
+    """
+    with torch.no_grad():
+        rel = relevance_matrix(labels, labels)
+        eye = torch.eye(rel.shape[0], dtype=torch.bool, device=rel.device)
+        return rel & ~eye, ~rel
 
 
 def triplet_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -31,10 +44,8 @@ def triplet_mask(labels: torch.Tensor) -> torch.Tensor:
     Args:
         labels: ``(b,)`` class ids or ``(b, c)`` multi-hot labels of the batch.
     """
-    with torch.no_grad():
-        rel = relevance_matrix(labels, labels)
-        eye = torch.eye(rel.shape[0], dtype=torch.bool, device=rel.device)
-        return (rel & ~eye).unsqueeze(2) & (~rel).unsqueeze(1)
+    pos, neg = pair_masks(labels)
+    return pos.unsqueeze(2) & neg.unsqueeze(1)
 
 
 def ideal_dcg(r: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .base import RankingLoss, RankingResult
-from .miners import kept_triplets, triplet_mask
+from .miners import kept_triplets, pair_masks, triplet_mask
 
-__all__ = ["TripletRanking", "effective_margin", "mined_triplet_loss", "triplet_ranking_loss"]
+__all__ = ["MININGS", "TripletRanking", "effective_margin", "mined_triplet_loss", "triplet_ranking_loss"]
 
 
 def effective_margin(margin: float, bits: int, scaling: str = "constant") -> float:
@@ -27,6 +27,9 @@ def effective_margin(margin: float, bits: int, scaling: str = "constant") -> flo
 
 
 AVERAGES = ("all", "active")
+# Which in-batch triplets the hinge sees: every valid one (the paper), the semi-hard ones (negative farther
+# than the positive, Schroff et al. 2015) or each anchor's hardest positive and negative (Hermans et al. 2017).
+MININGS = ("all", "semihard", "hard")
 
 
 def _average(hinge: torch.Tensor, valid: Optional[torch.Tensor], average: str) -> torch.Tensor:
@@ -68,28 +71,48 @@ def triplet_ranking_loss(query: torch.Tensor, positive: torch.Tensor, negative: 
 
 
 def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, max_triplets: int = 0,
-                       generator: Optional[torch.Generator] = None, average: str = "all"
+                       generator: Optional[torch.Generator] = None, average: str = "all", mining: str = "all"
                        ) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
-    """:func:`triplet_ranking_loss` over every valid in-batch triplet, from one ``(b, b)`` distance matrix.
+    """:func:`triplet_ranking_loss` over the in-batch triplets ``mining`` selects, from one ``(b, b)`` distance matrix.
 
-    Equal to ``triplet_ranking_loss(codes[a], codes[p], codes[n], margin, average)`` with
+    With ``mining="all"`` equal to ``triplet_ranking_loss(codes[a], codes[p], codes[n], margin, average)`` with
     ``a, p, n = mine_all_triplets(labels, max_triplets, generator)`` (same subset draw), without
     gathering a ``(t, k)`` code matrix per triplet: the hinge ``margin - D[a, n] + D[a, p]`` is
     evaluated on the ``(b, b, b)`` grid and averaged over the valid mask (no host synchronisation),
     or, when ``max_triplets`` subsamples, read at the kept triplets' entries of ``D``.
+
+    ``mining="semihard"`` keeps the valid triplets whose negative is farther from the anchor than the
+    positive (``D[a, n] > D[a, p]``, chosen on the current codes without gradient); ``mining="hard"`` uses
+    one triplet per anchor, its farthest positive and nearest negative (anchors without either are left
+    out), and ``average`` then runs over anchors. Neither subsamples (``max_triplets`` must be 0).
 
     Args:
         codes: ``(b, k)`` relaxed codes in [0, 1].
         labels: ``(b,)`` class ids or ``(b, c)`` multi-hot.
         margin, max_triplets, generator, average: as :func:`triplet_ranking_loss` and
             :func:`~dsrh_lightning.losses.miners.mine_all_triplets`.
+        mining: one of :data:`MININGS`.
 
     Returns:
         ``(loss, count)``: the scalar float32 loss (0 without triplets) and the number of triplets used.
     """
+    if mining not in MININGS:
+        raise ValueError(f"loss.triplet_mining={mining!r}: expected one of {MININGS}")
+    if mining != "all" and max_triplets:
+        raise ValueError(f"loss.triplet_mining={mining!r} does not subsample: data.max_triplets must be 0")
     x = codes.float()
     dist = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # (b, b) squared distances
+    if mining == "hard":
+        pos, neg = pair_masks(labels)
+        hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
+        nearest_neg = torch.where(neg, dist, float("inf")).amin(1)
+        anchors = pos.any(1) & neg.any(1)
+        hinge = torch.clamp(margin - nearest_neg + hardest_pos, min=0)
+        return _average(torch.where(anchors, hinge, 0.0), anchors, average), anchors.sum().float()
     valid = triplet_mask(labels)
+    if mining == "semihard":
+        with torch.no_grad():
+            valid = valid & (dist.unsqueeze(1) > dist.unsqueeze(2))  # D[a, n] > D[a, p]
     kept = kept_triplets(valid, max_triplets, generator)
     if kept is not None:
         a, p, n = kept
@@ -110,6 +133,7 @@ class TripletRanking(RankingLoss):
         self.margin = effective_margin(cfg.loss.margin, self.bits, cfg.loss.margin_scaling)
         self.max_triplets = int(cfg.data.max_triplets)
         self.average = cfg.loss.triplet_average
+        self.mining = cfg.loss.triplet_mining
 
     def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
         if explicit:
@@ -120,5 +144,5 @@ class TripletRanking(RankingLoss):
                                  self.flat_labels(labels, explicit))
         codes = out["codes"]
         loss, count = mined_triplet_loss(codes, labels, self.margin, self.max_triplets, generator,
-                                         self.average)
+                                         self.average, self.mining)
         return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": count})
