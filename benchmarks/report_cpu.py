@@ -121,7 +121,11 @@ def tuned_table(tuned: dict) -> str:
             mean = ""
             if "mean_val_map" in t:
                 seeds = ", ".join(map(str, [t.get("seed", 0)] + list(t["rescore_seeds"])))
-                mean = f" {t['mean_val_map']:.4f} (seeds {seeds}; best of {len(t['rescored'])}) |"
+                variants = sum(1 for c in t["rescored"] if c.get("alternative"))
+                of = f"best of {len(t['rescored']) - variants}" + (
+                    f" + {variants} variant{'s' * (variants > 1)} ({', '.join(t.get('alternatives', []))})"
+                    if variants else "")
+                mean = f" {t['mean_val_map']:.4f} (seeds {seeds}; {of}) |"
             elif rescored:
                 mean = " - |"
             lines.append(f"| {method} | {bits} bits | {t['trials']} | {t['steps']} | {t['best_val_map']:.4f} |{mean} "

@@ -147,6 +147,62 @@ def top_trials(entry: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     return sorted(ok, key=lambda t: -t["best_val_map"])[:k]
 
 
+def cached_runs(overrides: List[str], seeds: Sequence[int], run_seed, cache_path: Path,
+                protocol: Sequence[str] = ()) -> List[Optional[float]]:
+    """``run_seed(overrides, seed)`` (best validation MAP, None when the run failed) for every seed, each
+    finished run kept in ``cache_path`` under the overrides, the ``protocol`` settings and the seed, so an
+    interrupted job goes on where it stopped and a changed protocol is run again."""
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    maps = []
+    for seed in seeds:
+        key = json.dumps([overrides, list(protocol), seed])
+        value = cache[key] if key in cache else run_seed(overrides, seed)
+        if value is not None and key not in cache:  # a failed run is tried again next time
+            cache[key] = value
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache, indent=1))
+        maps.append(value)
+    return maps
+
+
+def alternatives(entry: Dict[str, Any], sweep: Dict[str, Any], knobs: Sequence[str], seeds: List[int], run_seed,
+                 fixed: List[str], cache_path: Path, protocol: Sequence[str] = ()) -> Dict[str, Any]:
+    """``entry`` (a re-scored one) with its choice remade against variants of it: for each categorical knob in
+    ``knobs``, the chosen settings with every other value the sweep file lists, each run with every seed in
+    ``seeds`` (the search seed first, then the re-scoring seeds: the seeds the choice was scored with). A
+    refined search fixes categorical knobs at the earlier best, so this is where another value gets its
+    chance on the mean over seeds. The variants join ``rescored`` (marked ``"alternative": knob``)."""
+    if "rescored" not in entry:
+        raise SystemExit("--alternatives compares against a re-scored choice: give --rescore (or a --pool "
+                         "file whose entries were re-scored)")
+    chosen = next(c for c in entry["rescored"] if c["overrides"] == entry["overrides"])
+    if len(seeds) != len(chosen["val_maps"]):
+        raise SystemExit(f"--alternatives: the choice was scored with {len(chosen['val_maps'])} seeds, not "
+                         f"{len(seeds)} ({seeds})")
+    candidates = list(entry["rescored"])
+    for knob in knobs:
+        spec = sweep["parameters"].get(knob, {})
+        if "values" not in spec or knob not in chosen["params"]:
+            raise SystemExit(f"--alternatives {knob}: not a categorical knob ('values') of the sweep file")
+        for value in spec["values"]:
+            if value == chosen["params"][knob]:
+                continue
+            params = dict(chosen["params"], **{knob: value})
+            overrides = trial_overrides(fixed, params)
+            maps = cached_runs(overrides, seeds, run_seed, cache_path, protocol)
+            if any(m is None for m in maps):
+                continue
+            candidates.append({"params": params, "overrides": overrides, "val_maps": maps,
+                               "mean_val_map": sum(maps) / len(maps), "alternative": knob})
+    best = max(candidates, key=lambda c: c["mean_val_map"])
+    out = dict(entry, rescored=candidates, alternatives=list(knobs))
+    if best["overrides"] != entry["overrides"]:
+        out.update(overrides=best["overrides"], best_val_map=best["val_maps"][0], mean_val_map=best["mean_val_map"])
+        out.pop("trial", None)
+        out.pop("chosen_from", None)
+    return out
+
+
 def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: List[str],
             cache_path: Path, protocol: Sequence[str] = ()) -> Dict[str, Any]:
     """``entry`` with its choice remade from the ``k`` best trials, each run again with every seed in
@@ -155,19 +211,10 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
     interrupted rescoring goes on where it stopped and a changed protocol is run again). The chosen trial
     has the best mean over its recorded validation MAP and the new seeds'; ``rescored`` lists every
     candidate."""
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     candidates = []
     for trial in top_trials(entry, k):
         overrides = trial_overrides(fixed, trial["params"])
-        maps = [trial["best_val_map"]]
-        for seed in seeds:
-            key = json.dumps([overrides, list(protocol), seed])
-            value = cache[key] if key in cache else run_seed(overrides, seed)
-            if value is not None and key not in cache:  # a failed run is tried again next time
-                cache[key] = value
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                cache_path.write_text(json.dumps(cache, indent=1))
-            maps.append(value)
+        maps = [trial["best_val_map"]] + cached_runs(overrides, seeds, run_seed, cache_path, protocol)
         if any(m is None for m in maps):
             continue  # a failed run: not a candidate
         candidates.append({"params": trial["params"], "overrides": overrides, "val_maps": maps,
@@ -181,6 +228,42 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
         out.pop("trial", None)
         out.pop("chosen_from", None)
     return out
+
+
+def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file: Path, fixed: List[str],
+                 sweep_dir: Path, pooled: List[Tuple[str, Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """One round of ``--count`` Bayesian trials for (method, bits) (around the pooled best with ``--refine``),
+    pooled with the earlier rounds: the entry ``--out`` keeps, or None when no trial finished."""
+    sweep_file = base_file
+    if args.refine:
+        centre = refine_centre([d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})])
+        if centre is None:
+            raise SystemExit(f"--refine: no finished {method} {bits}-bit trial in the --pool files")
+        sweep_file = sweep_dir / f"{base_file.stem}_refine.yaml"
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, centre), sort_keys=False))
+    t0 = time.perf_counter()
+    run_sweep_local(sweep_file, count=max(args.count - len(sweep_runs(sweep_dir)), 0),
+                    overrides=protocol_overrides(args, bits), output_dir=sweep_dir, seed=args.seed,
+                    run_fn=train_in_process)
+    trials = sweep_runs(sweep_dir)[:args.count]
+    best = best_trial(trials)
+    if best is None:
+        print(f"{method} {bits} bits: no finished trial", flush=True)
+        return None
+    params = {k: v["value"] for k, v in best["config"].items()}
+    print(f"{method} {bits} bits: this round's best val MAP {best['history'][0]['best_val_map']:.4f} with {params}",
+          flush=True)
+    entry = {
+        "overrides": trial_overrides(fixed, params),
+        "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
+        "trials": len(trials), "steps": args.steps, "seed": args.seed,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "all": [{"params": {k: v["value"] for k, v in r["config"].items()},
+                 "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
+                for r in trials],
+    }
+    return pool_rounds(entry, args.out, pooled, method, bits)
 
 
 def main(argv=None) -> int:
@@ -202,9 +285,15 @@ def main(argv=None) -> int:
     p.add_argument("--rescore", type=int, default=0, metavar="K",
                    help="run the K best (pooled) trials again with --rescore-seeds; choose by mean validation MAP")
     p.add_argument("--rescore-seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--alternatives", nargs="*", default=[], metavar="KNOB",
+                   help="categorical knobs (e.g. data.sampling): try the re-scored choice with each other value "
+                        "of each, with --seed and --rescore-seeds, and keep the best mean validation MAP; with "
+                        "--count 0 and --pool, on the latest pool file's choice without a new search")
     args = p.parse_args(argv)
     if args.rescore and args.seed in args.rescore_seeds:
         p.error(f"--rescore-seeds {args.rescore_seeds}: the trials already ran with --seed {args.seed}")
+    if not args.count and not args.pool:
+        p.error("--count 0 runs no search: give the --pool files whose choice --rescore/--alternatives remake")
     if args.refine and not args.pool:
         p.error("--refine searches around the best trial of the --pool files: give them")
     pooled = [(path, json.loads(Path(path).read_text())) for path in args.pool]
@@ -218,48 +307,35 @@ def main(argv=None) -> int:
         fixed = [a for a in sweep["command"] if "=" in a and not a.startswith("${")]
         for bits in args.bits:
             sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
-            sweep_file = base_file
-            if args.refine:
-                centre = refine_centre([d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})])
-                if centre is None:
-                    raise SystemExit(f"--refine: no finished {method} {bits}-bit trial in the --pool files")
-                sweep_file = sweep_dir / f"{base_file.stem}_refine.yaml"
-                sweep_dir.mkdir(parents=True, exist_ok=True)
-                sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, centre), sort_keys=False))
-            t0 = time.perf_counter()
-            run_sweep_local(sweep_file, count=max(args.count - len(sweep_runs(sweep_dir)), 0),
-                            overrides=protocol_overrides(args, bits), output_dir=sweep_dir, seed=args.seed,
-                            run_fn=train_in_process)
-            trials = sweep_runs(sweep_dir)[:args.count]
-            best = best_trial(trials)
-            if best is None:
-                print(f"{method} {bits} bits: no finished trial", flush=True)
-                continue
-            params = {k: v["value"] for k, v in best["config"].items()}
-            entry = {
-                "overrides": trial_overrides(fixed, params),
-                "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
-                "trials": len(trials), "steps": args.steps, "seed": args.seed,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "all": [{"params": {k: v["value"] for k, v in r["config"].items()},
-                         "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
-                        for r in trials],
-            }
-            entry = pool_rounds(entry, args.out, pooled, method, bits)
+
+            def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
+                name = f"rescore-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]}-seed{seed}"
+                code, result = train_in_process(
+                    overrides + protocol_overrides(argparse.Namespace(**{**vars(args), "seed": seed}), bits)
+                    + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}"], sweep_dir, name)
+                return result.get("best_val_map") if code == 0 and result else None
+
+            if args.count:
+                entry = search_round(args, method, bits, sweep, base_file, fixed, sweep_dir, pooled)
+                if entry is None:
+                    continue
+            else:  # no new trials: the latest --pool file's entry (for --alternatives)
+                earlier = [d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})]
+                if not earlier:
+                    raise SystemExit(f"--count 0: no {method} {bits}-bit entry in the --pool files")
+                entry = dict(earlier[-1])
             if args.rescore:
-                def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
-                    name = f"rescore-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]}-seed{seed}"
-                    code, result = train_in_process(
-                        overrides + protocol_overrides(argparse.Namespace(**{**vars(args), "seed": seed}), bits)
-                        + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}"], sweep_dir, name)
-                    return result.get("best_val_map") if code == 0 and result else None
                 entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, sweep_dir / "rescore.json",
                                 protocol_overrides(args, bits))
+            if args.alternatives:
+                t1 = time.perf_counter()
+                entry = alternatives(entry, sweep, args.alternatives, [args.seed] + list(args.rescore_seeds),
+                                     run_seed, fixed, sweep_dir / "rescore.json", protocol_overrides(args, bits))
+                entry["alternatives_seconds"] = round(time.perf_counter() - t1, 1)
             tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(tuned, indent=2))
-            print(f"{method} {bits} bits: this round's best val MAP {best['history'][0]['best_val_map']:.4f} with "
-                  f"{params}; chosen: {entry['overrides']}", flush=True)
+            print(f"{method} {bits} bits: chosen {entry['overrides']}", flush=True)
     return 0
 
 

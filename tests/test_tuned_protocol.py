@@ -78,6 +78,9 @@ def test_settings_table_shows_the_mean_over_seeds_of_rescored_choices():
     assert "| 0.5500 | 0.5432 (seeds 0, 1, 2; best of 3) |" in rows[1]
     assert "| 0.4400 | - |" in rows[0]  # a length that was not rescored says so
     assert rows[0].count("|") == rows[1].count("|") == 8
+    tuned["DSRH"]["48"].update(rescored=[{}, {}, {}, {"alternative": "data.sampling"}], alternatives=["data.sampling"])
+    rows = [line for line in report_cpu.tuned_table(tuned).splitlines() if line.startswith("| DSRH |")]
+    assert "(seeds 0, 1, 2; best of 3 + 1 variant (data.sampling)) |" in rows[1]
 
 
 def test_shipped_dsrh_tuned_is_the_48_bit_search_winner():
@@ -250,3 +253,40 @@ def test_rescore_seeds_must_differ_from_the_search_seed(tmp_path):
     tune_cpu = pytest.importorskip("tune_cpu")
     with pytest.raises(SystemExit):
         tune_cpu.main(["--rescore", "2", "--seed", "1", "--rescore-seeds", "1", "2", "--out", str(tmp_path / "t.json")])
+
+
+def test_alternatives_try_each_other_value_of_a_categorical_knob_on_the_same_seeds(tmp_path):
+    tune_cpu = pytest.importorskip("tune_cpu")
+    sweep = {"parameters": {"data.sampling": {"values": ["triplets", "balanced"]},
+                            "optim.lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.1}}}
+    fixed = ["experiment=dsrh"]
+    chosen = {"params": {"data.sampling": "triplets", "optim.lr": 0.02},
+              "overrides": fixed + ["data.sampling=triplets", "optim.lr=0.02"], "val_maps": [0.53, 0.52, 0.51],
+              "mean_val_map": 0.52}
+    entry = {"overrides": chosen["overrides"], "best_val_map": 0.53, "mean_val_map": 0.52, "trial": "r4-001",
+             "rescored": [chosen], "rescore_seeds": [1, 2], "trials": 40}
+    calls = []
+
+    def run_seed(overrides, seed):
+        calls.append((overrides[1], seed))
+        return 0.54 + 0.01 * seed
+
+    got = tune_cpu.alternatives(entry, sweep, ["data.sampling"], [0, 1, 2], run_seed, fixed, tmp_path / "c.json")
+    assert calls == [("data.sampling=balanced", 0), ("data.sampling=balanced", 1), ("data.sampling=balanced", 2)]
+    assert got["overrides"] == fixed + ["data.sampling=balanced", "optim.lr=0.02"]
+    assert got["mean_val_map"] == pytest.approx(0.55) and got["best_val_map"] == pytest.approx(0.54)
+    assert "trial" not in got and got["trials"] == 40 and got["alternatives"] == ["data.sampling"]
+    assert [c.get("alternative") for c in got["rescored"]] == [None, "data.sampling"]
+    # A worse variant leaves the choice (and its trial name) as it was; finished runs come from the cache.
+    calls.clear()
+    worse = tune_cpu.alternatives(entry, sweep, ["data.sampling"], [0, 1, 2], lambda o, s: 0.3, fixed,
+                                  tmp_path / "w.json")
+    assert worse["overrides"] == entry["overrides"] and worse["trial"] == "r4-001" and len(worse["rescored"]) == 2
+    tune_cpu.alternatives(entry, sweep, ["data.sampling"], [0, 1, 2], run_seed, fixed, tmp_path / "c.json")
+    assert not calls
+    with pytest.raises(SystemExit, match="categorical"):
+        tune_cpu.alternatives(entry, sweep, ["optim.lr"], [0, 1, 2], run_seed, fixed, tmp_path / "c.json")
+    with pytest.raises(SystemExit, match="seeds"):
+        tune_cpu.alternatives(entry, sweep, ["data.sampling"], [0, 1], run_seed, fixed, tmp_path / "c.json")
+    with pytest.raises(SystemExit, match="re-scored"):
+        tune_cpu.alternatives({"overrides": []}, sweep, ["data.sampling"], [0], run_seed, fixed, tmp_path / "c.json")
