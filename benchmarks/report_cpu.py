@@ -107,7 +107,9 @@ def tuned_table(tuned: dict) -> str:
     """The settings the validation search chose (tune_cpu.py's JSON), one row per (method, tuned length).
     With ``--rescore`` the choice is the best mean validation MAP over seeds among the top trials."""
     rescored = any("mean_val_map" in t for by_bits in tuned.values() for t in by_bits.values())
-    head = ("best of the top trials by mean validation MAP over seeds (`tune_cpu.py --rescore`)" if rescored
+    variants = any("alternatives" in t for by_bits in tuned.values() for t in by_bits.values())
+    head = ("best of the top trials by mean validation MAP over seeds (`tune_cpu.py --rescore`"
+            + (", then each choice's variants from `--alternatives`" if variants else "") + ")" if rescored
             else "best of the trials by best validation MAP")
     lines = [f"**Settings found on validation** ({head}; validation queries and a 5,000-image validation database, "
              "never the test queries)", "",

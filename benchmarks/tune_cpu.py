@@ -23,6 +23,9 @@ Later rounds (every method alike):
 * ``--rescore K``: the K best trials (pooled) run again with ``--rescore-seeds`` (each seed its own split
   and initialisation), and the one with the best mean validation MAP over all its seeds is chosen, so the
   choice is less a matter of one seed's luck.
+* ``--alternatives KNOB``: the re-scored choice with each other value of a categorical knob, on the same
+  seeds, kept where its mean validation MAP is higher (:func:`alternatives`). With ``--count 0`` and
+  ``--pool`` it runs on the latest pool file's choice without a new search.
 """
 
 from __future__ import annotations
@@ -175,11 +178,15 @@ def alternatives(entry: Dict[str, Any], sweep: Dict[str, Any], knobs: Sequence[s
     if "rescored" not in entry:
         raise SystemExit("--alternatives compares against a re-scored choice: give --rescore (or a --pool "
                          "file whose entries were re-scored)")
-    chosen = next(c for c in entry["rescored"] if c["overrides"] == entry["overrides"])
-    if len(seeds) != len(chosen["val_maps"]):
-        raise SystemExit(f"--alternatives: the choice was scored with {len(chosen['val_maps'])} seeds, not "
-                         f"{len(seeds)} ({seeds})")
+    chosen = next((c for c in entry["rescored"] if c["overrides"] == entry["overrides"]), None)
+    if chosen is None:
+        raise SystemExit("--alternatives: the entry's choice is not among its re-scored candidates")
+    scored_with = [entry.get("seed", 0)] + list(entry["rescore_seeds"])
+    if list(seeds) != scored_with:
+        raise SystemExit(f"--alternatives: the choice was scored with seeds {scored_with}, not {list(seeds)}: "
+                         "give the same --seed and --rescore-seeds")
     candidates = list(entry["rescored"])
+    seen = {json.dumps(c["overrides"]) for c in candidates}
     for knob in knobs:
         spec = sweep["parameters"].get(knob, {})
         if "values" not in spec or knob not in chosen["params"]:
@@ -189,6 +196,9 @@ def alternatives(entry: Dict[str, Any], sweep: Dict[str, Any], knobs: Sequence[s
                 continue
             params = dict(chosen["params"], **{knob: value})
             overrides = trial_overrides(fixed, params)
+            if json.dumps(overrides) in seen:  # already a candidate (an earlier --alternatives run)
+                continue
+            seen.add(json.dumps(overrides))
             maps = cached_runs(overrides, seeds, run_seed, cache_path, protocol)
             if any(m is None for m in maps):
                 continue
@@ -224,6 +234,8 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
     best = max(candidates, key=lambda c: c["mean_val_map"])
     out = dict(entry, overrides=best["overrides"], best_val_map=best["val_maps"][0],
                mean_val_map=best["mean_val_map"], rescore_seeds=seeds, rescored=candidates)
+    out.pop("alternatives", None)  # an earlier --alternatives' variants are not among the new candidates
+    out.pop("alternatives_seconds", None)
     if best["overrides"] != entry["overrides"]:  # not the seed-0 best: its trial name and round are not known here
         out.pop("trial", None)
         out.pop("chosen_from", None)
@@ -292,8 +304,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rescore and args.seed in args.rescore_seeds:
         p.error(f"--rescore-seeds {args.rescore_seeds}: the trials already ran with --seed {args.seed}")
-    if not args.count and not args.pool:
-        p.error("--count 0 runs no search: give the --pool files whose choice --rescore/--alternatives remake")
+    if not args.count and not (args.pool and (args.rescore or args.alternatives)):
+        p.error("--count 0 runs no search: give --rescore K and/or --alternatives KNOB, and the --pool files "
+                "whose choice they remake")
+    if not args.count and args.refine:
+        p.error("--refine shapes a new search round, and --count 0 runs none")
+    if args.alternatives and args.count and not args.rescore:
+        p.error("--alternatives compares against a re-scored choice: give --rescore K too")
     if args.refine and not args.pool:
         p.error("--refine searches around the best trial of the --pool files: give them")
     pooled = [(path, json.loads(Path(path).read_text())) for path in args.pool]
@@ -324,6 +341,9 @@ def main(argv=None) -> int:
                 if not earlier:
                     raise SystemExit(f"--count 0: no {method} {bits}-bit entry in the --pool files")
                 entry = dict(earlier[-1])
+                if entry["steps"] != args.steps:
+                    raise SystemExit(f"--count 0: {method} {bits} bits was tuned with --steps {entry['steps']}, "
+                                     f"not {args.steps}")
             if args.rescore:
                 entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, sweep_dir / "rescore.json",
                                 protocol_overrides(args, bits))

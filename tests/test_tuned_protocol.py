@@ -286,7 +286,28 @@ def test_alternatives_try_each_other_value_of_a_categorical_knob_on_the_same_see
     assert not calls
     with pytest.raises(SystemExit, match="categorical"):
         tune_cpu.alternatives(entry, sweep, ["optim.lr"], [0, 1, 2], run_seed, fixed, tmp_path / "c.json")
-    with pytest.raises(SystemExit, match="seeds"):
-        tune_cpu.alternatives(entry, sweep, ["data.sampling"], [0, 1], run_seed, fixed, tmp_path / "c.json")
+    for seeds in ([0, 1], [0, 5, 6]):  # the choice was scored with seeds 0, 1, 2
+        with pytest.raises(SystemExit, match="seeds"):
+            tune_cpu.alternatives(entry, sweep, ["data.sampling"], seeds, run_seed, fixed, tmp_path / "c.json")
+    # Again on its own output (now choosing the variant): the earlier setting is not added a second time.
+    again = tune_cpu.alternatives(got, sweep, ["data.sampling"], [0, 1, 2], run_seed, fixed, tmp_path / "c.json")
+    assert len(again["rescored"]) == 2 and again["overrides"] == got["overrides"]
+    # A later --rescore rebuilds the candidates from the trials: the variant keys go with the variants.
+    rescored = tune_cpu.rescore(dict(got, all=[{"params": chosen["params"], "best_val_map": 0.53}]), 1, [1, 2],
+                                run_seed, fixed, tmp_path / "r.json")
+    assert "alternatives" not in rescored
     with pytest.raises(SystemExit, match="re-scored"):
         tune_cpu.alternatives({"overrides": []}, sweep, ["data.sampling"], [0], run_seed, fixed, tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--count", "0", "--pool", "x.json"], "--rescore K and/or --alternatives"),
+    (["--count", "0", "--alternatives", "data.sampling"], "--rescore K and/or --alternatives"),
+    (["--count", "0", "--pool", "x.json", "--rescore", "3", "--refine"], "--refine"),
+    (["--count", "4", "--alternatives", "data.sampling"], "give --rescore K too"),
+])
+def test_tune_cpu_rejects_flag_combinations_that_would_do_nothing_or_fail_late(tmp_path, capsys, argv, fragment):
+    tune_cpu = pytest.importorskip("tune_cpu")
+    with pytest.raises(SystemExit):
+        tune_cpu.main(argv + ["--out", str(tmp_path / "t.json")])
+    assert fragment in capsys.readouterr().err

@@ -156,7 +156,7 @@ class LossConfig:
     # Hermans et al. 2017's batch-all), which keeps the step from shrinking as more triplets are satisfied.
     triplet_average: str = "all"
     # Which in-batch triplets (data.sampling=balanced or random) the hinge sees: "all" valid ones (the paper),
-    # "semihard" (negative farther than the positive) or "hard" (each anchor's farthest positive and nearest
+    # "semihard" (negative farther than the positive, within the margin) or "hard" (each anchor's farthest positive and nearest
     # negative, Hermans et al. 2017's batch-hard).
     triplet_mining: str = "all"
     # lambda of the orthogonality penalty (0 disables it).

@@ -28,7 +28,8 @@ def effective_margin(margin: float, bits: int, scaling: str = "constant") -> flo
 
 AVERAGES = ("all", "active")
 # Which in-batch triplets the hinge sees: every valid one (the paper), the semi-hard ones (negative farther
-# than the positive, Schroff et al. 2015) or each anchor's hardest positive and negative (Hermans et al. 2017).
+# than the positive but within the margin, Schroff et al. 2015) or each anchor's hardest positive and negative
+# (Hermans et al. 2017).
 MININGS = ("all", "semihard", "hard")
 
 
@@ -82,7 +83,9 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
     or, when ``max_triplets`` subsamples, read at the kept triplets' entries of ``D``.
 
     ``mining="semihard"`` keeps the valid triplets whose negative is farther from the anchor than the
-    positive (``D[a, n] > D[a, p]``, chosen on the current codes without gradient); ``mining="hard"`` uses
+    positive but within the margin (``D[a, p] < D[a, n] < D[a, p] + margin``, Schroff et al. 2015, chosen on
+    the current codes without gradient; with ``average="active"`` the upper bound changes nothing, as the
+    hinge is 0 beyond it); ``mining="hard"`` uses
     one triplet per anchor, its farthest positive and nearest negative (anchors without either are left
     out), and ``average`` then runs over anchors. Neither subsamples (``max_triplets`` must be 0).
 
@@ -112,7 +115,8 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
     valid = triplet_mask(labels)
     if mining == "semihard":
         with torch.no_grad():
-            valid = valid & (dist.unsqueeze(1) > dist.unsqueeze(2))  # D[a, n] > D[a, p]
+            d_an, d_ap = dist.unsqueeze(1), dist.unsqueeze(2)
+            valid = valid & (d_an > d_ap) & (d_an < d_ap + margin)  # D[a, p] < D[a, n] < D[a, p] + margin
     kept = kept_triplets(valid, max_triplets, generator)
     if kept is not None:
         a, p, n = kept
@@ -124,8 +128,8 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
 class TripletRanking(RankingLoss):
     """DSRH's triplet hinge on squared code distances (Yao et al. 2016, Eq. 2); ``loss.ranking=triplet``.
 
-    Explicit triplets (``data.sampling=triplets``) or every valid in-batch triplet
-    (``balanced`` / ``random``, capped by ``data.max_triplets``).
+    Explicit triplets (``data.sampling=triplets``) or the in-batch triplets ``loss.triplet_mining`` selects
+    (``balanced`` / ``random``; all valid ones capped by ``data.max_triplets``, semi-hard or batch-hard).
     """
 
     def __init__(self, cfg, num_classes: int) -> None:

@@ -25,5 +25,5 @@ class Dropout(nn.Dropout):
                 or not x.is_contiguous():
             return super().forward(x)
         keep = 1.0 - self.p
-        noise = (torch.rand(x.shape, dtype=torch.float64) < keep).to(x.dtype).div_(keep)
+        noise = (torch.rand(x.shape, dtype=torch.float64, device=x.device) < keep).to(x.dtype).div_(keep)
         return x * noise
