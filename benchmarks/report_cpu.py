@@ -123,10 +123,10 @@ def tuned_table(tuned: dict) -> str:
             mean = ""
             if "mean_val_map" in t:
                 seeds = ", ".join(map(str, [t.get("seed", 0)] + list(t["rescore_seeds"])))
-                variants = sum(1 for c in t["rescored"] if c.get("alternative"))
-                of = f"best of {len(t['rescored']) - variants}" + (
-                    f" + {variants} variant{'s' * (variants > 1)} ({', '.join(t.get('alternatives', []))})"
-                    if variants else "")
+                n_variants = sum(1 for c in t["rescored"] if c.get("alternative"))
+                of = f"best of {len(t['rescored']) - n_variants}" + (
+                    f" + {n_variants} variant{'s' * (n_variants > 1)} ({', '.join(t.get('alternatives', []))})"
+                    if n_variants else "")
                 mean = f" {t['mean_val_map']:.4f} (seeds {seeds}; {of}) |"
             elif rescored:
                 mean = " - |"

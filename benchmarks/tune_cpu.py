@@ -100,6 +100,11 @@ def pool_rounds(entry: Dict[str, Any], out: str, pooled: List[Tuple[str, Dict[st
                 all=[t for _, r in rounds for t in r["all"]], chosen_from=Path(path).name)
 
 
+def pooled_entries(pooled: List[Tuple[str, Dict[str, Any]]], method: str, bits: int) -> List[Dict[str, Any]]:
+    """The ``--pool`` files' entries for (method, bits), in the files' order."""
+    return [d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})]
+
+
 def refine_sweep(sweep: Dict[str, Any], centre: Dict[str, Any], factor: float = 2.0) -> Dict[str, Any]:
     """A copy of ``sweep`` whose search space surrounds ``centre`` (the earlier rounds' best parameters).
 
@@ -148,6 +153,19 @@ def top_trials(entry: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     """The ``k`` trials of ``entry["all"]`` with the highest validation MAP (failed trials left out)."""
     ok = [t for t in entry["all"] if t.get("best_val_map") is not None]
     return sorted(ok, key=lambda t: -t["best_val_map"])[:k]
+
+
+def choose(entry: Dict[str, Any], candidates: List[Dict[str, Any]], **extra: Any) -> Dict[str, Any]:
+    """``entry`` with its choice remade: the candidate with the best mean validation MAP (``overrides``, its
+    search-seed ``best_val_map``, ``mean_val_map``), ``extra`` fields, and ``rescored`` = ``candidates``. When
+    the choice changes, ``trial`` and ``chosen_from`` go: they named the entry's earlier choice."""
+    best = max(candidates, key=lambda c: c["mean_val_map"])
+    out = dict(entry, overrides=best["overrides"], best_val_map=best["val_maps"][0],
+               mean_val_map=best["mean_val_map"], **extra, rescored=candidates)
+    if best["overrides"] != entry["overrides"]:
+        out.pop("trial", None)
+        out.pop("chosen_from", None)
+    return out
 
 
 def cached_runs(overrides: List[str], seeds: Sequence[int], run_seed, cache_path: Path,
@@ -204,13 +222,7 @@ def alternatives(entry: Dict[str, Any], sweep: Dict[str, Any], knobs: Sequence[s
                 continue
             candidates.append({"params": params, "overrides": overrides, "val_maps": maps,
                                "mean_val_map": sum(maps) / len(maps), "alternative": knob})
-    best = max(candidates, key=lambda c: c["mean_val_map"])
-    out = dict(entry, rescored=candidates, alternatives=list(knobs))
-    if best["overrides"] != entry["overrides"]:
-        out.update(overrides=best["overrides"], best_val_map=best["val_maps"][0], mean_val_map=best["mean_val_map"])
-        out.pop("trial", None)
-        out.pop("chosen_from", None)
-    return out
+    return choose(entry, candidates, alternatives=list(knobs))
 
 
 def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: List[str],
@@ -231,14 +243,9 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
                            "mean_val_map": sum(maps) / len(maps)})
     if not candidates:
         return entry
-    best = max(candidates, key=lambda c: c["mean_val_map"])
-    out = dict(entry, overrides=best["overrides"], best_val_map=best["val_maps"][0],
-               mean_val_map=best["mean_val_map"], rescore_seeds=seeds, rescored=candidates)
+    out = choose(entry, candidates, rescore_seeds=seeds)
     out.pop("alternatives", None)  # an earlier --alternatives' variants are not among the new candidates
     out.pop("alternatives_seconds", None)
-    if best["overrides"] != entry["overrides"]:  # not the seed-0 best: its trial name and round are not known here
-        out.pop("trial", None)
-        out.pop("chosen_from", None)
     return out
 
 
@@ -248,7 +255,7 @@ def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file:
     pooled with the earlier rounds: the entry ``--out`` keeps, or None when no trial finished."""
     sweep_file = base_file
     if args.refine:
-        centre = refine_centre([d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})])
+        centre = refine_centre(pooled_entries(pooled, method, bits))
         if centre is None:
             raise SystemExit(f"--refine: no finished {method} {bits}-bit trial in the --pool files")
         sweep_file = sweep_dir / f"{base_file.stem}_refine.yaml"
@@ -337,20 +344,20 @@ def main(argv=None) -> int:
                 if entry is None:
                     continue
             else:  # no new trials: the latest --pool file's entry (for --alternatives)
-                earlier = [d[method][str(bits)] for _, d in pooled if str(bits) in d.get(method, {})]
+                earlier = pooled_entries(pooled, method, bits)
                 if not earlier:
                     raise SystemExit(f"--count 0: no {method} {bits}-bit entry in the --pool files")
                 entry = dict(earlier[-1])
                 if entry["steps"] != args.steps:
                     raise SystemExit(f"--count 0: {method} {bits} bits was tuned with --steps {entry['steps']}, "
                                      f"not {args.steps}")
+            cache, protocol = sweep_dir / "rescore.json", protocol_overrides(args, bits)
             if args.rescore:
-                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, sweep_dir / "rescore.json",
-                                protocol_overrides(args, bits))
+                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, cache, protocol)
             if args.alternatives:
                 t1 = time.perf_counter()
                 entry = alternatives(entry, sweep, args.alternatives, [args.seed] + list(args.rescore_seeds),
-                                     run_seed, fixed, sweep_dir / "rescore.json", protocol_overrides(args, bits))
+                                     run_seed, fixed, cache, protocol)
                 entry["alternatives_seconds"] = round(time.perf_counter() - t1, 1)
             tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
         nearest_neg = torch.where(neg, dist, float("inf")).amin(1)
         anchors = pos.any(1) & neg.any(1)
         hinge = torch.clamp(margin - nearest_neg + hardest_pos, min=0)
-        return _average(torch.where(anchors, hinge, 0.0), anchors, average), anchors.sum().float()
+        return _average(hinge, anchors, average), anchors.sum().float()  # _average masks the left-out anchors
     valid = triplet_mask(labels)
     if mining == "semihard":
         with torch.no_grad():
