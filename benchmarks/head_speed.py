@@ -32,7 +32,7 @@ from dsrh_lightning.train import train  # noqa: E402
 
 def overrides(args, out_dir: str) -> list[str]:
     over = [
-        f"dataset={args.dataset}", "experiment=dsrh", f"model.backbone={args.backbone}",
+        f"dataset={args.dataset}", f"experiment={args.experiment}", f"model.backbone={args.backbone}",
         f"model.weights={args.weights}", f"data.image_size={args.image_size}", "data.cache_features=true",
         f"data.feature_dir={args.feature_dir}", "data.num_workers=0", "data.download=false",
         f"model.bits={args.bits}", f"seed={args.seed}", "trainer.accelerator=cpu", "trainer.devices=1",
@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--bits", type=int, default=48)
+    ap.add_argument("--experiment", default="dsrh",
+                    help="experiment config: dsrh (the paper's constants) or dsrh_tuned (the shipped recipe)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10")
@@ -76,8 +78,9 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
     steps = int(results["global_step"])
     out = {"steps": steps, "wall_s": round(wall, 2), "steps_per_s": round(steps / wall, 2),
-           "val_map": results.get("val/map"), "bits": args.bits, "image_size": args.image_size,
-           "backbone": args.backbone, "dataset": args.dataset, "torch_threads": torch.get_num_threads()}
+           "val_map": results.get("val/map"), "experiment": args.experiment, "bits": args.bits,
+           "image_size": args.image_size, "backbone": args.backbone, "dataset": args.dataset,
+           "torch_threads": torch.get_num_threads()}
     print(json.dumps(out), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

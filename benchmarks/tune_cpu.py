@@ -225,17 +225,34 @@ def alternatives(entry: Dict[str, Any], sweep: Dict[str, Any], knobs: Sequence[s
     return choose(entry, candidates, alternatives=list(knobs))
 
 
+def sweep_fixed(command: Sequence[str], protocol: Sequence[str]) -> List[str]:
+    """The sweep command's own ``key=value`` settings, as a trial's ``overrides`` record them: less those the
+    ``protocol`` sets too (it comes after them and wins, so they would record nothing), except the config groups
+    ``dataset`` and ``experiment``, which name what ran. So a command that spells out the protocol's features (for
+    an online sweep) records the same overrides as one that leaves them to the protocol."""
+    set_by_protocol = {o.split("=", 1)[0] for o in protocol}
+    return [a for a in command if "=" in a and not a.startswith("${")
+            and (a.split("=", 1)[0] in ("dataset", "experiment") or a.split("=", 1)[0] not in set_by_protocol)]
+
+
 def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: List[str],
-            cache_path: Path, protocol: Sequence[str] = ()) -> Dict[str, Any]:
+            cache_path: Path, protocol: Sequence[str] = (),
+            earlier: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
     """``entry`` with its choice remade from the ``k`` best trials, each run again with every seed in
     ``seeds`` (``run_seed(overrides, seed) -> best val MAP``, None when the run failed; finished runs are
     kept in ``cache_path`` under the trial's overrides, the ``protocol`` settings and the seed, so an
     interrupted rescoring goes on where it stopped and a changed protocol is run again). The chosen trial
     has the best mean over its recorded validation MAP and the new seeds'; ``rescored`` lists every
-    candidate."""
-    candidates = []
+    candidate. ``earlier``: candidates an earlier round scored with the same seeds (its choice, and variants
+    ``--alternatives`` added, which are no trials); they stay candidates, so a new round replaces the earlier
+    choice only by beating it on the same seeds."""
+    candidates = [dict(c) for c in earlier]
+    seen = {json.dumps(c["overrides"]) for c in candidates}
     for trial in top_trials(entry, k):
         overrides = trial_overrides(fixed, trial["params"])
+        if json.dumps(overrides) in seen:
+            continue
+        seen.add(json.dumps(overrides))
         maps = [trial["best_val_map"]] + cached_runs(overrides, seeds, run_seed, cache_path, protocol)
         if any(m is None for m in maps):
             continue  # a failed run: not a candidate
@@ -244,9 +261,23 @@ def rescore(entry: Dict[str, Any], k: int, seeds: List[int], run_seed, fixed: Li
     if not candidates:
         return entry
     out = choose(entry, candidates, rescore_seeds=seeds)
-    out.pop("alternatives", None)  # an earlier --alternatives' variants are not among the new candidates
-    out.pop("alternatives_seconds", None)
+    knobs = sorted({c["alternative"] for c in candidates if "alternative" in c})
+    if knobs:  # variants an earlier --alternatives added, carried as candidates
+        out["alternatives"] = knobs
+    else:
+        out.pop("alternatives", None)
+        out.pop("alternatives_seconds", None)
     return out
+
+
+def earlier_candidates(entries: List[Dict[str, Any]], seeds: List[int], steps: int) -> List[Dict[str, Any]]:
+    """The latest ``--pool`` entry's re-scored candidates when they were scored with ``seeds`` (search seed
+    first) at ``steps``, for :func:`rescore`'s ``earlier``; none otherwise."""
+    if not entries or "rescored" not in entries[-1]:
+        return []
+    e = entries[-1]
+    same = [e.get("seed", 0)] + list(e.get("rescore_seeds", [])) == list(seeds) and e.get("steps") == steps
+    return [c for c in e["rescored"] if len(c["val_maps"]) == len(seeds)] if same else []
 
 
 def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file: Path, fixed: List[str],
@@ -328,8 +359,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         base_file = resolve_sweep_path(SWEEPS[method])
         sweep = load_sweep(base_file)
-        fixed = [a for a in sweep["command"] if "=" in a and not a.startswith("${")]
         for bits in args.bits:
+            fixed = sweep_fixed(sweep["command"], protocol_overrides(args, bits))
             sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
 
             def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
@@ -353,7 +384,9 @@ def main(argv=None) -> int:
                                      f"not {args.steps}")
             cache, protocol = sweep_dir / "rescore.json", protocol_overrides(args, bits)
             if args.rescore:
-                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, cache, protocol)
+                earlier = earlier_candidates(pooled_entries(pooled, method, bits),
+                                             [args.seed] + list(args.rescore_seeds), args.steps)
+                entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, cache, protocol, earlier)
             if args.alternatives:
                 t1 = time.perf_counter()
                 entry = alternatives(entry, sweep, args.alternatives, [args.seed] + list(args.rescore_seeds),

@@ -311,3 +311,57 @@ def test_tune_cpu_rejects_flag_combinations_that_would_do_nothing_or_fail_late(t
     with pytest.raises(SystemExit):
         tune_cpu.main(argv + ["--out", str(tmp_path / "t.json")])
     assert fragment in capsys.readouterr().err
+
+
+def test_rescore_keeps_an_earlier_rounds_candidates_scored_with_the_same_seeds(tmp_path):
+    tune_cpu = pytest.importorskip("tune_cpu")
+    variant = {"params": {"optim.lr": 0.1, "data.sampling": "balanced"},
+               "overrides": ["optim.lr=0.1", "data.sampling=balanced"], "val_maps": [0.56, 0.56, 0.56],
+               "mean_val_map": 0.56, "alternative": "data.sampling"}  # no trial: --alternatives added it
+    trial = {"params": {"optim.lr": 0.1}, "overrides": ["optim.lr=0.1"], "val_maps": [0.6, 0.5, 0.5],
+             "mean_val_map": 1.6 / 3}
+    earlier = {"overrides": variant["overrides"], "seed": 0, "rescore_seeds": [1, 2], "steps": 1500,
+               "rescored": [trial, variant], "alternatives": ["data.sampling"]}
+    assert tune_cpu.earlier_candidates([earlier], [0, 1, 2], 1500) == [trial, variant]
+    assert tune_cpu.earlier_candidates([earlier], [0, 3, 4], 1500) == []  # other seeds: not comparable
+    assert tune_cpu.earlier_candidates([earlier], [0, 1, 2], 3000) == []  # another schedule
+    assert tune_cpu.earlier_candidates([{"overrides": []}], [0, 1, 2], 1500) == []  # never re-scored
+    calls = []
+
+    def run_seed(overrides, seed):
+        calls.append((tuple(overrides), seed))
+        return {"optim.lr=0.2": 0.55, "optim.lr=0.3": 0.40}[overrides[-1]]
+
+    new_round = {"overrides": ["optim.lr=0.2"], "best_val_map": 0.62,
+                 "all": [{"params": {"optim.lr": 0.2}, "best_val_map": 0.62},   # a new trial, lucky on seed 0
+                         {"params": {"optim.lr": 0.1}, "best_val_map": 0.60},   # the earlier trial: not re-run
+                         {"params": {"optim.lr": 0.3}, "best_val_map": 0.30}]}
+    got = tune_cpu.rescore(new_round, 2, [1, 2], run_seed, [], tmp_path / "c.json",
+                           earlier=tune_cpu.earlier_candidates([earlier], [0, 1, 2], 1500))
+    assert sorted(calls) == [(("optim.lr=0.2",), 1), (("optim.lr=0.2",), 2)]
+    # 0.2 scores (0.62 + 0.55 + 0.55) / 3 = 0.573 > the earlier variant's 0.56: the new trial wins ...
+    assert got["overrides"] == ["optim.lr=0.2"] and got["mean_val_map"] == pytest.approx(1.72 / 3)
+    assert len(got["rescored"]) == 3 and got["alternatives"] == ["data.sampling"]
+    # ... and where it does not beat it, the earlier variant stays the choice.
+    got = tune_cpu.rescore(dict(new_round, all=new_round["all"][1:]), 2, [1, 2], run_seed, [], tmp_path / "c.json",
+                           earlier=[trial, variant])
+    assert got["overrides"] == variant["overrides"] and got["mean_val_map"] == pytest.approx(0.56)
+
+
+def test_sweep_fixed_records_the_commands_own_settings_not_the_protocols():
+    tune_cpu = pytest.importorskip("tune_cpu")
+    command = ["${env}", "dsrh", "train", "dataset=cifar10", "experiment=dsrh", "model.backbone=efficientnet_lite0",
+               "data.cache_features=true", "loss.orth_norm=bits", "${args}"]
+    protocol = ["dataset=cifar10", "model.backbone=efficientnet_lite0", "data.cache_features=true", "seed=0"]
+    assert tune_cpu.sweep_fixed(command, protocol) == ["dataset=cifar10", "experiment=dsrh", "loss.orth_norm=bits"]
+    # The shipped tuning files record what they recorded before they spelled out the protocol's features.
+    import argparse
+
+    import yaml
+
+    args = argparse.Namespace(dataset="cifar10", backbone="efficientnet_lite0", weights="imagenet", image_size=128,
+                              feature_dir="f", data_root="", split_dir="", seed=0, steps=1500, val_every=500,
+                              lr_decay_steps=1000, batch_size=64, override=[])
+    sweep = yaml.safe_load((REPO / "experiments/sweeps/tune_dsrh.yaml").read_text())
+    assert tune_cpu.sweep_fixed(sweep["command"], tune_cpu.protocol_overrides(args, 48)) == [
+        "dataset=cifar10", "experiment=dsrh", "loss.margin_scaling=per_bit", "loss.orth_norm=bits"]
