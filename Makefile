@@ -101,8 +101,8 @@ bench-scales: venv ## margin and orthogonality normalisation at 12 vs 48 bits (u
 bench-throughput: venv ## training loop vs the model-only ceiling (images/s, MFU), fp32 vs bf16 on a GPU; small on CPU [BENCH_ARGS=..]
 	$(PY) benchmarks/throughput.py $(if $(DATA_DIR),--data-root $(DATA_DIR),) $(BENCH_ARGS)
 
-bench-head: venv ## head training speed on cached features
-	$(PY) benchmarks/head_speed.py
+bench-head: venv ## head training speed on cached features [BENCH_ARGS="--experiment dsrh_tuned"]
+	$(PY) benchmarks/head_speed.py $(BENCH_ARGS)
 
 bench-mining: venv ## in-batch triplet mining: pairwise-distance hinge vs gathered triplets
 	$(PY) benchmarks/bench_mining.py
