@@ -168,6 +168,11 @@ def choose(entry: Dict[str, Any], candidates: List[Dict[str, Any]], **extra: Any
     return out
 
 
+def scored_seeds(entry: Dict[str, Any]) -> List[int]:
+    """The seeds a re-scored ``entry``'s candidates were scored with: the search seed, then the re-scoring seeds."""
+    return [entry.get("seed", 0)] + list(entry.get("rescore_seeds", []))
+
+
 def cached_runs(overrides: List[str], seeds: Sequence[int], run_seed, cache_path: Path,
                 protocol: Sequence[str] = ()) -> List[Optional[float]]:
     """``run_seed(overrides, seed)`` (best validation MAP, None when the run failed) for every seed, each
@@ -199,7 +204,7 @@ def alternatives(entry: Dict[str, Any], sweep: Dict[str, Any], knobs: Sequence[s
     chosen = next((c for c in entry["rescored"] if c["overrides"] == entry["overrides"]), None)
     if chosen is None:
         raise SystemExit("--alternatives: the entry's choice is not among its re-scored candidates")
-    scored_with = [entry.get("seed", 0)] + list(entry["rescore_seeds"])
+    scored_with = scored_seeds(entry)
     if list(seeds) != scored_with:
         raise SystemExit(f"--alternatives: the choice was scored with seeds {scored_with}, not {list(seeds)}: "
                          "give the same --seed and --rescore-seeds")
@@ -276,7 +281,7 @@ def earlier_candidates(entries: List[Dict[str, Any]], seeds: List[int], steps: i
     if not entries or "rescored" not in entries[-1]:
         return []
     e = entries[-1]
-    same = [e.get("seed", 0)] + list(e.get("rescore_seeds", [])) == list(seeds) and e.get("steps") == steps
+    same = scored_seeds(e) == list(seeds) and e.get("steps") == steps
     return [c for c in e["rescored"] if len(c["val_maps"]) == len(seeds)] if same else []
 
 
@@ -360,7 +365,8 @@ def main(argv=None) -> int:
         base_file = resolve_sweep_path(SWEEPS[method])
         sweep = load_sweep(base_file)
         for bits in args.bits:
-            fixed = sweep_fixed(sweep["command"], protocol_overrides(args, bits))
+            protocol = protocol_overrides(args, bits)
+            fixed = sweep_fixed(sweep["command"], protocol)
             sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
 
             def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
@@ -382,15 +388,13 @@ def main(argv=None) -> int:
                 if entry["steps"] != args.steps:
                     raise SystemExit(f"--count 0: {method} {bits} bits was tuned with --steps {entry['steps']}, "
                                      f"not {args.steps}")
-            cache, protocol = sweep_dir / "rescore.json", protocol_overrides(args, bits)
+            cache, seeds = sweep_dir / "rescore.json", [args.seed] + list(args.rescore_seeds)
             if args.rescore:
-                earlier = earlier_candidates(pooled_entries(pooled, method, bits),
-                                             [args.seed] + list(args.rescore_seeds), args.steps)
+                earlier = earlier_candidates(pooled_entries(pooled, method, bits), seeds, args.steps)
                 entry = rescore(entry, args.rescore, args.rescore_seeds, run_seed, fixed, cache, protocol, earlier)
             if args.alternatives:
                 t1 = time.perf_counter()
-                entry = alternatives(entry, sweep, args.alternatives, [args.seed] + list(args.rescore_seeds),
-                                     run_seed, fixed, cache, protocol)
+                entry = alternatives(entry, sweep, args.alternatives, seeds, run_seed, fixed, cache, protocol)
                 entry["alternatives_seconds"] = round(time.perf_counter() - t1, 1)
             tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)
