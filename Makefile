@@ -43,7 +43,7 @@ train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERI
 	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
 
 # W&B sweeps need an account: fail at once (never wait at wandb's login prompt; CI has no stdin).
-WANDB_CHECK = $(PY) -c 'import os, sys; from dsrh_lightning.loggers import wandb_key_available; \
+WANDB_CHECK = $(PY) -c 'import os, sys; from dsrh_lightning.lightning.loggers import wandb_key_available; \
 	mode = os.environ.get("WANDB_MODE", ""); \
 	why = [] if wandb_key_available() else ["no W&B API key found (WANDB_API_KEY, or run wandb login)"]; \
 	why += ["WANDB_MODE=" + mode] if mode in ("offline", "disabled", "dryrun") else []; \

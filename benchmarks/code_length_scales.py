@@ -31,8 +31,8 @@ from dsrh_lightning.config import load_config, to_dict  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
 from dsrh_lightning.models import build_backbone  # noqa: E402
 from dsrh_lightning.losses import effective_margin  # noqa: E402
-from dsrh_lightning.module import HashingModule, combine_losses  # noqa: E402
-from dsrh_lightning.train import train  # noqa: E402
+from dsrh_lightning.lightning.module import HashingModule, combine_losses  # noqa: E402
+from dsrh_lightning.runs.train import train  # noqa: E402
 
 # name -> overrides (on top of experiment=dsrh: triplet + 0.25 * orthogonality + classification)
 SETTINGS = {

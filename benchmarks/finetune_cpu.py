@@ -74,7 +74,7 @@ def run_name(method: str, bits: int, seed: int, image_size: int) -> str:
 
 def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
     from dsrh_lightning.config import load_config
-    from dsrh_lightning.train import train
+    from dsrh_lightning.runs.train import train
 
     over = run_overrides(args, method, bits, seed, tuned)
     cfg = load_config(over)

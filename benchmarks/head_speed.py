@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "src"))
 from dsrh_lightning.config import load_config  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
 from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.train import train  # noqa: E402
+from dsrh_lightning.runs.train import train  # noqa: E402
 
 
 def overrides(args, out_dir: str) -> list[str]:

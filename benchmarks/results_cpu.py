@@ -136,8 +136,8 @@ def deep_overrides(name: str, args, bits: int, seed: int, tuned_settings: dict, 
 
 
 def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned_settings: dict) -> dict:
-    from dsrh_lightning.run import load_run
-    from dsrh_lightning.train import train
+    from dsrh_lightning.runs.checkpoints import load_run
+    from dsrh_lightning.runs.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(deep_overrides(name, args, bits, seed, tuned_settings, tmp))

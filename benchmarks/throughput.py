@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "src"))
 from dsrh_lightning.config import load_config, to_dict  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
 from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.module import HashingModule  # noqa: E402
+from dsrh_lightning.lightning.module import HashingModule  # noqa: E402
 
 # Dense peak TFLOP/s (no sparsity) by device-name substring: (fp32 non-tensor, bf16 tensor core).
 PEAKS = {"H100": (67.0, 989.0), "H200": (67.0, 989.0), "A100": (19.5, 312.0)}

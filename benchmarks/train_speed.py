@@ -36,7 +36,7 @@ from dsrh_lightning.config import load_config, to_dict  # noqa: E402
 from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
 from dsrh_lightning.losses.miners import mine_all_triplets  # noqa: E402
 from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.module import HashingModule  # noqa: E402
+from dsrh_lightning.lightning.module import HashingModule  # noqa: E402
 
 
 def setup(backbone: str, size: int, images_per_step: int, sampling: str, args):

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dsrh_lightning.config import load_config  # noqa: E402
-from dsrh_lightning.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs  # noqa: E402
+from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs  # noqa: E402
 
 # method -> sweep file (experiments/sweeps/)
 SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune_csq.yaml"}
@@ -67,7 +67,7 @@ def protocol_overrides(args, bits: int) -> List[str]:
 
 def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[int, Optional[Dict[str, Any]]]:
     """sweep-local's ``run_fn``: the trial's ``dsrh train`` command, run in this process."""
-    from dsrh_lightning.train import train
+    from dsrh_lightning.runs.train import train
 
     try:
         result = train(load_config(overrides))

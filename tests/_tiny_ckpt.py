@@ -14,7 +14,7 @@ def tiny_ckpt(tmp_path_factory):
     """A few training steps of the real synthetic config: ``(last checkpoint, config)``."""
     if "ckpt" not in _CACHE:
         from dsrh_lightning.config import load_config
-        from dsrh_lightning.train import train
+        from dsrh_lightning.runs.train import train
 
         tmp = tmp_path_factory.mktemp("ckpt")
         cfg = load_config(["dataset=synthetic", f"output_dir={tmp}", "name=tiny", "data.synthetic_per_class=30",

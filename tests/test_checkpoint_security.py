@@ -103,8 +103,8 @@ def test_broken_checkpoints_exit_2_naming_the_file(tmp_path, inputs, capsys):
 
 def test_load_run_equals_lightning_load(tiny_ckpt):
     """load_run (weights_only, built by hand) gives the network Lightning's own loader gives."""
-    from dsrh_lightning.module import HashingModule
-    from dsrh_lightning.run import load_run
+    from dsrh_lightning.lightning.module import HashingModule
+    from dsrh_lightning.runs.checkpoints import load_run
 
     ckpt, cfg = tiny_ckpt
     run = load_run(ckpt, ["data.eval_batch_size=7"])
@@ -133,9 +133,9 @@ def test_feature_cached_run_indexes(tmp_path, capsys):
 
     from dsrh_lightning.config import load_config
     from dsrh_lightning.data.datamodule import HashingDataModule
-    from dsrh_lightning.run import load_run
+    from dsrh_lightning.runs.checkpoints import load_run
     from dsrh_lightning.search import read_codes
-    from dsrh_lightning.train import train
+    from dsrh_lightning.runs.train import train
 
     cfg = load_config(["dataset=synthetic", f"output_dir={tmp_path}", "name=feat", "data.synthetic_per_class=20",
                        "data.protocol.query_per_class=2", "data.protocol.train_per_class=10",

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsrh_lightning.callbacks import checkpoint as ck
+from dsrh_lightning.lightning.callbacks import checkpoint as ck
 from dsrh_lightning.config import ConfigError, load_config, to_dict
-from dsrh_lightning.run import read_checkpoint
-from dsrh_lightning.train import open_resume, resolve_run, train
+from dsrh_lightning.runs.checkpoints import read_checkpoint
+from dsrh_lightning.runs.checkpoints import open_resume
+from dsrh_lightning.runs.folders import resolve_run
+from dsrh_lightning.runs.train import train
 
 
 def _ckpt(step, config=None):
@@ -76,7 +78,7 @@ def test_unreadable_last_ckpt_falls_back_to_newest_readable(tmp_path, capsys):
 
 def test_resume_reads_the_checkpoint_once_before_lightning(tiny_overrides, monkeypatch):
     """resume=auto: dsrh reads last.ckpt once (fallback + compatibility check), then Lightning loads it."""
-    import dsrh_lightning.train as train_mod
+    import dsrh_lightning.runs.checkpoints as checkpoints_mod
 
     base = tiny_overrides + ["name=r", "trainer.max_steps=3"]
     train(load_config(base))
@@ -86,7 +88,7 @@ def test_resume_reads_the_checkpoint_once_before_lightning(tiny_overrides, monke
         reads.append(Path(path).name)
         return read_checkpoint(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "read_checkpoint", counting_read)
+    monkeypatch.setattr(checkpoints_mod, "read_checkpoint", counting_read)
     out = train(load_config(base[:-1] + ["trainer.max_steps=6", "resume=auto"]))
     assert reads == ["last.ckpt"] and out["global_step"] == 6
 
@@ -147,7 +149,7 @@ def test_last_checkpoint_every_minutes_and_steps(tmp_path, monkeypatch):
 def test_resume_from_a_checkpoint_written_before_newer_keys(tmp_path):
     """A key the checkpoint's version lacked (model.shared_dim, data.feature_norm) counts as its default:
     such a run resumes with today's defaults, and a non-default value is still refused by name."""
-    from dsrh_lightning.train import check_resume_compatible
+    from dsrh_lightning.runs.checkpoints import check_resume_compatible
 
     cfg = load_config(["dataset=synthetic", f"output_dir={tmp_path}", "name=a", "resume=auto"])
     stored = to_dict(cfg)

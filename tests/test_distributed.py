@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from dsrh_lightning.callbacks.checkpoint import assert_finite_parameters
-from dsrh_lightning.callbacks.retrieval import dedupe_by_position
+from dsrh_lightning.lightning.callbacks.checkpoint import assert_finite_parameters
+from dsrh_lightning.lightning.callbacks.retrieval import dedupe_by_position
 from dsrh_lightning.config import ConfigError, load_config
 from dsrh_lightning.data.datasets import IndexedImageDataset
 from dsrh_lightning.data.distributed import EpochBatchSampler, ResumableDataLoader
 from dsrh_lightning.data.sampling import ClassBalancedBatchSampler
 from dsrh_lightning.losses import orthogonality_penalty, triplet_ranking_loss
-from dsrh_lightning.train import resolve_run
+from dsrh_lightning.runs.folders import resolve_run
 
 
 def test_epoch_batches_disjoint_over_ranks_and_reseeded_per_epoch():

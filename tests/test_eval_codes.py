@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from dsrh_lightning import eval_codes
+from dsrh_lightning import cli
+from dsrh_lightning.cli.parsers import add_eval_codes_args
+from dsrh_lightning.runs import eval_codes
 from dsrh_lightning.metrics import retrieval_metrics
 
 
@@ -25,7 +27,7 @@ def files(tmp_path):
 
 def test_json_output_matches_function(files, capsys):
     _, q, d, case = files
-    rc = eval_codes.main(["--query", str(q), "--database", str(d), "--topk", "20", "--ndcg-k", "10",
+    rc = cli.main(["eval-codes", "--query", str(q), "--database", str(d), "--topk", "20", "--ndcg-k", "10",
                           "--acg-k", "10", "--wmap-topk", "20", "--precision-at", "5", "10", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -37,12 +39,12 @@ def test_json_output_matches_function(files, capsys):
 
 def test_table_output(files, capsys):
     _, q, d, _ = files
-    assert eval_codes.main(["--query", str(q), "--database", str(d)]) == 0
+    assert cli.main(["eval-codes", "--query", str(q), "--database", str(d)]) == 0
     assert "map" in capsys.readouterr().out
 
 
 def _err(capsys, argv):
-    rc = eval_codes.main(argv)
+    rc = cli.main(["eval-codes", *argv])
     captured = capsys.readouterr()
     assert rc == 2
     assert "Traceback" not in captured.err
@@ -84,7 +86,7 @@ def test_build_parser_and_run_for_subcommand(files, capsys):
     _, q, d, _ = files
     parser = argparse.ArgumentParser(prog="dsrh")
     sub = parser.add_subparsers(dest="cmd").add_parser("eval-codes")
-    eval_codes.build_parser(sub)
+    add_eval_codes_args(sub)
     args = parser.parse_args(["eval-codes", "--query", str(q), "--database", str(d), "--json"])
     assert eval_codes.run(args) == 0
     assert "map" in json.loads(capsys.readouterr().out)
@@ -118,7 +120,7 @@ def test_topk_negative_and_zero(files, capsys):
     _, q, d, case = files
     msg = _err(capsys, ["--query", str(q), "--database", str(d), "--topk", "-5"])
     assert "--topk" in msg and "-5" in msg and "use 0" in msg
-    assert eval_codes.main(["--query", str(q), "--database", str(d), "--topk", "0", "--json"]) == 0
+    assert cli.main(["eval-codes", "--query", str(q), "--database", str(d), "--topk", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["map"] == pytest.approx(retrieval_metrics(*case)["map"])  # 0 = whole database
 

@@ -11,9 +11,9 @@ from torch import nn
 from dsrh_lightning.config import load_config
 from dsrh_lightning.data import features as features_mod
 from dsrh_lightning.data.datamodule import HashingDataModule
-from dsrh_lightning.evaluate import evaluate_checkpoint
+from dsrh_lightning.runs.evaluate import evaluate_checkpoint
 from dsrh_lightning.models import build_backbone
-from dsrh_lightning.train import train
+from dsrh_lightning.runs.train import train
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_feature_statistics_match_sklearn_and_a_loop():
 def test_feature_norm_standardize_training_statistics_in_the_model(feature_overrides, tmp_path):
     """The training split's statistics (only) become the model's first layer: saved in the checkpoint and
     applied to image files indexed later through the backbone."""
-    from dsrh_lightning.run import load_run
+    from dsrh_lightning.runs.checkpoints import load_run
     from dsrh_lightning.search.encode import encoder
 
     cfg = load_config(feature_overrides + ["data.feature_norm=standardize", "trainer.max_steps=4",

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from dsrh_lightning import resources
-from dsrh_lightning.callbacks import progress
-from dsrh_lightning.callbacks.progress import RunTimeEstimate, format_duration
+from dsrh_lightning.lightning import resources
+from dsrh_lightning.lightning.callbacks import progress
+from dsrh_lightning.lightning.callbacks.progress import RunTimeEstimate, format_duration
 from dsrh_lightning.config import ConfigError, load_config
-from dsrh_lightning.train import train
+from dsrh_lightning.runs.train import train
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_tiny_wandb_run_validates_the_last_step_and_reports_the_best(tiny_overri
 
 
 def test_whole_run_progress_bar_counts_steps_to_max_steps(tiny_overrides, restore_threads):
-    from dsrh_lightning.callbacks.progress import RunProgressBar
+    from dsrh_lightning.lightning.callbacks.progress import RunProgressBar
 
     seen = {}
     orig = RunProgressBar.on_train_end

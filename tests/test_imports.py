@@ -109,7 +109,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles_in_package():
     graph = _graph()
-    assert "dsrh_lightning.search.engines" in graph["dsrh_lightning.plots"]  # the parser sees real edges
+    assert "dsrh_lightning.search.engines" in graph["dsrh_lightning.plots.figures"]  # the parser sees real edges
     assert _cycles(graph) == [], "import cycles (module-level and function-level imports)"
 
 
@@ -162,3 +162,47 @@ def test_help_and_config_error_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "config", "modle.bits=3"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "modle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# The floors of the package (docs: ARCHITECTURE.md, README "Layout"): a module never imports one on a higher floor.
+# The loss registry is a torch-free name table the config validates ``loss.ranking`` against, so it sits with
+# the primitives.
+FLOORS = (
+    ("primitives", ("dsrh_lightning", "dsrh_lightning.config", "dsrh_lightning.errors", "dsrh_lightning.relevance",
+                    "dsrh_lightning.seeding", "dsrh_lightning.losses.registry")),
+    ("library", ("dsrh_lightning.data", "dsrh_lightning.models", "dsrh_lightning.losses", "dsrh_lightning.metrics",
+                 "dsrh_lightning.baselines", "dsrh_lightning.search", "dsrh_lightning.plots")),
+    ("lightning", ("dsrh_lightning.lightning",)),
+    ("runs", ("dsrh_lightning.runs",)),
+    ("cli", ("dsrh_lightning.cli",)),
+)
+
+
+def _floor(module: str) -> int:
+    """The floor of ``module``: the longest prefix listed in :data:`FLOORS` decides."""
+    best, level = -1, None
+    for i, (_, prefixes) in enumerate(FLOORS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, level = len(p), i
+    assert level is not None, f"{module} is on no floor: add its package to FLOORS"
+    return level
+
+
+def test_floor_finder():
+    assert _floor("dsrh_lightning.config") == 0
+    assert _floor("dsrh_lightning.losses.registry") == 0 and _floor("dsrh_lightning.losses.triplet") == 1
+    assert _floor("dsrh_lightning.lightning.callbacks.retrieval") == 2
+    assert _floor("dsrh_lightning.runs.train") == 3 and _floor("dsrh_lightning.cli.commands") == 4
+
+
+def test_no_module_imports_a_higher_floor():
+    graph = _graph()
+    upward = sorted(f"{a} ({FLOORS[_floor(a)][0]}) imports {b} ({FLOORS[_floor(b)][0]})"
+                    for a, deps in graph.items() for b in deps if _floor(b) > _floor(a))
+    assert upward == []
+
+
+def test_top_level_stays_small():
+    top = sorted(p.name for p in (SRC / PKG).glob("*.py"))
+    assert len(top) <= 8, top

@@ -141,7 +141,7 @@ def test_index_split_folder_and_search(tiny_ckpt, tmp_path, capsys):
     from PIL import Image
 
     from dsrh_lightning.data.datamodule import load_source, make_split
-    from dsrh_lightning.run import load_run
+    from dsrh_lightning.runs.checkpoints import load_run
     from dsrh_lightning.search.encode import encode, split_dataset
 
     ckpt, cfg = tiny_ckpt

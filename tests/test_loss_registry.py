@@ -63,7 +63,7 @@ def test_registry_names_are_the_config_choices():
 ], ids=["unknown-name-never-falls-back", "sampling-mismatch"])
 def test_module_refuses_a_config_its_ranking_method_cannot_build(overrides, key, value, message):
     """Set after validation (a checkpoint's config, say), so the module's own check is what stops it."""
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.lightning.module import HashingModule
 
     cfg = to_dict(load_config(["dataset=synthetic", *overrides]))
     section, name = key.split(".")
@@ -74,7 +74,7 @@ def test_module_refuses_a_config_its_ranking_method_cannot_build(overrides, key,
 
 def test_module_uses_the_registered_classes():
     from dsrh_lightning.losses.peers import CSQ, DTSH, HashNet
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.lightning.module import HashingModule
 
     for exp, cls in [("dtsh", DTSH), ("hashnet", HashNet), ("csq", CSQ)]:
         cfg = load_config(["dataset=synthetic", f"experiment={exp}", "model.bits=8"])
@@ -85,7 +85,7 @@ def test_module_uses_the_registered_classes():
 
 def test_csq_centres_are_a_buffer_of_the_loss_and_old_checkpoints_load():
     from dsrh_lightning.losses.peers import csq_centers
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.lightning.module import HashingModule
 
     cfg = to_dict(load_config(["dataset=synthetic", "experiment=csq", "model.bits=8"]))
     module = HashingModule(cfg, num_classes=4, feature_dim=10)
@@ -101,7 +101,7 @@ def test_csq_centres_are_a_buffer_of_the_loss_and_old_checkpoints_load():
 
 def test_toy_ranking_loss_trains_through_the_real_module(toy_registered, tiny_overrides):
     """One class + one registry entry: the config accepts the name and `train` runs it end to end."""
-    from dsrh_lightning.train import train
+    from dsrh_lightning.runs.train import train
 
     ToyRanking.instances.clear()
     cfg = load_config(tiny_overrides + ["loss.ranking=toy", "loss.margin=0.5", "trainer.max_steps=4",

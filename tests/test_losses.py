@@ -282,7 +282,7 @@ def test_nan_guard_syncs_only_at_log_checkpoint_and_last_steps(monkeypatch):
     """The non-finite check is a device-side flag; the host reads it only on steps that log, write a
     periodic checkpoint or end the run, and it names the first bad step, not the step that noticed."""
     from dsrh_lightning.config import load_config, to_dict
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.lightning.module import HashingModule
 
     cfg = load_config(["dataset=synthetic", "model.bits=8", "model.bag_size=4", "data.batch_size=4",
                        "trainer.log_every_n_steps=5", "trainer.checkpoint_every_n_steps=7", "trainer.max_steps=12"])

@@ -82,7 +82,7 @@ def test_efficientnet_lite0_imagenet_weights_load_offline():
 
 
 def test_weights_auto_falls_back_loudly_and_records_it(monkeypatch, tmp_path, capsys):
-    from dsrh_lightning.train import resolve_weights
+    from dsrh_lightning.runs.train import resolve_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

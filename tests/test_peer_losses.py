@@ -168,7 +168,7 @@ def test_peer_experiment_configs_load(method):
 def test_module_trains_peer_loss_on_features(method, sampling):
     """Through HashingModule.training_step (no Trainer): finite loss, gradients reach the hash head,
     and a few SGD steps on separable features lower the loss."""
-    from dsrh_lightning.module import HashingModule
+    from dsrh_lightning.lightning.module import HashingModule
     from dsrh_lightning.config import to_dict
 
     over = ["dataset=synthetic", f"experiment={method}", f"data.sampling={sampling}", "model.bits=8",

@@ -11,7 +11,7 @@ from PIL import Image
 from _tiny_ckpt import tiny_ckpt  # noqa: F401  (fixture)
 from dsrh_lightning import cli
 from dsrh_lightning.data.sources import make_synthetic
-from dsrh_lightning.plots import fixed_queries, make_figures, save_figures
+from dsrh_lightning.plots.figures import fixed_queries, make_figures, save_figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,9 +101,9 @@ def test_eval_cli_writes_plots(tiny_ckpt, tmp_path, capsys):
 def _test_with_logger(ckpt, logger):
     import pytorch_lightning as pl
 
-    from dsrh_lightning.callbacks import RetrievalPlots
+    from dsrh_lightning.lightning.callbacks import RetrievalPlots
     from dsrh_lightning.data.datamodule import HashingDataModule
-    from dsrh_lightning.run import load_run
+    from dsrh_lightning.runs.checkpoints import load_run
 
     run = load_run(ckpt)
     cfg = run.cfg
@@ -165,7 +165,7 @@ def _texts(fig) -> str:
 def test_titles_class_names_formats_and_dpi(tmp_path):
     """Every title carries the run identity; the grid names each image's classes; png (200 dpi), pdf, svg."""
     from dsrh_lightning.data.sources import CIFAR10_CLASSES
-    from dsrh_lightning.plots import DPI, label_names, run_identity
+    from dsrh_lightning.plots.figures import DPI, label_names, run_identity
     from omegaconf import OmegaConf
 
     rng = np.random.default_rng(1)

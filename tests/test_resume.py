@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from dsrh_lightning import module as module_lib
+from dsrh_lightning.lightning import module as module_lib
 from dsrh_lightning.config import load_config
-from dsrh_lightning.train import train
+from dsrh_lightning.runs.train import train
 
 pytestmark = pytest.mark.slow  # real training runs (seconds each on an idle machine)
 
@@ -105,9 +105,9 @@ PROC = ["trainer.val_check_interval=0", "trainer.checkpoint_every_n_steps=4"]
 
 _CHILD = textwrap.dedent("""
     import os, sys, time
-    from dsrh_lightning import module as m
+    from dsrh_lightning.lightning import module as m
     from dsrh_lightning.config import load_config
-    from dsrh_lightning.train import train
+    from dsrh_lightning.runs.train import train
     at, marker, go = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     def hold(self, outputs, batch, batch_idx):  # after the callbacks of step `at`: tell the parent, wait
         if self.global_step == at:

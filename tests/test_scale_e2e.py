@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from dsrh_lightning import module as module_lib
+from dsrh_lightning.lightning import module as module_lib
 from dsrh_lightning.config import load_config
-from dsrh_lightning.train import train
+from dsrh_lightning.runs.train import train
 
 pytestmark = pytest.mark.slow
 

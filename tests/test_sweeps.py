@@ -9,7 +9,7 @@ from sweeps import schema_violations_from_proposed_config
 
 from conftest import REPO
 from dsrh_lightning.config import load_config
-from dsrh_lightning.sweep_local import (SweepError, load_sweep, run_overrides, run_sweep_local, sample_values)
+from dsrh_lightning.runs.sweep_local import (SweepError, load_sweep, run_overrides, run_sweep_local, sample_values)
 
 SWEEP_FILES = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
 

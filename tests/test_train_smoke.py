@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO
 from dsrh_lightning.config import load_config
-from dsrh_lightning.train import train
+from dsrh_lightning.runs.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_train_synthetic_end_to_end(tiny_overrides, tmp_path):
     ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["model"]["bits"] == cfg.model.bits
     # `dsrh eval` on the best checkpoint reproduces the test metrics of the run.
-    from dsrh_lightning.evaluate import evaluate_checkpoint
+    from dsrh_lightning.runs.evaluate import evaluate_checkpoint
 
     again = evaluate_checkpoint(Path(results["best_checkpoint"]), ["trainer.progress_bar=false"])
     assert again["test/map"] == pytest.approx(results["test/map"], abs=1e-9)

@@ -27,7 +27,7 @@ _USER_ERRORS = [
     ("dsrh_lightning.models.backbones", "WeightsUnavailableError"),
     ("dsrh_lightning.search.codes_file", "CodesFileError"),
     ("dsrh_lightning.search.images", "ImageInputError"),
-    ("dsrh_lightning.run", "CheckpointError"),
+    ("dsrh_lightning.runs.checkpoints", "CheckpointError"),
 ]
 
 

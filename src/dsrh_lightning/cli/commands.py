@@ -19,7 +19,7 @@ def _load(args, overrides: List[str]):
 
 def cmd_train(args, overrides: List[str]) -> int:
     cfg = _load(args, overrides)
-    from ..train import train
+    from ..runs.train import train
 
     results = train(cfg)
     print(json.dumps({k: v for k, v in results.items()}, indent=2))
@@ -34,7 +34,7 @@ def cmd_config(args, overrides: List[str]) -> int:
 
 
 def cmd_eval(args, overrides: List[str]) -> int:
-    from ..evaluate import evaluate_checkpoint
+    from ..runs.evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(Path(args.ckpt), overrides, plots_dir=Path(args.plots) if args.plots else None,
                                   plots_format=args.plots_format)
@@ -51,15 +51,21 @@ def cmd_eval(args, overrides: List[str]) -> int:
 
 
 def cmd_eval_codes(args, overrides: List[str]) -> int:
-    from .. import eval_codes
+    from ..runs import eval_codes
 
     return eval_codes.run(args)
 
 
 def cmd_sweep_local(args, overrides: List[str]) -> int:
-    from .. import sweep_local
+    from ..config import normalise_overrides
+    from ..runs.sweep_local import run_sweep_local
 
-    return sweep_local.run(args, overrides)
+    records = run_sweep_local(args.sweep, args.count, normalise_overrides(overrides), args.output_dir, args.seed)
+    failed = [r["name"] for r in records if r["state"] != "finished"]
+    if failed:
+        print(f"sweep-local: {len(failed)} of {len(records)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _split_data_args(items: Sequence[str]) -> Tuple[Optional[str], List[str], List[str]]:
@@ -92,7 +98,7 @@ def cmd_index(args, extra: Sequence[str]) -> int:
     from ..search.images import find_images
     files = find_images(paths) if split is None else None  # before the checkpoint: bad paths fail fast
 
-    from ..run import load_run
+    from ..runs.checkpoints import load_run
     from ..search.codes_file import write_codes
     from ..search.encode import encode, encoder, image_dataset, split_dataset
 
@@ -136,7 +142,7 @@ def cmd_search(args, extra: Sequence[str]) -> int:
     index = read_codes(args.index)
     files = find_images(args.images)
 
-    from ..run import load_run
+    from ..runs.checkpoints import load_run
     from ..search.encode import encode, encoder, image_dataset
     from ..search.engines import search
 

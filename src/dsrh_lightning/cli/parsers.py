@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep-local", help="run a W&B sweep file locally and offline (sweeps engine proposes runs)",
                        description="Extra overrides (key=value) are added to every run after the swept values.")
-    from .. import sweep_local  # numpy + yaml only
-
-    sweep_local.build_parser(p)
+    add_sweep_local_args(p)
 
     p = sub.add_parser("eval-codes", help="evaluate binary codes from any method (.npz files)")
     add_eval_codes_args(p)
@@ -88,3 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="exact Hamming search of query images in a codes file")
     add_search_args(p)
     return parser
+
+
+def add_sweep_local_args(p) -> None:
+    """The options of ``dsrh sweep-local``."""
+    p.add_argument("sweep", help="sweep file (a path, or a name under experiments/sweeps/)")
+    p.add_argument("--count", type=int, default=0, help="runs to start (0 = the whole grid; required otherwise)")
+    p.add_argument("--output-dir", default=None, help="where runs and sweep_state.json go "
+                                                      "(default runs/sweeps/<sweep name>; reused to continue)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random/bayes proposals")

@@ -9,7 +9,7 @@ A ranking method owns its hyperparameters (read from the config in ``__init__``)
 * ``consumes``: ``"codes"`` (the relaxed sigmoid codes in (0, 1)) or ``"code_logits"`` (the hash
   layer's pre-activation).
 
-The module (:class:`~dsrh_lightning.module.HashingModule`) adds the orthogonality, balance and
+The module (:class:`~dsrh_lightning.lightning.module.HashingModule`) adds the orthogonality, balance and
 classification terms and logs every extra scalar a method returns as ``train/<name>``.
 A new method: one file with one subclass, one line in :mod:`.registry`, one experiment YAML.
 """

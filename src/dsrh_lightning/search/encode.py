@@ -1,4 +1,4 @@
-"""Encoding images or a data split into binary codes with a loaded :class:`~dsrh_lightning.run.Run`."""
+"""Encoding images or a data split into binary codes with a loaded :class:`~dsrh_lightning.runs.checkpoints.Run`."""
 
 from __future__ import annotations
 

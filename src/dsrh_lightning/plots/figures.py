@@ -18,9 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .search.engines import search_torch  # noqa: E402
-from .metrics import codes_to_bits, retrieval_metrics  # noqa: E402
-from .relevance import relevance_matrix  # noqa: E402
+from ..search.engines import search_torch  # noqa: E402
+from ..metrics import codes_to_bits, retrieval_metrics  # noqa: E402
+from ..relevance import relevance_matrix  # noqa: E402
 
 __all__ = ["curve_data", "grid_data", "fixed_queries", "plot_pr_curve", "plot_precision_at_k",
            "plot_precision_radius", "plot_retrieval_grid", "make_figures", "save_figures", "figure_to_image",

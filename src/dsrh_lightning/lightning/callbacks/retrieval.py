@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from ..metrics import binarize, retrieval_metrics
+from ...metrics import binarize, retrieval_metrics
 
 __all__ = ["CodeCollector", "RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
 

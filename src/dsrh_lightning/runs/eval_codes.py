@@ -15,24 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .search.codes_file import CodesFileError, read_codes
+from ..search.codes_file import CodesFileError, read_codes
 
-__all__ = ["build_parser", "run", "main", "load_codes", "CodesFileError"]
+__all__ = ["run", "load_codes", "CodesFileError"]
 
 
 def load_codes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(codes (n, bits) uint8 in {0,1}, labels)`` of a codes file; raises :class:`CodesFileError`."""
     index = read_codes(path, require_labels=True)
     return index.unpacked(), index.labels
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Add the eval-codes options to ``parser`` (or a new one) and return it."""
-    from .cli.parsers import add_eval_codes_args
-
-    if parser is None:
-        parser = argparse.ArgumentParser(prog="dsrh eval-codes", description=__doc__.splitlines()[0])
-    return add_eval_codes_args(parser)
 
 
 def _check_cutoffs(args) -> None:
@@ -64,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 f"labels have shape {dlab.shape[1:] or '(n,)'} per item but {args.query} labels have "
                 f"{qlab.shape[1:] or '(n,)'}; both must be class ids or multi-hot of the same width",
             )
-        from .metrics import retrieval_metrics
+        from ..metrics import retrieval_metrics
 
         def whole(v):  # 0 means the whole database
             return None if v == 0 else v
@@ -88,12 +79,3 @@ def run(args: argparse.Namespace) -> int:
             text = f"{val:.6f}" if isinstance(val, float) else str(val)
             print(f"{key:<{width}}  {text}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m dsrh_lightning.eval_codes --query Q.npz --database D.npz``."""
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,7 +68,7 @@ class RetrievalPlots(pl.Callback):
         col.reset()
         if not trainer.is_global_zero:
             return
-        from ..plots import figure_to_image, make_figures, run_identity, save_figures
+        from ...plots.figures import figure_to_image, make_figures, run_identity, save_figures
 
         dm = getattr(trainer, "datamodule", None)
         run_cfg = self.run_cfg if self.run_cfg is not None else getattr(pl_module, "cfg", None)

@@ -9,12 +9,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .losses.classification import classification_loss
-from .losses.orthogonality import orthogonality_penalty
-from .losses.registry import build_ranking_loss
-from .losses.semantic_ranking import balance_penalty
-from .models import build_network
-from .seeding import SLOT_STEP, item_seed, seed_device
+from ..losses.classification import classification_loss
+from ..losses.orthogonality import orthogonality_penalty
+from ..losses.registry import build_ranking_loss
+from ..losses.semantic_ranking import balance_penalty
+from ..models import build_network
+from ..seeding import SLOT_STEP, item_seed, seed_device
 
 __all__ = ["HashingModule", "combine_losses"]
 

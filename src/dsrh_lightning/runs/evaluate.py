@@ -7,12 +7,12 @@ from typing import Any, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 
-from .callbacks import RetrievalEvaluation, RetrievalPlots
-from .config import parse_devices
-from .data.datamodule import HashingDataModule
-from .models import build_backbone
-from .resources import resolve_precision
-from .run import load_run
+from ..lightning.callbacks import RetrievalEvaluation, RetrievalPlots
+from ..config import parse_devices
+from ..data.datamodule import HashingDataModule
+from ..models import build_backbone
+from ..lightning.resources import resolve_precision
+from .checkpoints import load_run
 
 __all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
 

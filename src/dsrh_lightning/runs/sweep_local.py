@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from .config import ConfigError, default_config_dir
+from ..config import ConfigError, default_config_dir
 
 __all__ = ["SweepError", "load_sweep", "resolve_sweep_path", "run_overrides", "run_sweep_local",
            "sample_values", "format_value", "state_path", "sweep_runs"]
@@ -255,22 +255,3 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
         print(f"sweep-local: state in {state_path(out_dir)}; upload the offline W&B runs with "
               f"`wandb sync {out_dir}/*/wandb/offline-run-*`", flush=True)
     return done
-
-
-def build_parser(p) -> None:
-    p.add_argument("sweep", help="sweep file (a path, or a name under experiments/sweeps/)")
-    p.add_argument("--count", type=int, default=0, help="runs to start (0 = the whole grid; required otherwise)")
-    p.add_argument("--output-dir", default=None, help="where runs and sweep_state.json go "
-                                                      "(default runs/sweeps/<sweep name>; reused to continue)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random/bayes proposals")
-
-
-def run(args, overrides: List[str]) -> int:
-    from .config import normalise_overrides
-
-    records = run_sweep_local(args.sweep, args.count, normalise_overrides(overrides), args.output_dir, args.seed)
-    failed = [r["name"] for r in records if r["state"] != "finished"]
-    if failed:
-        print(f"sweep-local: {len(failed)} of {len(records)} runs failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0

@@ -9,7 +9,6 @@
 * :class:`LastCheckpoint`: the ONE owner of ``last.ckpt`` (always the newest state): every
   ``every_n_steps`` steps, every ``every_minutes`` minutes, after each validation, at the end of fit,
   and on SIGINT / SIGTERM (then training stops with :class:`TrainingInterrupted`).
-* :func:`newest_readable_checkpoint` (read with :func:`dsrh_lightning.run.read_checkpoint`, ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from ..run import CheckpointError, read_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "FiniteModelCheckpoint", "LastCheckpoint", "TrainingInterrupted",
            "assert_finite_parameters", "atomic_torch_save",
-           "newest_readable_checkpoint"]
+]
 
 TMP_MARK = ".tmp-"
 
@@ -96,19 +94,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-
-
-def newest_readable_checkpoint(folder: Path, exclude: Optional[Path] = None) -> Optional[Path]:
-    """The most recently written ``*.ckpt`` in ``folder`` that loads, or None."""
-    found = sorted((p for p in Path(folder).glob("*.ckpt") if p != exclude and not p.name.startswith(".")),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in found:
-        try:
-            read_checkpoint(p)
-            return p
-        except CheckpointError:
-            continue
-    return None
 
 
 class FiniteModelCheckpoint(ModelCheckpoint):

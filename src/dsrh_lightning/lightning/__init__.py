@@ -1,0 +1,1 @@
+"""The Lightning parts: the LightningModule, callbacks, loggers and run resources (precision, threads)."""
