@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 DATASET ?= cifar10
 EXPERIMENT ?= dsrh
 # Where the data lives; defaults to ../shared/data/<dataset> when that folder exists.
-DATA_DIR ?= $(if $(wildcard ../shared/data/$(DATASET)),../shared/data/$(DATASET),)
+# cifar10_multilabel is built from CIFAR-10.
+DATA_SET_DIR = $(if $(filter cifar10_multilabel,$(DATASET)),cifar10,$(DATASET))
+DATA_DIR ?= $(if $(wildcard ../shared/data/$(DATA_SET_DIR)),../shared/data/$(DATA_SET_DIR),)
 # auto (ImageNet weights when they can be loaded, else from scratch with a warning) | imagenet (required) | none.
 # Unset = what the dataset config asks for (synthetic: none, nuswide/custom: imagenet); cifar10 defaults to auto.
-WEIGHTS ?= $(if $(filter cifar10,$(DATASET)),auto,)
+WEIGHTS ?= $(if $(filter cifar10 cifar10_multilabel,$(DATASET)),auto,)
 # Extra overrides, e.g. ARGS="model.bits=12 trainer.max_steps=2000"
 ARGS ?=
 # Extra flags for the bench-* scripts, e.g. BENCH_ARGS="--cases vgg19:32 --precision fp32 bf16"

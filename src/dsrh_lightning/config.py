@@ -32,7 +32,7 @@ __all__ = [
     "save_config",
 ]
 
-DATASETS = ("cifar10", "synthetic", "nuswide", "custom")
+DATASETS = ("cifar10", "synthetic", "nuswide", "custom", "cifar10_multilabel")
 BACKBONES = ("vgg19", "vgg19_bn", "vgg16", "resnet18", "resnet50", "small_cnn", "efficientnet_lite0")
 
 
@@ -110,6 +110,10 @@ class DataConfig:
     # With cache_features: "standardize" z-scores every feature dimension by the mean and std of the
     # training images' features (statistics from the training split only); "none" keeps them as extracted.
     feature_norm: str = "none"
+    # dataset=cifar10_multilabel: mosaics of mosaic_grid x mosaic_grid CIFAR-10 tiles (labels = the classes
+    # that appear), built from data.root's CIFAR-10 with mosaic_seed (data/mosaic.py).
+    mosaic_grid: int = 2
+    mosaic_seed: int = 0
     # Synthetic data set (dataset=synthetic).
     synthetic_classes: int = 10
     synthetic_per_class: int = 200
@@ -294,6 +298,7 @@ _POSITIVE = (
     "data.images_per_class",
     "data.protocol.query_per_class",
     "data.protocol.train_per_class",
+    "data.mosaic_grid",
     "optim.lr_decay_steps",
 )
 
@@ -324,6 +329,7 @@ _NON_NEGATIVE = (
     "trainer.checkpoint_every_minutes",
     "seed",
     "data.protocol.seed",
+    "data.mosaic_seed",
     "optim.backbone_lr_mult",
     "trainer.val_check_interval",
     "trainer.gradient_clip_val",

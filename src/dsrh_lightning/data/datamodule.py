@@ -24,6 +24,7 @@ from .protocol import (Split, load_or_make_split, make_multilabel_split, make_si
                        split_from_lists)
 from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
+from .mosaic import make_mosaics
 from .sources import DataNotFoundError, Source, load_cifar10, make_synthetic, resolve_root
 from .transforms import BatchTransform, build_transform, evaluation_transform
 
@@ -53,6 +54,9 @@ def load_source(data_cfg: DictConfig, seed: int, download: bool = False) -> tupl
         return make_synthetic(d.synthetic_classes, d.synthetic_per_class, d.synthetic_image_size, seed=seed), None
     if d.dataset == "cifar10":
         return load_cifar10(resolve_root(d.root, "cifar10"), download=download), None
+    if d.dataset == "cifar10_multilabel":
+        tiles = load_cifar10(resolve_root(d.root, "cifar10"), download=download)
+        return make_mosaics(tiles.images, tiles.labels, tiles.class_names, d.mosaic_grid, seed=d.mosaic_seed), None
     if d.dataset == "custom":
         return load_list_source(d, "custom")
     if d.dataset == "nuswide":
@@ -139,7 +143,7 @@ class HashingDataModule(pl.LightningDataModule):
     # Lightning calls prepare_data on one process: the only place that downloads.
     def prepare_data(self) -> None:
         d = self.cfg.data
-        if d.dataset == "cifar10" and d.download:
+        if d.dataset in ("cifar10", "cifar10_multilabel") and d.download:
             load_cifar10(resolve_root(d.root, "cifar10"), download=True)
 
     def setup(self, stage: Optional[str] = None) -> None:
