@@ -117,6 +117,12 @@ def load_list_source(d: DictConfig, name: str, class_names=None) -> tuple[Source
     return Source(files, labels, names, name), ListPartition(**parts)
 
 
+NUSWIDE_HELP = ("NUS-WIDE is distributed by the NUS Lab for Media Search (search for \"NUS-WIDE dataset\"): "
+                "ImageList/ and Groundtruth/AllLabels/ come in its ground-truth packages, the images in its image "
+                "package (Flickr/<folder>/<file>.jpg); data/README.md lists the layout. Or give the lists "
+                "train.txt, test.txt and database.txt (data.nuswide_source=lists).")
+
+
 def load_nuswide_official(root: Path, concepts=NUSWIDE21_CONCEPTS) -> tuple[List[str], np.ndarray]:
     """Build (paths, multi-hot labels) from NUS-WIDE's own files.
 
@@ -124,22 +130,31 @@ def load_nuswide_official(root: Path, concepts=NUSWIDE21_CONCEPTS) -> tuple[List
     e.g. ``C:\\ImageData\\Flickr\\actor\\0001_2124494179.jpg``) and
     ``root/Groundtruth/AllLabels/Labels_<concept>.txt`` (one 0/1 per line, same
     order). Images are expected under ``root/Flickr/<folder>/<file>``. Images
-    carrying none of ``concepts`` are dropped (the NUS-WIDE-21 convention).
+    carrying none of ``concepts`` are dropped (the NUS-WIDE-21 convention) and counted in the log.
+    A missing file is named with what holds it; every missing concept file is listed at once.
     """
     image_list = root / "ImageList" / "Imagelist.txt"
     if not image_list.is_file():
-        raise DataNotFoundError(f"NUS-WIDE image list {image_list} not found (see data/README.md)")
+        raise DataNotFoundError(f"NUS-WIDE image list {image_list} not found. {NUSWIDE_HELP}")
+    missing = [f"Labels_{c}.txt" for c in concepts
+               if not (root / "Groundtruth" / "AllLabels" / f"Labels_{c}.txt").is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"NUS-WIDE concept files missing from {root / 'Groundtruth' / 'AllLabels'}: {len(missing)} of "
+            f"{len(concepts)} ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}). {NUSWIDE_HELP}")
     raw = [line.strip() for line in image_list.read_text().splitlines() if line.strip()]
     paths = ["Flickr/" + "/".join(p.replace("\\", "/").split("/")[-2:]) for p in raw]
     columns = []
     for c in concepts:
         f = root / "Groundtruth" / "AllLabels" / f"Labels_{c}.txt"
-        if not f.is_file():
-            raise DataNotFoundError(f"NUS-WIDE concept file {f} not found (see data/README.md)")
         col = np.loadtxt(f, dtype=np.int64, ndmin=1)
         if len(col) != len(paths):
-            raise ImageListError(f"{f} has {len(col)} lines but {image_list} has {len(paths)}")
+            raise ImageListError(f"{f} has {len(col)} lines but {image_list} has {len(paths)}; the two must "
+                                 "come from the same NUS-WIDE release (one line per image, same order)")
         columns.append(col)
     labels = np.stack(columns, axis=1)
     keep = labels.sum(1) > 0
+    if not keep.all():
+        log.info("NUS-WIDE: dropped %d of %d images that carry none of the %d concepts", int((~keep).sum()),
+                 len(keep), len(concepts))
     return [p for p, k in zip(paths, keep) if k], labels[keep]
