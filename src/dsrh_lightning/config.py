@@ -23,6 +23,8 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import DsrhError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -36,7 +38,7 @@ DATASETS = ("cifar10", "synthetic", "nuswide", "custom", "cifar10_multilabel")
 BACKBONES = ("vgg19", "vgg19_bn", "vgg16", "resnet18", "resnet50", "small_cnn", "efficientnet_lite0")
 
 
-class ConfigError(ValueError):
+class ConfigError(DsrhError, ValueError):
     """A configuration problem; the message names the key and what is expected."""
 
 

@@ -1,43 +1,36 @@
 """Command line: ``dsrh train | eval | eval-codes | index | search | config | sweep-local``.
 
 Parses (:mod:`.parsers`), then calls the command (:mod:`.commands`), which imports the
-heavy modules it needs. Errors the user can fix print ``error: ...`` and exit 2.
+heavy modules it needs. Errors the user can fix (:class:`~dsrh_lightning.errors.DsrhError`, and
+file-system errors about a path) print ``error: ...`` and exit 2; anything else is a bug and shows
+its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from typing import List, Optional
 
+from ..errors import DsrhError
 from .parsers import build_parser
 
-__all__ = ["main", "build_parser", "UserError"]
+__all__ = ["main", "build_parser", "is_user_error"]
 
 
-class UserError(Exception):
-    """An error caused by input the user can fix; printed without a traceback."""
+# OS errors about a file or folder the user named (a missing input, a read-only or full output folder):
+# printed like the project's own errors. Any other exception is a bug and keeps its traceback.
+_USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+_USER_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT)
 
 
-# (module, class) of errors the user can fix. Looked up only in modules already imported:
-# an exception cannot be of a class whose module was never loaded, and the CLI stays light.
-_USER_ERRORS = [
-    ("dsrh_lightning.config", "ConfigError"),
-    ("dsrh_lightning.data.sources", "DataNotFoundError"),
-    ("dsrh_lightning.models.backbones", "WeightsUnavailableError"),
-    ("dsrh_lightning.search.codes_file", "CodesFileError"),
-    ("dsrh_lightning.search.images", "ImageInputError"),
-    ("dsrh_lightning.runs.checkpoints", "CheckpointError"),
-]
-
-
-def _user_errors() -> tuple:
-    found = [UserError, FileNotFoundError, ValueError, FloatingPointError]
-    for mod, name in _USER_ERRORS:
-        m = sys.modules.get(mod)
-        if m is not None and hasattr(m, name):
-            found.append(getattr(m, name))
-    return tuple(found)
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors the user can fix: :class:`~dsrh_lightning.errors.DsrhError` and file-system
+    errors naming a path (missing, read-only, disk full); False for everything else."""
+    if isinstance(exc, DsrhError) or isinstance(exc, _USER_OS_ERRORS):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _USER_ERRNOS
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -53,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handler(args, unknown)
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
+        if is_user_error(exc):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -94,7 +94,8 @@ def _split_data_args(items: Sequence[str]) -> Tuple[Optional[str], List[str], Li
 def cmd_index(args, extra: Sequence[str]) -> int:
     split, overrides, paths = _split_data_args(list(args.data) + list(extra))
     if args.batch_size < 0 or args.workers < 0:
-        raise ValueError("--batch-size and --workers must be >= 0 (0: the default)")
+        from ..errors import InputError
+        raise InputError("--batch-size and --workers must be >= 0 (0: the default)")
     from ..search.images import find_images
     files = find_images(paths) if split is None else None  # before the checkpoint: bad paths fail fast
 
@@ -138,7 +139,8 @@ def cmd_search(args, extra: Sequence[str]) -> int:
     if extra:
         raise ImageInputError(f"unrecognised arguments: {' '.join(extra)}")
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1 (results per query), got {args.k}")
+        from ..errors import InputError
+        raise InputError(f"--k must be >= 1 (results per query), got {args.k}")
     index = read_codes(args.index)
     files = find_images(args.images)
 

@@ -16,12 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import DsrhError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ImageList", "ImageListError", "ImageDecodeError", "ImageFiles", "read_image_list", "check_images", "usable_images"]
 
 
-class ImageListError(ValueError):
+class ImageListError(DsrhError, ValueError):
     """A problem in a list file; the message names the file and line."""
 
 

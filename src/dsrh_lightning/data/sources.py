@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import DsrhError
+
 __all__ = ["Source", "DataNotFoundError", "resolve_root", "load_cifar10", "make_synthetic"]
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -21,7 +23,7 @@ CIFAR10_CLASSES = (
 )
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(DsrhError, FileNotFoundError):
     """The data set is not where the configuration says; the message says how to provide it."""
 
 

@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 
 from ..config import parse_devices, save_config, to_dict
 from ..data.datamodule import HashingDataModule
+from ..errors import DivergedError
 from ..lightning.callbacks import RetrievalEvaluation, RetrievalPlots
 from ..lightning.callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, LastCheckpoint,
                                               TrainingInterrupted, assert_finite_parameters)
@@ -122,7 +123,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     # it comes after `checkpoint` so last.ckpt records the best model so far.
     last_writer = LastCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps,
                                  every_minutes=cfg.trainer.checkpoint_every_minutes)
-    callbacks = [evaluation, checkpoint, last_writer, RetrievalPlots(cfg.eval),  # plots go to W&B only
+    callbacks = [evaluation, checkpoint, last_writer, RetrievalPlots(cfg.eval, out_dir=run_dir / "plots", run_cfg=cfg),
                  ValidateAtEnd(), RunTimeEstimate()]
     if cfg.trainer.progress_bar:
         callbacks.append(RunProgressBar(refresh_rate=10))
@@ -136,7 +137,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     except FloatingPointError as exc:
         kept = f"last good checkpoint: {last} (continue with resume=auto or resume={last})" if last.is_file() \
             else "no checkpoint had been written yet"
-        raise FloatingPointError(f"{exc} -- training stopped; {kept}") from None
+        raise DivergedError(f"{exc} -- training stopped; {kept}") from None
     except TrainingInterrupted as exc:  # SIGINT / SIGTERM: last.ckpt is written; exit without a traceback
         if trainer.is_global_zero:
             print(exc.message, flush=True)

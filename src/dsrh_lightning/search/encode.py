@@ -77,7 +77,8 @@ def split_dataset(cfg, split: str):
     from ..models import build_backbone
 
     if split not in ("database", "query", "train"):
-        raise ValueError(f"split={split}: expected split=database, split=query or split=train")
+        from ..errors import InputError
+        raise InputError(f"split={split}: expected split=database, split=query or split=train")
     dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("test")
     source = dm.source

@@ -7,12 +7,14 @@ from typing import Iterable, List, Sequence
 
 import numpy as np
 
+from ..errors import DsrhError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageInputError", "find_images", "ImagePaths"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class ImageInputError(ValueError):
+class ImageInputError(DsrhError, ValueError):
     """An image (or folder of images) given on the command line cannot be used."""
 
 
