@@ -223,3 +223,115 @@ def test_eval_cli_plots_format_svg_with_identity(tiny_ckpt, tmp_path, capsys, mo
     grid = (out / "retrieval_grid.svg").read_text()
     assert sum(n in grid for n in names) >= 2  # images are labelled with their class names
     assert not list(out.glob("*.png"))
+
+
+# ---- plots a person can read: run folder, titles, labels, failures -------------------------------------------
+
+
+def _train(overrides):
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.runs.train import train
+
+    return train(load_config(overrides))
+
+
+def test_training_writes_plots_and_curves_without_a_logger(tiny_overrides, tmp_path, capsys):
+    """runs/<name>/plots/ gets the figures and curves.json whatever the logger; the titles name the data set,
+    method, bits, split, the tested checkpoint's step and its MAP; a cached-feature run's grid shows images."""
+    import json
+
+    from dsrh_lightning.plots.figures import CURVES_FILE
+
+    res = _train(tiny_overrides + ["logger.name=none", "data.cache_features=true",
+                                   f"data.feature_dir={tmp_path / 'features'}"])
+    plots = Path(res["run_dir"]) / "plots"
+    for name in ("pr_curve", "precision_at_k", "precision_radius"):
+        check_png(plots / f"{name}.png", 600, 500)
+    w, h = check_png(plots / "retrieval_grid.png", 11 * 100, 5 * 100)
+    grid = np.asarray(Image.open(plots / "retrieval_grid.png").convert("RGB")).astype(int)
+    # images, not feature vectors: many distinct colours (the synthetic images are colourful tiles)
+    assert len(np.unique(grid.reshape(-1, 3)[:: 7], axis=0)) > 500
+    rec = json.loads((plots / CURVES_FILE).read_text())
+    best_step = int(Path(res["best_checkpoint"]).name.split("step")[1].split("-")[0])
+    assert rec["step"] == best_step and rec["split"] == "test"
+    assert (rec["dataset"], rec["method"], rec["bits"], rec["seed"]) == ("synthetic", "dsrh", 12, 0)
+    assert rec["metrics"]["map"] == pytest.approx(res["test/map"])
+    assert len(rec["pr_curve"]["precision"]) == 13 and rec["pr_curve"]["recall"][-1] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert f"[test step {best_step}]" in out and "plots written to" in out
+
+
+def test_a_failing_plot_warns_and_the_run_keeps_its_metrics(tiny_overrides, monkeypatch, caplog):
+    import json
+
+    from dsrh_lightning.plots import figures
+
+    def broken(*args, **kwargs):
+        raise TypeError("Invalid shape (1280,) for image data")
+
+    monkeypatch.setattr(figures, "make_figures", broken)
+    res = _train(tiny_overrides + ["logger.name=none", "trainer.max_steps=6"])
+    run = Path(res["run_dir"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 < metrics["test/map"] <= 1.0
+    assert not list((run / "plots").glob("*.png")) if (run / "plots").exists() else True
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "plots failed" in r.getMessage()]
+    assert warned and "Invalid shape (1280,)" in warned[0].getMessage()
+
+
+def test_eval_prints_the_checkpoints_step(tiny_ckpt, capsys):
+    ckpt, cfg = tiny_ckpt
+    assert cli.main(["eval", "--ckpt", str(ckpt)]) == 0
+    assert f"[test step {cfg.trainer.max_steps}]" in capsys.readouterr().out  # not [test step 0]
+
+
+def test_pr_radius_labels_sit_at_their_points_and_never_overlap():
+    import matplotlib.pyplot as plt
+
+    from dsrh_lightning.plots.figures import plot_pr_curve
+
+    # a crowded curve: 49 radii, most of them bunched at recall 1 (as real PR curves of long codes are)
+    recall = np.concatenate([np.linspace(0.05, 0.97, 10), 1 - np.geomspace(0.02, 1e-6, 39)])
+    precision = np.concatenate([np.linspace(0.9, 0.3, 10), np.linspace(0.3, 0.1, 39)])
+    fig = plot_pr_curve({"recall": recall, "precision": precision}, "t")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text().startswith("r=")]
+    assert len(labels) >= 5 and labels[0].get_text() == "r=0"
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            a, b = boxes[i], boxes[j]
+            assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0, (labels[i], labels[j])
+    points = ax.transData.transform(np.column_stack([recall, precision]))
+    for t, box in zip(labels, boxes):
+        x, y = points[int(t.get_text()[2:])]
+        # beside its point (same level) or above/below it (same column), within 20 pixels
+        level = box.y0 <= y <= box.y1 and min(abs(box.x0 - x), abs(box.x1 - x)) < 20
+        column = box.x0 <= x <= box.x1 and min(abs(box.y0 - y), abs(box.y1 - y)) < 20
+        assert level or column, t.get_text()
+    plt.close(fig)
+
+
+def test_overlaid_curves_and_map_vs_bits_have_legends():
+    import matplotlib.pyplot as plt
+
+    from dsrh_lightning.plots.figures import plot_map_vs_bits, plot_pr_curves, run_details, thumbnail
+
+    pr = {"recall": [0.2, 0.6, 1.0], "precision": [0.9, 0.5, 0.1]}
+    fig = plot_pr_curves({"dsrh 12b s0": pr, "itq 12b s0": {"recall": [0.1, 1.0], "precision": [0.5, 0.1]}})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["dsrh 12b s0", "itq 12b s0"]
+    assert not [t for t in fig.axes[0].texts if t.get_text().startswith("r=")]  # no radius labels when overlaid
+    plt.close(fig)
+    fig = plot_map_vs_bits({"dsrh": {12: [0.5, 0.6], 48: [0.7]}, "itq": {12: [0.3], 48: [0.4]}})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dsrh (2 runs)", "itq"]
+    line = ax.get_lines()[0]
+    np.testing.assert_allclose(np.asarray(line.get_xdata(), dtype=float), [12, 48])
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), [0.55, 0.7])  # the mean over the runs
+    plt.close(fig)
+    assert run_details("test", 300, 0.61234) == "test split, step 300, MAP 0.6123"
+    assert run_details("", None, None) == ""
+    with pytest.raises(ValueError, match="not an image"):
+        thumbnail(np.zeros(1280, dtype=np.float32))
+    assert thumbnail(np.zeros((400, 200, 3), dtype=np.uint8)).shape == (96, 48, 3)

@@ -14,13 +14,20 @@ from ..models import build_backbone
 from ..lightning.resources import resolve_precision
 from .checkpoints import load_run
 
-__all__ = ["evaluate_checkpoint", "config_from_checkpoint"]
+__all__ = ["evaluate_checkpoint", "config_from_checkpoint", "checkpoint_step"]
 
 
 def config_from_checkpoint(path: Path, overrides: Sequence[str] = ()):
     """``(config, hyperparameters)`` of a checkpoint (read safely), with ``key=value`` overrides (e.g. data.root)."""
     run = load_run(path, overrides, build_module=False)
     return run.cfg, run.hparams
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint was saved at (memory-mapped: the weights are not read)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0))
 
 
 def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Optional[Path] = None,
@@ -30,10 +37,12 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
     cfg = run.cfg
     dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.setup("test")
-    evaluation = RetrievalEvaluation(cfg.eval)
+    step = checkpoint_step(path)
+    evaluation = RetrievalEvaluation(cfg.eval, step=step)
     # trainer.devices / num_nodes / strategy apply: under DDP the callback gathers every rank's codes.
     t = cfg.trainer
-    callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir, fmt=plots_format, run_cfg=cfg)]
+    callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir, fmt=plots_format, run_cfg=cfg,
+                                                step=step)]
                                 if plots_dir else [])
     trainer = pl.Trainer(accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
                          logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,

@@ -14,7 +14,7 @@ exactly the items a single process would see: MAP on N processes equals MAP on o
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -91,12 +91,14 @@ class CodeCollector:
 
 
 class RetrievalEvaluation(pl.Callback):
-    def __init__(self, eval_cfg: DictConfig) -> None:
+    def __init__(self, eval_cfg: DictConfig, step: Optional[int] = None) -> None:
         self.cfg = eval_cfg
+        self.step = step  # the step printed after a test (default: the loaded checkpoint's, else the trainer's)
         self.last: Dict[str, Dict[str, Any]] = {}
         # Items evaluated in the last epoch (after gathering and dropping distributed padding).
         self.counts: Dict[str, int] = {}
         self.collector = CodeCollector(eval_cfg.threshold)
+        self._loaded_step = None
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         col = self.collector
@@ -116,9 +118,19 @@ class RetrievalEvaluation(pl.Callback):
         scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self.last[stage] = scalars
         pl_module.log_dict(scalars, prog_bar=False, logger=True, sync_dist=False)
-        pl_module.print(f"[{stage} step {trainer.global_step}] "
+        step = trainer.global_step
+        if stage == "test":
+            step = next((s for s in (self.step, self._loaded_step) if s is not None), step)
+        pl_module.print(f"[{stage} step {step}] "
                         + "  ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in scalars.items()
                                     if k.split('/')[1] in ("map", "precision_radius", "ndcg", "wmap")))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._loaded_step = None  # before Lightning restores a checkpoint of this fit/test call
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        # trainer.test(ckpt_path=...) restores the weights, not the step counter: print the checkpoint's step.
+        self._loaded_step = checkpoint.get("global_step")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.collector.reset()
