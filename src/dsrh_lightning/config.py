@@ -396,12 +396,63 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+#: At most this many nodes may be added by aliases (``*name``) expanding anchors (``&name``); a
+#: "billion laughs" file nests aliases to expand a few lines into billions of nodes.
+MAX_ALIAS_NODES = 100_000
+
+
+def _check_aliases(path: Path) -> None:
+    """Raise :class:`ConfigError` when aliases in ``path`` expand to more than ``MAX_ALIAS_NODES`` extra
+    nodes. Counts on the composed node graph (aliases share their anchor's node, nothing is expanded);
+    documents without aliases pass whatever their size."""
+    import yaml
+
+    with open(path, "rb") as f:
+        root = yaml.compose(f, Loader=yaml.SafeLoader)
+    if root is None:
+        return
+    sizes: dict = {}  # id(node) -> expanded size of the subtree
+    unique: set = set()
+    stack = [(root, False)]
+    while stack:  # iterative post-order walk: deep documents do not hit the recursion limit
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            children = _yaml_children(node)
+            sizes[key] = 1 + sum(sizes.get(id(c), 0) for c in children)
+            continue
+        if key in unique:
+            continue  # an alias: its anchor's size is (or will be) counted where it is used
+        unique.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _yaml_children(node) if id(c) not in unique)
+    extra = sizes[id(root)] - len(unique)
+    if extra > MAX_ALIAS_NODES:
+        raise ConfigError(f"{path}: YAML aliases (*name) expand {len(unique)} nodes by {extra} more, over the limit "
+                          f"of {MAX_ALIAS_NODES}; write the values out instead of nesting aliases")
+
+
+def _yaml_children(node: Any) -> list:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return [x for pair in node.value for x in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 def _load_yaml(path: Path) -> DictConfig:
     """One YAML config file as a mapping; syntax errors keep their ``file:line:column``."""
     import yaml
 
     try:
-        loaded = OmegaConf.load(path)
+        _check_aliases(path)
+        # The alias check above replaces OmegaConf's limit, which counts every node (a plain list of
+        # 20,000 entries was refused as an "expansion").
+        loaded = OmegaConf.load(path, max_yaml_expanded_nodes=None)
+    except ConfigError:
+        raise
     except yaml.MarkedYAMLError as exc:  # syntax errors carry the position of the problem
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -513,6 +564,7 @@ def validate(cfg: DictConfig) -> None:
     if t.limit_val_batches <= 0:
         raise ConfigError(f"trainer.limit_val_batches={t.limit_val_batches}: must be > 0")
     _check_devices(t.devices)
+    _check_run_name(cfg.name)
     if cfg.trainer.precision == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.precision='16-mixed' needs a GPU; use trainer.precision=bf16-mixed on CPU")
     if not 0.0 < cfg.eval.threshold < 1.0:
@@ -558,6 +610,16 @@ def _check_finite(node: Any, prefix: str) -> None:
             _check_finite(value, f"{prefix}[{i}]")
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{prefix}={node}: must be a finite number")
+
+
+def _check_run_name(name: str) -> None:
+    """A run name names one folder inside ``output_dir``: no path separators, not ``.`` or ``..``."""
+    if not name:
+        return
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name or len(name) > 200:
+        raise ConfigError(f"name={name!r}: a run name is a folder name inside output_dir (letters, digits, "
+                          "'-', '_', '.'; no '/' or '\\', not '.' or '..', at most 200 characters); "
+                          "to write runs elsewhere set output_dir=PATH")
 
 
 # "auto", a count ("2"), -1 (all), or a list of device ids ("0,1", or "1," for device 1 alone).
