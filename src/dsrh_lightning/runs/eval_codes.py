@@ -2,7 +2,7 @@
 
 Each file holds ``codes`` (n x k, {0,1} or {-1,+1}) and ``labels`` (n integer class ids
 or n x c 0/1 multi-hot), or is a codes file with labels written by ``dsrh index split=...``.
-Files are read by :func:`dsrh_lightning.search.read_codes` (the one codes-file reader).
+Files (or sharded index folders) are read by :func:`dsrh_lightning.search.read_index`.
 Bad input exits with code 2 and ``error: <file>: <message>``.
 """
 
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..search.codes_file import CodesFileError, read_codes
+from ..search.codes_file import CodesFileError
+from ..search.shards import read_index
 
 __all__ = ["run", "load_codes", "CodesFileError"]
 
 
 def load_codes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(codes (n, bits) uint8 in {0,1}, labels)`` of a codes file; raises :class:`CodesFileError`."""
-    index = read_codes(path, require_labels=True)
+    index = read_index(path, require_labels=True)  # a codes file or a sharded index folder
     return index.unpacked(), index.labels
 
 

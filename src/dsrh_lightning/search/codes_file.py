@@ -3,8 +3,11 @@
 Codes file written by ``dsrh index`` (one ``.npz``, format ``dsrh-codes`` version 1):
 
 * ``format`` ("dsrh-codes"), ``version`` (1)
-* ``packed``: ``(n, ceil(bits/8))`` uint8, ``np.packbits`` of the {0,1} codes (zero padded)
-* ``bits``: the code length
+* ``packed``: ``(n, ceil(bits/8))`` uint8, ``np.packbits`` of the {0,1} codes; the padding bits
+  of the last byte are zero (a file with a 1 there is refused)
+* ``bits``: the code length, an integer array (a float such as 12.7 is refused)
+* ``checksum``: sha256 (hex) of ``bits`` and ``packed`` (see :func:`packed_checksum`), so an edited
+  ``bits`` (12 -> 9 or 16 fits the same bytes) or code is refused; files without it are still read
 * ``ids``: ``(n,)`` strings, an absolute image path or ``<dataset>#<source index>``
   (relative image paths are resolved against the codes file's folder on read)
 * ``labels``: optional, ``(n,)`` class ids or ``(n, c)`` multi-hot
@@ -12,13 +15,28 @@ Codes file written by ``dsrh index`` (one ``.npz``, format ``dsrh-codes`` versio
   hash of its weights (search warns when the query checkpoint differs)
 * ``source``: a description of what was encoded
 
+Every codes file is written atomically (:func:`dsrh_lightning.files.atomic_write`): a failed write
+leaves an existing file as it was.
+
+Sharded index (a folder; read by :mod:`.shards`, written by ``dsrh index`` for large collections):
+
+* ``manifest.json``: ``{"format": "dsrh-codes-sharded", "version": 1, "bits": B, "count": N,
+  "shards": [{"file": "shard-00000.npz", "count": n0}, ...], "checkpoint": ..., "weights_hash": ...,
+  "source": ...}``; written last, so a folder without it is an unfinished index
+* ``shard-00000.npz``, ``shard-00001.npz``, ...: each a codes file as above with the manifest's
+  ``bits``, ``checkpoint`` and ``weights_hash``, and all with labels or all without; the index's
+  items are the shards' items in manifest order (item ``i`` of shard ``s`` is number
+  ``sum(counts[:s]) + i``)
+
 Plain codes files (any method; ``dsrh eval-codes``): ``codes`` ``(n, bits)`` in {0,1} or
-{-1,+1} and ``labels``. :func:`read_codes` reads both; every problem is a
-:class:`CodesFileError` whose message starts with the file name. Needs numpy only.
+{-1,+1} and ``labels``. :func:`read_codes` reads both (``shards.read_index`` also a sharded folder,
+loaded whole); every problem is a :class:`CodesFileError` whose message starts with the file name.
+Needs numpy only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zipfile
 from dataclasses import dataclass
@@ -28,8 +46,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import FileError
+from ..files import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "CodesIndex", "CodesFileError", "write_codes", "read_codes", "check_labels"]
+__all__ = ["FORMAT", "VERSION", "CodesIndex", "CodesFileError", "write_codes", "read_codes", "check_labels",
+           "check_packed", "packed_checksum"]
 
 FORMAT = "dsrh-codes"
 VERSION = 1
@@ -106,7 +126,8 @@ def write_codes(path, codes, ids: Sequence[str], labels=None, checkpoint: str = 
                        None if labels is None else np.asarray(labels), str(checkpoint), str(weights_hash),
                        str(source))
     arrays = dict(format=np.asarray(FORMAT), version=np.asarray(VERSION), packed=index.packed,
-                  bits=np.asarray(index.bits), ids=index.ids, checkpoint=np.asarray(index.checkpoint),
+                  bits=np.asarray(index.bits, dtype=np.int64),
+                  checksum=np.asarray(packed_checksum(index.packed, index.bits)), ids=index.ids, checkpoint=np.asarray(index.checkpoint),
                   weights_hash=np.asarray(index.weights_hash), source=np.asarray(index.source))
     if index.labels is not None:
         if len(index.labels) != len(bits_arr):
@@ -114,9 +135,47 @@ def write_codes(path, codes, ids: Sequence[str], labels=None, checkpoint: str = 
         arrays["labels"] = index.labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:  # np.savez would append .npz to other suffixes
+    with atomic_write(path, "wb") as fh:  # a file handle: np.savez would append .npz to other suffixes
         np.savez(fh, **arrays)
     return index
+
+
+def packed_checksum(packed: np.ndarray, bits: int) -> str:
+    """sha256 (hex) of the code length and the ``(n, ceil(bits/8))`` uint8 ``packed`` bytes."""
+    h = hashlib.sha256(f"dsrh-codes bits={int(bits)} shape={packed.shape[0]},{packed.shape[1]}\n".encode())
+    h.update(np.ascontiguousarray(packed, dtype=np.uint8).data)
+    return h.hexdigest()
+
+
+def check_packed(p, packed: np.ndarray, bits_value, checksum=None) -> int:
+    """Validate ``packed`` codes and their ``bits`` entry; return ``bits`` as an int.
+
+    ``bits_value`` must be a 0-d integer array, ``packed`` a 2-D uint8 ``(n, ceil(bits/8))``
+    array whose padding bits are zero, and ``checksum`` (when stored) must match
+    :func:`packed_checksum`. Raises :class:`CodesFileError` naming ``p``.
+    """
+    b = np.asarray(bits_value)
+    if b.ndim != 0 or not np.issubdtype(b.dtype, np.integer):
+        raise CodesFileError(p, f"'bits' must be one integer, got {b.tolist()!r} ({b.dtype}); the file was "
+                                "edited or not written by dsrh index")
+    bits = int(b)
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise CodesFileError(p, f"'packed' must be a 2-D uint8 array, got {packed.dtype} {packed.shape}")
+    if bits < 1 or packed.shape[1] != (bits + 7) // 8:
+        raise CodesFileError(p, f"'packed' has {packed.shape[1]} bytes per code, which does not hold {bits} bits")
+    pad = 8 * packed.shape[1] - bits
+    if pad and len(packed):
+        mask = np.uint8((1 << pad) - 1)  # np.packbits puts the first bit in the high bit: padding is low
+        bad = np.flatnonzero(packed[:, -1] & mask)
+        if len(bad):
+            raise CodesFileError(p, f"code {bad[0]} (and {len(bad) - 1} more) has 1s in the padding after bit "
+                                    f"{bits}; 'bits' was edited or the codes are longer than {bits} bits")
+    if checksum is not None:
+        stored = str(np.asarray(checksum))
+        if stored != packed_checksum(packed, bits):
+            raise CodesFileError(p, f"checksum does not match 'bits'={bits} and 'packed': the file was edited "
+                                    "or damaged after dsrh index wrote it; index the images again")
+    return bits
 
 
 def _load_npz(p: Path) -> dict:
@@ -163,11 +222,15 @@ def _plain_codes(p: Path, data: dict, require_labels: bool) -> CodesIndex:
 
 def read_codes(path, require_labels: bool = False) -> CodesIndex:
     """Read and validate a codes file (``dsrh index`` format or plain ``codes``/``labels``).
+    :func:`dsrh_lightning.search.shards.read_index` reads a sharded folder as well.
 
     Raises :class:`CodesFileError` naming the file. With ``require_labels`` the
     file must carry labels (evaluation needs them).
     """
     p = Path(path)
+    if p.is_dir() or p.name == "manifest.json":
+        raise CodesFileError(p, "is a sharded index (a folder); read it with dsrh_lightning.search.read_index "
+                                "or open_codes")
     data = _load_npz(p)
     if "format" not in data and "codes" in data:
         return _plain_codes(p, data, require_labels)
@@ -185,16 +248,9 @@ def read_codes(path, require_labels: bool = False) -> CodesIndex:
     if missing:
         raise CodesFileError(p, f"missing key(s) {missing}; found {sorted(data)}")
     packed, ids = data["packed"], data["ids"]
-    try:
-        bits = int(data["bits"])
-    except (TypeError, ValueError):
-        raise CodesFileError(p, f"'bits' must be an integer, got {data['bits']!r}") from None
-    if packed.dtype != np.uint8 or packed.ndim != 2:
-        raise CodesFileError(p, f"'packed' must be a 2-D uint8 array, got {packed.dtype} {packed.shape}")
-    if len(packed) == 0:
+    if getattr(packed, "ndim", 0) == 2 and len(packed) == 0:
         raise CodesFileError(p, "the index is empty (0 codes); index at least one image")
-    if bits < 1 or packed.shape[1] != (bits + 7) // 8:
-        raise CodesFileError(p, f"'packed' has {packed.shape[1]} bytes per code, which does not hold {bits} bits")
+    bits = check_packed(p, packed, data["bits"], data.get("checksum"))
     if ids.ndim != 1 or len(ids) != len(packed):
         raise CodesFileError(p, f"'ids' has shape {ids.shape} but there are {len(packed)} codes")
     labels = data.get("labels")
