@@ -70,7 +70,7 @@ test: venv ## run the test suite on CPU
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive argsort and faiss
-	$(PY) benchmarks/bench_eval.py
+	$(PY) -m benchmarks.bench_eval
 
 # The CPU protocol (docs/RESULTS.md): cached EfficientNet-Lite0 features at 128 px; first a recipe search on
 # validation (same budget for every tuned method), then every method x bits x seed with its tuned settings.
@@ -80,34 +80,34 @@ TUNED_METHODS := ITQ DRH DRH+ DSRH HashNet CSQ
 TUNE_ARGS ?=
 RESULTS_ARGS ?=
 bench-tune: venv ## CPU protocol, step 1: Bayesian search on validation per method and code length -> $(TUNED) [TUNE_ARGS=..]
-	$(PY) benchmarks/tune_cpu.py --out $(TUNED) $(TUNE_ARGS)
+	$(PY) -m benchmarks.tune_cpu --out $(TUNED) $(TUNE_ARGS)
 
 bench-results: venv ## CPU protocol, step 2: tuned methods, 3 seeds x 12/24/32/48 bits -> docs/RESULTS.md [RESULTS_ARGS=..]
-	$(PY) benchmarks/results_cpu.py --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl \
+	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl \
 		--methods $(TUNED_METHODS) $(RESULTS_ARGS)
 
 bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measured results
-	$(PY) benchmarks/results_cpu.py --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl --report-only
+	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl --report-only
 
 # The recorded fine-tune runs (docs/RESULTS.md) used round 1's recipe; FINETUNE_TUNED=$(TUNED) for round 2's.
 FINETUNE_TUNED ?= benchmarks/results/tuned_cpu_round1.json
 bench-finetune: venv ## end-to-end fine-tune on CPU: DRH vs DRH+ vs DSRH, EfficientNet-Lite0 at 64 px, 48 bits [FINETUNE_ARGS=..]
-	$(PY) benchmarks/finetune_cpu.py --tuned $(FINETUNE_TUNED) $(FINETUNE_ARGS)
+	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) $(FINETUNE_ARGS)
 
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
-	$(PY) benchmarks/train_speed.py
+	$(PY) -m benchmarks.train_speed
 
 bench-scales: venv ## margin and orthogonality normalisation at 12 vs 48 bits (uses bench-results' feature cache)
-	$(PY) benchmarks/code_length_scales.py
+	$(PY) -m benchmarks.code_length_scales
 
 bench-throughput: venv ## training loop vs the model-only ceiling (images/s, MFU), fp32 vs bf16 on a GPU; small on CPU [BENCH_ARGS=..]
-	$(PY) benchmarks/throughput.py $(if $(DATA_DIR),--data-root $(DATA_DIR),) $(BENCH_ARGS)
+	$(PY) -m benchmarks.throughput $(if $(DATA_DIR),--data-root $(DATA_DIR),) $(BENCH_ARGS)
 
 bench-head: venv ## head training speed on cached features [BENCH_ARGS="--experiment dsrh_tuned"]
-	$(PY) benchmarks/head_speed.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.head_speed $(BENCH_ARGS)
 
 bench-mining: venv ## in-batch triplet mining: pairwise-distance hinge vs gathered triplets
-	$(PY) benchmarks/bench_mining.py
+	$(PY) -m benchmarks.bench_mining
 
 bench: bench-eval bench-train-speed bench-tune bench-results bench-scales ## all benchmarks
 

@@ -1,7 +1,7 @@
 """Benchmark retrieval_metrics against a naive per-query numpy argsort and faiss.
 
-    python benchmarks/bench_eval.py [--cases cifar,nuswide,million] [--repeat N] [--torch-engine]
-    python benchmarks/bench_eval.py --cases tiny --torch-engine   # smoke check, not a timing
+    python -m benchmarks.bench_eval [--cases cifar,nuswide,million] [--repeat N] [--torch-engine]
+    python -m benchmarks.bench_eval --cases tiny --torch-engine   # smoke check, not a timing
 
 Each case runs in its own subprocess; peak extra memory = sampled RSS peak minus RSS before the call.
 ``ours`` is ``retrieval_metrics`` with its default engine (numba on CPU when installed); the first
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 CASES = {
     "cifar": dict(nq=1000, nd=59000, bits=48, labels="single10", topk=None, naive_q=1000),
@@ -223,9 +222,9 @@ def main(argv=None):
     for name in args.cases.split(","):
         with tempfile.TemporaryDirectory(prefix="bench-numba-cache-") as cache:
             env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-            proc = subprocess.run([sys.executable, __file__, "--_child", name, "--repeat", str(args.repeat),
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_eval", "--_child", name, "--repeat", str(args.repeat),
                                    "--threads", str(args.threads)] + (["--torch-engine"] if args.torch_engine else []),
-                                  capture_output=True, text=True, env=env)
+                                  capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode

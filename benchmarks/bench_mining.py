@@ -12,26 +12,20 @@ Zhao et al.'s weighted multilevel hinge over every valid in-batch triplet, compu
 Labels: single-label batches of ``b / 8`` classes x 8 images (class-balanced sampling) and, for the
 weighted loss, multi-hot labels over 21 concepts. Run alone on the machine for numbers:
 
-    PYTHONPATH=src python benchmarks/bench_mining.py [--batch-sizes 64 128 256] [--bits 48] [--device cpu]
+    python -m benchmarks.bench_mining [--batch-sizes 64 128 256] [--bits 48] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from dsrh_lightning.losses.miners import mine_all_triplets, mine_multilevel_triplets  # noqa: E402
-from dsrh_lightning.losses.semantic_ranking import mined_weighted_ranking_loss, weighted_ranking_loss  # noqa: E402
-from dsrh_lightning.losses.triplet import mined_triplet_loss, triplet_ranking_loss  # noqa: E402
-
+from dsrh_lightning.losses.miners import mine_all_triplets, mine_multilevel_triplets
+from dsrh_lightning.losses.semantic_ranking import mined_weighted_ranking_loss, weighted_ranking_loss
+from dsrh_lightning.losses.triplet import mined_triplet_loss, triplet_ranking_loss
 
 def _gathered_triplet(codes, labels):
     a, p, n = mine_all_triplets(labels)

@@ -8,7 +8,7 @@ For each setting this script records the size of every loss term at initialisati
 (one training batch, untrained heads) and the test MAP after training, at 12 and 48
 bits, on the CPU protocol's cached CIFAR-10 features (see docs/RESULTS.md).
 
-    PYTHONPATH=src python benchmarks/code_length_scales.py --seeds 0 1      # make bench-scales
+    python -m benchmarks.code_length_scales --seeds 0 1      # make bench-scales
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from dsrh_lightning.config import load_config, to_dict
+from dsrh_lightning.data.datamodule import HashingDataModule
+from dsrh_lightning.models import build_backbone
+from dsrh_lightning.losses import effective_margin
+from dsrh_lightning.lightning.module import HashingModule, combine_losses
+from dsrh_lightning.runs.train import train
 
-from dsrh_lightning.config import load_config, to_dict  # noqa: E402
-from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
-from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.losses import effective_margin  # noqa: E402
-from dsrh_lightning.lightning.module import HashingModule, combine_losses  # noqa: E402
-from dsrh_lightning.runs.train import train  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # name -> overrides (on top of experiment=dsrh: triplet + 0.25 * orthogonality + classification)
 SETTINGS = {

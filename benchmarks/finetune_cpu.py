@@ -16,8 +16,8 @@ Each (method, bits, seed) is appended to ``--results`` as one JSON line; runs ke
 ``--output-dir`` and an interrupted run continues from its last.ckpt (``resume=auto``) when the
 command is run again. ``--report`` rewrites the fine-tune block of docs/RESULTS.md.
 
-    PYTHONPATH=src python benchmarks/finetune_cpu.py                 # 3 runs, about 25 min each here
-    PYTHONPATH=src python benchmarks/finetune_cpu.py --report-only
+    python -m benchmarks.finetune_cpu                 # 3 runs, about 25 min each here
+    python -m benchmarks.finetune_cpu --report-only
 """
 
 from __future__ import annotations
@@ -25,18 +25,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from report_cpu import replace_block  # noqa: E402
-from results_cpu import (add_data_args, add_report_args, add_schedule_args, git_commit, load_results,  # noqa: E402
+from benchmarks.report_cpu import replace_block
+from benchmarks.results_cpu import (add_data_args, add_report_args, add_schedule_args, git_commit, load_results,
                          machine, repo_relative, tuned_overrides)
+
+REPO = Path(__file__).resolve().parents[1]
 
 # method -> experiment config. The ablations take DSRH's tuned settings without the ablated terms; the
 # peers (not run by default) their own tuned settings, each without its heads' lr.

@@ -5,8 +5,8 @@ frozen EfficientNet-Lite0 (ImageNet weights) at 128 px extracted once by ``data.
 Prints the wall time of ``train()`` (feature extraction excluded: the cache is filled first, untimed),
 steps/s, the final validation MAP and the torch thread count. Run it with nothing else on the machine.
 
-    PYTHONPATH=src python benchmarks/head_speed.py [--steps 2400] [--image-size 128] [--bits 48]
-    PYTHONPATH=src python benchmarks/head_speed.py --dataset synthetic --backbone small_cnn --weights none \
+    python -m benchmarks.head_speed [--steps 2400] [--image-size 128] [--bits 48]
+    python -m benchmarks.head_speed --dataset synthetic --backbone small_cnn --weights none \
         --steps 20          # a seconds-long check of the harness
 """
 
@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from dsrh_lightning.config import load_config
+from dsrh_lightning.data.datamodule import HashingDataModule
+from dsrh_lightning.models import build_backbone
+from dsrh_lightning.runs.train import train
 
-from dsrh_lightning.config import load_config  # noqa: E402
-from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
-from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.runs.train import train  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(args, out_dir: str) -> list[str]:

@@ -14,8 +14,8 @@ Each (method, bits, seed) result is appended to ``--results`` as one JSON line, 
 interrupted run resumes where it stopped; ``--report`` writes docs/RESULTS.md's
 tables and plots from whatever has been measured.
 
-    PYTHONPATH=src python benchmarks/results_cpu.py --seeds 0 1 2     # run (resumes)
-    PYTHONPATH=src python benchmarks/results_cpu.py --report-only     # tables + plots
+    python -m benchmarks.results_cpu --seeds 0 1 2     # run (resumes)
+    python -m benchmarks.results_cpu --report-only     # tables + plots
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import logging
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from benchmarks.report_cpu import write_report
+from dsrh_lightning.baselines import build_baseline
+from dsrh_lightning.config import load_config
+from dsrh_lightning.data.datamodule import HashingDataModule
+from dsrh_lightning.models import build_backbone
+from dsrh_lightning.metrics import binarize, retrieval_metrics
 
-from dsrh_lightning.baselines import build_baseline  # noqa: E402
-from dsrh_lightning.config import load_config  # noqa: E402
-from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
-from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.metrics import binarize, retrieval_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BASELINES = ["lsh", "pcah", "itq", "sh"]
 # name -> (experiment config, extra overrides)
@@ -269,12 +268,9 @@ def main(argv=None) -> None:
                         f.write(json.dumps(row) + "\n")
                     print(f"{method:10s} {bits:2d} bits seed {seed}: MAP {res['map']:.4f}  P@r2 "
                           f"{res['precision_r2']:.4f}  ({row['seconds']} s)", flush=True)
-    from report_cpu import write_report  # noqa: E402  (benchmarks/report_cpu.py)
-
     write_report(load_results(results_path), Path(args.docs), args, order=ALL_METHODS, source=repo_relative(results_path),
                  tuned=tuned)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -11,9 +11,9 @@ For each case ``backbone:image_size``:
 
 Reports images/s of both and their ratio. On CPU use small sizes to check the harness:
 
-    PYTHONPATH=src python benchmarks/throughput.py --cases small_cnn:32 --batch 48 --steps 4 --warmup 1 \
+    python -m benchmarks.throughput --cases small_cnn:32 --batch 48 --steps 4 --warmup 1 \
         --dataset synthetic
-    PYTHONPATH=src python benchmarks/throughput.py --cases vgg19:224 vgg19:32 efficientnet_lite0:224 \
+    python -m benchmarks.throughput --cases vgg19:224 vgg19:32 efficientnet_lite0:224 \
         --batch 192 --steps 50 --precision fp32 bf16 --data-root ../shared/data/cifar10   # on a GPU
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +29,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from dsrh_lightning.config import load_config, to_dict  # noqa: E402
-from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
-from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.lightning.module import HashingModule  # noqa: E402
+from dsrh_lightning.config import load_config, to_dict
+from dsrh_lightning.data.datamodule import HashingDataModule
+from dsrh_lightning.models import build_backbone
+from dsrh_lightning.lightning.module import HashingModule
 
 # Dense peak TFLOP/s (no sparsity) by device-name substring: (fp32 non-tensor, bf16 tensor core).
 PEAKS = {"H100": (67.0, 989.0), "H200": (67.0, 989.0), "A100": (19.5, 312.0)}

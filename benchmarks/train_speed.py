@@ -12,7 +12,7 @@ Both modes forward the same number of images per step (3 x triplets per batch). 
 modes are timed in alternating rounds and the median round is reported, so a change of
 machine load during the run hits both alike.
 
-    PYTHONPATH=src python benchmarks/train_speed.py [--cases small_cnn:32:96:8 efficientnet_lite0:64:48:3]
+    python -m benchmarks.train_speed [--cases small_cnn:32:96:8 efficientnet_lite0:64:48:3]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from dsrh_lightning.config import load_config, to_dict
+from dsrh_lightning.data.datamodule import HashingDataModule
+from dsrh_lightning.losses.miners import mine_all_triplets
+from dsrh_lightning.models import build_backbone
+from dsrh_lightning.lightning.module import HashingModule
 
-from dsrh_lightning.config import load_config, to_dict  # noqa: E402
-from dsrh_lightning.data.datamodule import HashingDataModule  # noqa: E402
-from dsrh_lightning.losses.miners import mine_all_triplets  # noqa: E402
-from dsrh_lightning.models import build_backbone  # noqa: E402
-from dsrh_lightning.lightning.module import HashingModule  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def setup(backbone: str, size: int, images_per_step: int, sampling: str, args):

@@ -11,7 +11,7 @@ so the engine, its state file and its resumption are those of ``dsrh sweep-local
 The best trial of each (method, bits) is written to ``--out`` (JSON), which ``results_cpu.py --tuned``
 reads. Run it with nothing else on the machine.
 
-    PYTHONPATH=src python benchmarks/tune_cpu.py --methods DSRH HashNet CSQ --bits 12 48 --count 16
+    python -m benchmarks.tune_cpu --methods DSRH HashNet CSQ --bits 12 48 --count 16
 
 Later rounds (every method alike):
 
@@ -43,12 +43,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.results_cpu import add_protocol_args, base_overrides
+from dsrh_lightning.config import load_config
+from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs
 
-from dsrh_lightning.config import load_config  # noqa: E402
-from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # method -> sweep file (experiments/sweeps/)
 SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune_csq.yaml"}
@@ -56,8 +55,6 @@ SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune
 
 def protocol_overrides(args, bits: int) -> List[str]:
     """The CPU protocol every trial shares (results_cpu.py's, at ``--steps``), validation only."""
-    from results_cpu import base_overrides
-
     return base_overrides(args, bits, args.seed) + [
         f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
         f"optim.lr_decay_steps={args.lr_decay_steps}", f"data.batch_size={args.batch_size}",
@@ -322,8 +319,6 @@ def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file:
 
 
 def main(argv=None) -> int:
-    from results_cpu import add_protocol_args
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(p)
     p.add_argument("--methods", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))

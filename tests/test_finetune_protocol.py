@@ -1,19 +1,12 @@
 """The end-to-end fine-tune benchmark's plumbing (benchmarks/finetune_cpu.py): which settings each ablation
 runs with, that the project's config accepts them, and the RESULTS.md block it writes beside report_cpu's."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-finetune_cpu = pytest.importorskip("finetune_cpu")
-report_cpu = pytest.importorskip("report_cpu")
-
-from dsrh_lightning.config import load_config  # noqa: E402
+from benchmarks import finetune_cpu, report_cpu
+from dsrh_lightning.config import load_config
 
 TUNED = {"DSRH": {"48": {"overrides": [
     "dataset=cifar10", "experiment=dsrh", "loss.margin_scaling=per_bit", "loss.orth_norm=bits",

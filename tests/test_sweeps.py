@@ -192,7 +192,7 @@ def test_make_benchmark_targets(tmp_path):
                            ("bench-mining", "bench_mining.py")):
         out = subprocess.run(["make", "-n", target, f"VENV={tmp_path}/v"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout
-        assert f"{tmp_path}/v/bin/python benchmarks/{script}" in out
+        assert f"{tmp_path}/v/bin/python -m benchmarks.{script.removesuffix('.py')}" in out
 
 
 @pytest.mark.slow

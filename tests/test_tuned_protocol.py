@@ -1,16 +1,13 @@
 """The tuned CPU protocol's plumbing (benchmarks/results_cpu.py, report_cpu.py): which validation-tuned
 settings each method runs with, and the settings table the report shows."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import report_cpu, results_cpu, tune_cpu
 
-results_cpu = pytest.importorskip("results_cpu")
-report_cpu = pytest.importorskip("report_cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 TUNED = {
     "DSRH": {
@@ -115,8 +112,6 @@ def test_extra_overrides_win_over_tuned_settings(tmp_path):
 
 
 def test_pooled_rounds_keep_the_best_validation_trial_and_count_every_trial():
-    tune_cpu = pytest.importorskip("tune_cpu")
-
     def entry(best, trial, n, steps=1500):
         return {"overrides": [f"optim.lr={best}"], "best_val_map": best, "trial": trial, "trials": n,
                 "steps": steps, "seconds": 10.0 * n, "all": [{"params": {"i": i}, "best_val_map": best} for i in range(n)]}
@@ -156,7 +151,6 @@ def test_tune_protocol_takes_extra_overrides_last(tmp_path):
     """tune_cpu.py --override wins over the protocol's own settings too (trials' swept values come after)."""
     from dsrh_lightning.config import load_config
 
-    tune_cpu = pytest.importorskip("tune_cpu")
     args = _protocol_args(tmp_path)
     args.seed, args.override = 0, ["trainer.max_steps=7", "data.batch_size=32"]
     cfg = load_config(tune_cpu.protocol_overrides(args, 48))
@@ -170,7 +164,6 @@ def test_refine_sweep_searches_around_the_earlier_best():
     The result is a valid W&B sweep."""
     from sweeps import schema_violations_from_proposed_config
 
-    tune_cpu = pytest.importorskip("tune_cpu")
     sweep = {"method": "bayes", "metric": {"name": "best_val_map", "goal": "maximize"},
              "command": ["${env}", "dsrh", "train", "experiment=dsrh", "${args}"],
              "parameters": {"optim.lr": {"distribution": "log_uniform_values", "min": 0.003, "max": 0.3},
@@ -188,7 +181,6 @@ def test_refine_sweep_searches_around_the_earlier_best():
 
 
 def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
-    tune_cpu = pytest.importorskip("tune_cpu")
     entry = {"overrides": ["experiment=dsrh", "optim.lr=0.1"], "best_val_map": 0.60, "trials": 4, "trial": "r2-003",
              "chosen_from": "round2.json",
              "all": [{"params": {"optim.lr": 0.1}, "best_val_map": 0.60},   # lucky seed 0
@@ -219,7 +211,6 @@ def test_rescore_chooses_by_mean_over_seeds_and_reuses_finished_runs(tmp_path):
 
 
 def test_rescore_cache_is_keyed_by_the_protocol_and_keeps_no_failed_run(tmp_path):
-    tune_cpu = pytest.importorskip("tune_cpu")
     entry = {"overrides": ["optim.lr=0.1"], "best_val_map": 0.6, "all": [{"params": {"optim.lr": 0.1}, "best_val_map": 0.6}]}
     calls = []
 
@@ -238,7 +229,6 @@ def test_rescore_cache_is_keyed_by_the_protocol_and_keeps_no_failed_run(tmp_path
 
 
 def test_refine_centre_prefers_a_rescored_choice():
-    tune_cpu = pytest.importorskip("tune_cpu")
     trials = [{"params": {"optim.lr": 0.1}, "best_val_map": 0.6}, {"params": {"optim.lr": 0.2}, "best_val_map": 0.58}]
     plain = {"overrides": ["optim.lr=0.1"], "best_val_map": 0.6, "all": trials}
     assert tune_cpu.refine_centre([plain]) == {"optim.lr": 0.1}
@@ -250,13 +240,11 @@ def test_refine_centre_prefers_a_rescored_choice():
 
 
 def test_rescore_seeds_must_differ_from_the_search_seed(tmp_path):
-    tune_cpu = pytest.importorskip("tune_cpu")
     with pytest.raises(SystemExit):
         tune_cpu.main(["--rescore", "2", "--seed", "1", "--rescore-seeds", "1", "2", "--out", str(tmp_path / "t.json")])
 
 
 def test_alternatives_try_each_other_value_of_a_categorical_knob_on_the_same_seeds(tmp_path):
-    tune_cpu = pytest.importorskip("tune_cpu")
     sweep = {"parameters": {"data.sampling": {"values": ["triplets", "balanced"]},
                             "optim.lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.1}}}
     fixed = ["experiment=dsrh"]
@@ -307,14 +295,12 @@ def test_alternatives_try_each_other_value_of_a_categorical_knob_on_the_same_see
     (["--count", "4", "--alternatives", "data.sampling"], "give --rescore K too"),
 ])
 def test_tune_cpu_rejects_flag_combinations_that_would_do_nothing_or_fail_late(tmp_path, capsys, argv, fragment):
-    tune_cpu = pytest.importorskip("tune_cpu")
     with pytest.raises(SystemExit):
         tune_cpu.main(argv + ["--out", str(tmp_path / "t.json")])
     assert fragment in capsys.readouterr().err
 
 
 def test_rescore_keeps_an_earlier_rounds_candidates_scored_with_the_same_seeds(tmp_path):
-    tune_cpu = pytest.importorskip("tune_cpu")
     variant = {"params": {"optim.lr": 0.1, "data.sampling": "balanced"},
                "overrides": ["optim.lr=0.1", "data.sampling=balanced"], "val_maps": [0.56, 0.56, 0.56],
                "mean_val_map": 0.56, "alternative": "data.sampling"}  # no trial: --alternatives added it
@@ -349,7 +335,6 @@ def test_rescore_keeps_an_earlier_rounds_candidates_scored_with_the_same_seeds(t
 
 
 def test_sweep_fixed_records_the_commands_own_settings_not_the_protocols():
-    tune_cpu = pytest.importorskip("tune_cpu")
     command = ["${env}", "dsrh", "train", "dataset=cifar10", "experiment=dsrh", "model.backbone=efficientnet_lite0",
                "data.cache_features=true", "loss.orth_norm=bits", "${args}"]
     protocol = ["dataset=cifar10", "model.backbone=efficientnet_lite0", "data.cache_features=true", "seed=0"]
