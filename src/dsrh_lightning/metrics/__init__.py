@@ -1,12 +1,30 @@
-"""Retrieval metrics on binary codes as pure functions (distributed gathering lives in the evaluation callback)."""
+"""Retrieval metrics on binary codes as pure functions (distributed gathering lives in the evaluation callback).
 
-from .codes import binarize, bits_to_pm1, codes_to_bits, hamming_distance
-from .retrieval import retrieval_metrics
+Names are imported on first use, so ``dsrh_lightning.metrics.specs`` (the metric table the command line
+reads) does not import torch.
+"""
 
-__all__ = [
-    "binarize",
-    "bits_to_pm1",
-    "codes_to_bits",
-    "hamming_distance",
-    "retrieval_metrics",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "binarize": "codes",
+    "bits_to_pm1": "codes",
+    "codes_to_bits": "codes",
+    "hamming_distance": "codes",
+    "retrieval_metrics": "retrieval",
+    "METRICS": "specs",
+    "MetricSpec": "specs",
+    "ratio": "specs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

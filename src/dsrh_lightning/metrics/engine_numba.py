@@ -16,10 +16,10 @@ parallel over queries (``prange``) and, per query:
 3. **Pass 2** walks the database in index order with one counter per distance
    bucket. The counter of bucket ``v`` after item ``j`` is exactly ``j``'s 1-based
    position in the ``(distance, database index)`` ranking, and the relevant
-   counter is the number of relevant items up to and including ``j``. Precision
-   at every relevant position (AP), precision@k counts, DCG, ACG and weighted AP
-   accumulate from these, in float64. Items beyond the bucket that holds the
-   largest cut-off are skipped.
+   counter is the number of relevant items up to and including ``j``. The requested
+   quantities (:mod:`.specs`: AP, hit counts, DCG, sums of ``r``, weighted AP, each
+   at its own cut-off) accumulate from these, in float64. Items beyond the bucket
+   that holds the largest cut-off are skipped.
 
 Memory: the packed codes and labels plus one scratch row of ``N`` bytes (``uint16``
 above 127 bits) per work chunk; never ``nq x N``.
@@ -41,7 +41,12 @@ try:  # numba is optional: the torch engine works without it
 except Exception:  # pragma: no cover - exercised only without numba
     HAVE_NUMBA = False
 
-__all__ = ["HAVE_NUMBA", "pack_bits", "numba_retrieval_arrays"]
+__all__ = ["HAVE_NUMBA", "QUANTITY_CODES", "pack_bits", "numba_retrieval_arrays"]
+
+# The quantities the kernel computes (see :mod:`.specs`), by the integer code the kernel branches on.
+Q_AP, Q_HITS, Q_DCG, Q_IDEAL_DCG, Q_GAIN_SUM, Q_WAP, Q_BALL_REL, Q_BALL_ITEMS = range(8)
+QUANTITY_CODES = {"ap": Q_AP, "hits": Q_HITS, "dcg": Q_DCG, "ideal_dcg": Q_IDEAL_DCG, "gain_sum": Q_GAIN_SUM,
+                  "wap": Q_WAP, "ball_rel": Q_BALL_REL, "ball_items": Q_BALL_ITEMS}
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -69,17 +74,24 @@ if HAVE_NUMBA:
         return _nbtypes.int64(x), codegen
 
     @njit(cache=True, fastmath=False)
-    def _query(i, qc, dc, ql, dl, multi, scr, h, rsum, rhist, nb, rb, rsb, pbuf, jbuf,
-               k, rad, k_map, ks, k_ndcg, k_acg, k_wmap, k_max, need_rsum, need_rhist,
-               ap, prec_r, rtot, pat, ndcg, acg, wmap, pr_cnt, pr_rel, do_pr, c):
+    def _query(i, data, work, req, setting, out, c):
+        """One query: fill ``out`` row ``i`` (see :func:`_kernel` for the groups)."""
+        qc, dc, ql, dl = data
+        scr, h, rsum, rhist, nb, rb, rsb, pbuf, jbuf, acc, cnt = work
+        kinds, cuts = req
+        multi, k, k_max, need_rsum, need_rhist, want_r, do_pr = setting
+        vals, rtot, pr_cnt, pr_rel = out
         nd = dc.shape[0]
         W = dc.shape[1]
         L = dl.shape[1]
+        M = kinds.shape[0]
         # flat views: 1-D indexing is much faster in the hot loops than 2-D indexing
         dc1 = dc.ravel()
         dl1 = dl.ravel()
         V = k + 1
         h[:] = 0
+        acc[:] = 0.0
+        cnt[:] = 0
         if need_rsum:
             rsum[:] = 0
         if need_rhist:
@@ -129,8 +141,6 @@ if HAVE_NUMBA:
         rs_acc = 0
         vcut = k
         found = False
-        n_rad = 0
-        r_rad = 0
         for v in range(V):
             cv = h[2 * v] + h[2 * v + 1]
             rv = h[2 * v + 1]
@@ -144,26 +154,20 @@ if HAVE_NUMBA:
             if do_pr:
                 pr_cnt[c, v] += n_acc
                 pr_rel[c, v] += r_acc
-            if v == rad:
-                n_rad = n_acc
-                r_rad = r_acc
             if not found and n_acc >= k_max:
                 vcut = v
                 found = True
-        if rad >= V:
-            n_rad = n_acc
-            r_rad = r_acc
         rtot[i] = r_acc
-        prec_r[i] = r_rad / n_rad if n_rad > 0 else 0.0
+        # items / relevant items within a Hamming radius (cumulative counts up to that distance)
+        for u in range(M):
+            kind = kinds[u]
+            if kind == Q_BALL_REL or kind == Q_BALL_ITEMS:
+                v = min(cuts[u], k)
+                if kind == Q_BALL_REL:
+                    vals[i, u] = rb[v] + h[2 * v + 1]
+                else:
+                    vals[i, u] = nb[v] + h[2 * v] + h[2 * v + 1]
         # ---- pass 2: walk in index order; bucket counters give stable positions
-        nks = ks.shape[0]
-        want_r = k_ndcg > 0 or k_acg > 0 or k_wmap > 0
-        s_ap = 0.0
-        n_ap = 0
-        dcg = 0.0
-        acg_s = 0.0
-        w_s = 0.0
-        n_w = 0
         m = 0
         if r_acc > 0:
             # 2a: the hot walk, branch-free: every item bumps its bucket counter (= its
@@ -178,7 +182,7 @@ if HAVE_NUMBA:
                 pbuf[m] = p
                 jbuf[m] = j
                 m += (s & 1) * np.int64(v <= lim)
-        # 2b: metrics from the recorded relevant items (index order, not rank order; the
+        # 2b: quantities from the recorded relevant items (index order, not rank order; the
         # per-bucket relevant counters make the hit counts exact all the same)
         for t in range(m):
             pos = np.int64(pbuf[t])
@@ -188,110 +192,120 @@ if HAVE_NUMBA:
             v = scr[j] >> 1
             rb[v] += 1
             hits = rb[v]
-            if pos <= k_map:
-                s_ap += hits / pos
-                n_ap += 1
-            for u in range(nks):
-                if pos <= ks[u]:
-                    pat[i, u] += 1
-            if want_r:
-                if multi:
-                    r = 0
-                    for w in range(L):
-                        r += _popcount(ql[i, w] & dl1[j * L + w])
-                else:
-                    r = 1
-                if k_ndcg > 0 and pos <= k_ndcg:
-                    dcg += (2.0 ** r - 1.0) / math.log2(pos + 1.0)
-                if k_acg > 0 and pos <= k_acg:
-                    acg_s += r
-                if k_wmap > 0:
-                    rsb[v] += r
-                    if pos <= k_wmap:
-                        w_s += rsb[v] / pos
-                        n_w += 1
-        ap[i] = s_ap / n_ap if n_ap > 0 else 0.0
-        if k_acg > 0:
-            acg[i] = acg_s / k_acg
-        if k_wmap > 0:
-            wmap[i] = w_s / n_w if n_w > 0 else 0.0
-        if k_ndcg > 0:
-            # ideal DCG: the whole database sorted by r (descending), first k_ndcg positions
-            idcg = 0.0
-            p = 0
-            top = rhist.shape[0] - 1
-            for val in range(top, 0, -1):
-                g = 2.0 ** val - 1.0
-                for _ in range(rhist[val]):
-                    if p >= k_ndcg:
+            r = 1
+            if want_r and multi:
+                r = 0
+                for w in range(L):
+                    r += _popcount(ql[i, w] & dl1[j * L + w])
+            if need_rsum:
+                rsb[v] += r
+            for u in range(M):
+                if pos > cuts[u]:
+                    continue
+                kind = kinds[u]
+                if kind == Q_AP:
+                    acc[u] += hits / pos
+                    cnt[u] += 1
+                elif kind == Q_HITS:
+                    cnt[u] += 1
+                elif kind == Q_DCG:
+                    acc[u] += (2.0 ** r - 1.0) / math.log2(pos + 1.0)
+                elif kind == Q_GAIN_SUM:
+                    acc[u] += r
+                elif kind == Q_WAP:
+                    acc[u] += rsb[v] / pos
+                    cnt[u] += 1
+        for u in range(M):
+            kind = kinds[u]
+            if kind == Q_AP or kind == Q_WAP:
+                vals[i, u] = acc[u] / cnt[u] if cnt[u] > 0 else 0.0
+            elif kind == Q_HITS:
+                vals[i, u] = cnt[u]
+            elif kind == Q_DCG or kind == Q_GAIN_SUM:
+                vals[i, u] = acc[u]
+            elif kind == Q_IDEAL_DCG:
+                # the whole database sorted by r (descending), first cuts[u] positions
+                idcg = 0.0
+                p = 0
+                top = rhist.shape[0] - 1
+                for val in range(top, 0, -1):
+                    g = 2.0 ** val - 1.0
+                    for _ in range(rhist[val]):
+                        if p >= cuts[u]:
+                            break
+                        p += 1
+                        idcg += g / math.log2(p + 1.0)
+                    if p >= cuts[u]:
                         break
-                    p += 1
-                    idcg += g / math.log2(p + 1.0)
-                if p >= k_ndcg:
-                    break
-            ndcg[i] = dcg / idcg if idcg > 0 else 0.0
+                vals[i, u] = idcg
 
     @njit(parallel=True, cache=True, fastmath=False)
-    def _kernel(qc, dc, ql, dl, multi, scratch, k, rad, k_map, ks, k_ndcg, k_acg, k_wmap,
-                nlevels, do_pr):
+    def _kernel(data, req, shape, flags, scratch):
+        """All queries, in parallel over chunks of queries.
+
+        Groups: ``data = (qc, dc, ql, dl)`` packed codes and labels; ``req = (kinds, cuts)`` ``(M,)`` int64
+        quantity codes and cut-offs; ``shape = (k, nlevels)`` bits and label columns; ``flags = (multi,
+        do_pr)``; ``scratch`` ``(nchunks, nd)`` one row per chunk. Returns ``(vals (nq, M) float64, rtot (nq,),
+        pr_cnt (V,), pr_rel (V,))``.
+        """
+        qc, dc, ql, dl = data
+        kinds, cuts = req
+        k, nlevels = shape
+        multi, do_pr = flags
         nq = qc.shape[0]
+        M = kinds.shape[0]
         nchunks = scratch.shape[0]
         V = k + 1
-        k_max = k_map
-        for t in range(ks.shape[0]):
-            k_max = max(k_max, ks[t])
-        k_max = max(k_max, max(k_ndcg, max(k_acg, k_wmap)))
-        need_rsum = k_wmap > 0
-        need_rhist = k_ndcg > 0
-        ap = np.zeros(nq)
-        prec_r = np.zeros(nq)
+        k_max = 1
+        need_rsum = False
+        need_rhist = False
+        want_r = False
+        for u in range(M):
+            kind = kinds[u]
+            if kind != Q_BALL_REL and kind != Q_BALL_ITEMS:
+                k_max = max(k_max, cuts[u])
+            need_rsum = need_rsum or kind == Q_WAP
+            need_rhist = need_rhist or kind == Q_IDEAL_DCG
+            want_r = want_r or kind == Q_DCG or kind == Q_GAIN_SUM or kind == Q_WAP
+        setting = (multi, k, k_max, need_rsum, need_rhist, want_r, do_pr)
+        vals = np.zeros((nq, M))
         rtot = np.zeros(nq, np.int64)
-        pat = np.zeros((nq, ks.shape[0]), np.int64)
-        ndcg = np.zeros(nq)
-        acg = np.zeros(nq)
-        wmap = np.zeros(nq)
         pr_cnt = np.zeros((nchunks, V), np.int64)
         pr_rel = np.zeros((nchunks, V), np.int64)
         per = (nq + nchunks - 1) // nchunks
         for c in prange(nchunks):
-            h = np.zeros(2 * V, np.int64)
-            rsum = np.zeros(V, np.int64)
-            rhist = np.zeros(nlevels + 1, np.int64)
-            nb = np.zeros(V, np.int64)
-            rb = np.zeros(V, np.int64)
-            rsb = np.zeros(V, np.int64)
-            scr = scratch[c]
-            pbuf = np.empty(dc.shape[0] + 1, np.int32)
-            jbuf = np.empty(dc.shape[0] + 1, np.int32)
+            work = (scratch[c], np.zeros(2 * V, np.int64), np.zeros(V, np.int64), np.zeros(nlevels + 1, np.int64),
+                    np.zeros(V, np.int64), np.zeros(V, np.int64), np.zeros(V, np.int64),
+                    np.empty(dc.shape[0] + 1, np.int32), np.empty(dc.shape[0] + 1, np.int32),
+                    np.zeros(M), np.zeros(M, np.int64))
+            out = (vals, rtot, pr_cnt, pr_rel)
             for i in range(c * per, min(nq, (c + 1) * per)):
-                _query(i, qc, dc, ql, dl, multi, scr, h, rsum, rhist, nb, rb, rsb, pbuf, jbuf,
-                       k, rad, k_map, ks, k_ndcg, k_acg, k_wmap, k_max, need_rsum, need_rhist,
-                       ap, prec_r, rtot, pat, ndcg, acg, wmap, pr_cnt, pr_rel, do_pr, c)
-        return ap, prec_r, rtot, pat, ndcg, acg, wmap, pr_cnt.sum(0), pr_rel.sum(0)
+                _query(i, data, work, req, setting, out, c)
+        return vals, rtot, pr_cnt.sum(0), pr_rel.sum(0)
 
 
-def numba_retrieval_arrays(q_bits, db_bits, q_labels, db_labels, *, multi: bool, radius: int,
-                           k_map: int, ks, k_ndcg, k_acg, k_wmap, pr_curve: bool,
+def numba_retrieval_arrays(q_bits, db_bits, q_labels, db_labels, *, multi: bool, slots, pr_curve: bool,
                            chunks_per_thread: int = 16):
-    """Per-query metric arrays from the numba kernel.
+    """Per-query quantities from the numba kernel.
 
     Args:
         q_bits, db_bits: ``(nq, k)`` / ``(nd, k)`` uint8 {0,1} numpy arrays.
         q_labels, db_labels: ``(n,)`` non-negative class ids, or ``(n, c)`` 0/1 multi-hot.
         multi: multi-hot labels.
-        radius: Hamming radius for the precision within the ball.
-        k_map, ks, k_ndcg, k_acg, k_wmap: cut-offs already clamped to ``1..nd``
-            (None for the multilevel ones that are not wanted).
+        slots: ``(quantity, cut-off)`` pairs (names of :data:`QUANTITY_CODES`); rank cut-offs already clamped
+            to ``1..nd``, radii ``>= 0``.
         pr_curve: also return the micro-averaged counts by radius.
 
     Returns:
-        dict of numpy arrays: ``ap``, ``prec_r``, ``rtot`` (relevant items per query),
-        ``pat`` (``(nq, len(ks))`` relevant counts in the top k), ``ndcg``, ``acg``,
-        ``wmap`` and ``pr_cnt`` / ``pr_rel`` (``(k + 1,)`` sums over queries of the
-        items / relevant items within radius ``0..k``).
+        dict of numpy arrays: ``values`` (one ``(nq,)`` float64 array per slot), ``n_rel`` ``(nq,)`` int64
+        (relevant items per query) and ``pr_items`` / ``pr_rel`` (``(k + 1,)`` sums over queries of the items
+        / relevant items within radius ``0..k``).
     """
     if not HAVE_NUMBA:  # pragma: no cover
         raise ImportError("the numba engine needs numba (pip install 'numba>=0.59')")
+    unknown = [q for q, _ in slots if q not in QUANTITY_CODES]
+    if unknown:
+        raise ValueError(f"the numba engine cannot compute {unknown}; it computes {sorted(QUANTITY_CODES)}")
     nq, k = q_bits.shape
     nd = db_bits.shape[0]
     qc, dc = pack_bits(q_bits), pack_bits(db_bits)
@@ -305,15 +319,15 @@ def numba_retrieval_arrays(q_bits, db_bits, q_labels, db_labels, *, multi: bool,
     nchunks = max(1, min(nq, numba.get_num_threads() * chunks_per_thread))
     sdtype = np.uint8 if 2 * k + 1 < 256 else np.uint16
     scratch = np.empty((nchunks, nd), dtype=sdtype)
-    ks_arr = np.asarray(list(ks), dtype=np.int64)
+    kinds = np.asarray([QUANTITY_CODES[q] for q, _ in slots], dtype=np.int64)
+    cuts = np.asarray([c for _, c in slots], dtype=np.int64)
     # chunks are handed out one at a time (dynamic), so a thread slowed by other work on a
     # shared machine does not hold up the rest
     old = numba.set_parallel_chunksize(1)
     try:
-        ap, prec_r, rtot, pat, ndcg, acg, wmap, pr_cnt, pr_rel = _kernel(
-            qc, dc, ql, dl, bool(multi), scratch, int(k), int(min(radius, k)), int(k_map), ks_arr,
-            int(k_ndcg or 0), int(k_acg or 0), int(k_wmap or 0), int(nlevels), bool(pr_curve))
+        vals, rtot, pr_cnt, pr_rel = _kernel((qc, dc, ql, dl), (kinds, cuts), (int(k), int(nlevels)),
+                                             (bool(multi), bool(pr_curve)), scratch)
     finally:
         numba.set_parallel_chunksize(old)
-    return dict(ap=ap, prec_r=prec_r, rtot=rtot, pat=pat, ndcg=ndcg, acg=acg, wmap=wmap,
-                pr_cnt=pr_cnt, pr_rel=pr_rel)
+    return dict(values=[np.ascontiguousarray(vals[:, u]) for u in range(len(slots))], n_rel=rtot,
+                pr_items=pr_cnt, pr_rel=pr_rel)

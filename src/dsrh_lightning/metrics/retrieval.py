@@ -34,7 +34,7 @@ imports, torch otherwise. Both give the same numbers (up to float64 rounding).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from ..relevance import relevance_matrix, shared_label_counts, validate_labels
 from . import engine_numba
 from .codes import bits_to_pm1, codes_to_bits, _distances_from_pm1
 from .ranking import bucket_histogram, pad_distances, within_bucket_rank
+from .specs import METRICS, MetricSpec, Plan, plan_metrics
 
 __all__ = ["retrieval_metrics"]
 
@@ -57,16 +58,6 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x))
     except Exception as exc:  # pragma: no cover - defensive
         raise ValueError(f"{name}: cannot convert to a tensor ({exc})") from exc
-
-
-def _check_cutoff(value, name: str, nd: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1 (use None for the whole database), got {value}")
-    return int(min(int(value), nd))
 
 
 def _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy: bool = False):
@@ -135,46 +126,6 @@ def _pick_engine(engine: str, ties: str, inputs) -> tuple[bool, bool]:
     return use_numba, on_cpu
 
 
-@dataclass(frozen=True)
-class _Cutoffs:
-    """The checked metric request; every cut-off is clamped to ``1..nd`` (None = metric not wanted)."""
-
-    radius: int  # Hamming radius of ``precision_radius`` (>= 0, not clamped)
-    k_map: int  # AP cut-off K
-    p_ks: list  # ``[(p as asked, p clamped)]`` for ``precision@p`` / ``recall@p``
-    k_ndcg: int | None
-    k_acg: int | None
-    k_wmap: int | None
-    pr_curve: bool
-
-    @property
-    def multilevel(self) -> bool:
-        """True when a metric needs the multilevel relevance ``r`` (shared labels)."""
-        return any(x is not None for x in (self.k_ndcg, self.k_acg, self.k_wmap))
-
-    @property
-    def k_max(self) -> int:
-        """The largest cut-off: no item ranked after it counts for any metric."""
-        extra = [c for c in (self.k_ndcg, self.k_acg, self.k_wmap) if c is not None]
-        return max([self.k_map] + [c for _, c in self.p_ks] + extra)
-
-
-def _cutoffs(nd: int, ties: str, *, radius, topk, precision_at, ndcg_k, acg_k, wmap_topk, pr_curve) -> _Cutoffs:
-    """Check the radius and the cut-offs against a database of ``nd`` items."""
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
-        raise ValueError(f"radius must be an integer >= 0, got {radius!r}")
-    k_map = nd if topk is None else _check_cutoff(topk, "topk", nd)
-    if isinstance(precision_at, (int, np.integer)):
-        precision_at = (precision_at,)
-    p_ks = [(int(p), _check_cutoff(p, "precision_at", nd)) for p in precision_at]
-    cut = _Cutoffs(radius=int(radius), k_map=k_map, p_ks=p_ks, k_ndcg=_check_cutoff(ndcg_k, "ndcg_k", nd),
-                   k_acg=_check_cutoff(acg_k, "acg_k", nd), k_wmap=_check_cutoff(wmap_topk, "wmap_topk", nd),
-                   pr_curve=bool(pr_curve))
-    if cut.k_wmap is not None and ties == "average":
-        raise ValueError("wmap_topk is only supported with ties='stable'")
-    return cut
-
-
 def _block_size(block_size: int | None, nq: int, nd: int) -> int:
     """Queries per block of the torch engine: as given, or from the memory budget."""
     if block_size is None:
@@ -189,39 +140,26 @@ class _PerQuery:
     """What an engine returns: per-query values as numpy arrays (numba) or tensors (torch, on the codes'
     device). The summary keeps each engine's own library, so the numbers do not depend on a conversion.
 
-    ``ap``, ``prec_r``: ``(nq,)`` float64 AP@K and precision within the radius.
+    ``values``: one ``(nq,)`` float64 array per slot of the plan (``(quantity, cut-off)``).
     ``n_rel``: ``(nq,)`` int64 relevant items in the whole database.
-    ``hits``: one ``(nq,)`` float64 array per entry of ``p_ks``: relevant items in the top ``c``
-    (an expected count under average ties).
-    ``ndcg``, ``acg``, ``wmap``: ``(nq,)`` float64, or None where not asked for.
     ``pr_items``, ``pr_rel``: ``(k + 1,)`` int64 sums over queries of the items / relevant items within
     radius ``0..k``, or None without ``pr_curve``.
     """
 
-    ap: Any
-    prec_r: Any
+    values: list
     n_rel: Any
-    hits: list
-    ndcg: Any = None
-    acg: Any = None
-    wmap: Any = None
     pr_items: Any = None
     pr_rel: Any = None
 
     @staticmethod
     def concat(blocks: list) -> "_PerQuery":
         """Rows of the query blocks one after the other; the PR counts summed (torch)."""
-        def cat(name):
-            parts = [getattr(b, name) for b in blocks]
-            return None if parts[0] is None else torch.cat(parts)
-
         def total(name):
             parts = [getattr(b, name) for b in blocks]
             return None if parts[0] is None else torch.stack(parts).sum(0)
 
-        return _PerQuery(ap=cat("ap"), prec_r=cat("prec_r"), n_rel=cat("n_rel"),
-                         hits=[torch.cat([b.hits[t] for b in blocks]) for t in range(len(blocks[0].hits))],
-                         ndcg=cat("ndcg"), acg=cat("acg"), wmap=cat("wmap"),
+        return _PerQuery(values=[torch.cat([b.values[t] for b in blocks]) for t in range(len(blocks[0].values))],
+                         n_rel=torch.cat([b.n_rel for b in blocks]),
                          pr_items=total("pr_items"), pr_rel=total("pr_rel"))
 
 
@@ -231,17 +169,13 @@ def retrieval_metrics(
     query_labels,
     db_labels,
     *,
-    topk: int | None = None,
-    radius: int = 2,
-    precision_at=(),
-    ndcg_k: int | None = None,
-    acg_k: int | None = None,
-    wmap_topk: int | None = None,
     pr_curve: bool = False,
     ties: str = "stable",
     empty_queries: str = "zero",
     block_size: int | None = None,
     engine: str = "auto",
+    specs: Sequence[MetricSpec] = METRICS,
+    **options,
 ) -> dict:
     """Hamming-ranking retrieval metrics in one blockwise pass over the queries.
 
@@ -250,10 +184,6 @@ def retrieval_metrics(
         db_codes: ``(nd, k)`` codes, same convention.
         query_labels: ``(nq,)`` class ids or ``(nq, c)`` multi-hot.
         db_labels: ``(nd,)`` or ``(nd, c)``, same layout as ``query_labels``.
-        topk: AP cut-off K (None = whole database).
-        radius: Hamming radius for ``precision_radius``.
-        precision_at: cut-offs for ``precision@k`` and ``recall@k``.
-        ndcg_k, acg_k, wmap_topk: cut-offs of the multilevel metrics (None = not computed).
         pr_curve: add ``pr_curve`` (micro-averaged precision/recall by radius 0..k).
         ties: ``"stable"`` (rank by distance, then database index) or ``"average"``
             (exact expectation over random orders inside groups of equal distance).
@@ -262,6 +192,12 @@ def retrieval_metrics(
             memory budget); the numba engine ignores it.
         engine: ``"auto"`` (numba for CPU inputs with ``ties="stable"`` when numba is
             installed, else torch), ``"numba"`` or ``"torch"``.
+        specs: the per-query metrics (:data:`~dsrh_lightning.metrics.specs.METRICS` by default).
+        **options: the metrics' options (see :mod:`.specs`); with the default specs:
+            ``topk`` (AP cut-off K, None = whole database), ``radius`` (Hamming radius of
+            ``precision_radius``, default 2), ``precision_at`` (cut-offs of ``precision@k`` and
+            ``recall@k``), ``ndcg_k``, ``acg_k``, ``wmap_topk`` (cut-offs of the multilevel
+            metrics, None = not computed).
 
     Returns:
         dict with ``map``, ``precision_radius``, ``precision@k``/``recall@k``,
@@ -274,16 +210,15 @@ def retrieval_metrics(
     qb, db, ql, dl = _validate_inputs(query_codes, db_codes, query_labels, db_labels, as_numpy=use_numba and on_cpu)
     nq, k = qb.shape
     nd = db.shape[0]
-    cut = _cutoffs(nd, ties, radius=radius, topk=topk, precision_at=precision_at, ndcg_k=ndcg_k, acg_k=acg_k,
-                   wmap_topk=wmap_topk, pr_curve=pr_curve)
+    plan = plan_metrics(nd, ties, options, pr_curve=pr_curve, specs=specs)
     block_size = _block_size(block_size, nq, nd)
     # dispatch
     if use_numba:
-        per_query = _numba_engine(qb, db, ql, dl, cut)
+        per_query = _numba_engine(qb, db, ql, dl, plan)
     else:
-        per_query = _torch_engine(qb, db, ql, dl, cut, ties=ties, block_size=block_size)
+        per_query = _torch_engine(qb, db, ql, dl, plan, ties=ties, block_size=block_size)
     # summarise
-    return _summarise(per_query, cut, nq=nq, nd=nd, bits=k, ties=ties, empty_queries=empty_queries)
+    return _summarise(per_query, plan, nq=nq, nd=nd, bits=k, ties=ties, empty_queries=empty_queries)
 
 
 def _safe_div(num, den):
@@ -295,9 +230,9 @@ def _safe_div(num, den):
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
-def _summarise(pq: _PerQuery, cut: _Cutoffs, *, nq: int, nd: int, bits: int, ties: str, empty_queries: str) -> dict:
-    """The result dict of either engine: per-query means under the empty-query policy, the PR curve and the
-    bookkeeping fields."""
+def _summarise(pq: _PerQuery, plan: Plan, *, nq: int, nd: int, bits: int, ties: str, empty_queries: str) -> dict:
+    """The result dict of either engine: each metric's per-query values (from its spec) averaged under the
+    empty-query policy, the PR curve and the bookkeeping fields."""
     has_rel = pq.n_rel > 0
     skip = empty_queries == "skip"
 
@@ -308,28 +243,26 @@ def _summarise(pq: _PerQuery, cut: _Cutoffs, *, nq: int, nd: int, bits: int, tie
         n = int(x.shape[0])
         return float(x.sum() / n) if n else 0.0
 
-    out: dict = {"map": mean(pq.ap), "precision_radius": mean(pq.prec_r)}
-    for (p, c), hits in zip(cut.p_ks, pq.hits):
-        out[f"precision@{p}"] = mean(hits / c)
-        out[f"recall@{p}"] = mean(_safe_div(hits, pq.n_rel))
-    if cut.k_ndcg is not None:
-        out["ndcg"] = mean(pq.ndcg)
-    if cut.k_acg is not None:
-        out["acg"] = mean(pq.acg)
-    if cut.k_wmap is not None:
-        out["wmap"] = mean(pq.wmap)
-    if cut.pr_curve:
+    out: dict = {}
+    for e in plan.entries:
+        q = {name: pq.values[slot] for name, slot in e.slots.items()}
+        vals = e.spec.finish(q, e.cut, pq.n_rel)  # float64 in most specs; a bool or float32 result is widened
+        vals = vals.to(torch.float64) if isinstance(vals, torch.Tensor) else np.asarray(vals, dtype=np.float64)
+        out[e.key] = mean(vals)
+    if plan.pr_curve:
         out["pr_curve"] = {"radius": list(range(bits + 1)),
                            "precision": _safe_div(pq.pr_rel, pq.pr_items).tolist(),
                            "recall": _safe_div(pq.pr_rel, pq.n_rel.sum()).tolist(),
                            "averaging": "micro"}
-    out.update(num_queries=int(nq), num_database=int(nd), bits=int(bits), topk=int(cut.k_map), ties=ties,
-               empty_queries=empty_queries, num_queries_without_relevant=int((~has_rel).sum()))
+    out.update(num_queries=int(nq), num_database=int(nd), bits=int(bits))
+    if "topk" in plan.values:
+        out["topk"] = int(plan.values["topk"])
+    out.update(ties=ties, empty_queries=empty_queries, num_queries_without_relevant=int((~has_rel).sum()))
     return out
 
 
-def _numba_engine(qb, db, ql, dl, cut: _Cutoffs) -> _PerQuery:
-    """Per-query values from the numba kernel (``ties="stable"``, CPU); numpy arrays.
+def _numba_engine(qb, db, ql, dl, plan: Plan) -> _PerQuery:
+    """Per-query quantities from the numba kernel (``ties="stable"``, CPU); numpy arrays.
 
     ``qb`` ``(nq, k)`` / ``db`` ``(nd, k)`` uint8 bits and labels ``(n,)`` int64 or ``(n, c)`` uint8 as
     numpy arrays, or (``engine="numba"`` with inputs on another device) the checked tensors.
@@ -341,17 +274,14 @@ def _numba_engine(qb, db, ql, dl, cut: _Cutoffs) -> _PerQuery:
             ql, dl = (ql > 0.5).cpu().numpy().view(np.uint8), (dl > 0.5).cpu().numpy().view(np.uint8)
         else:
             ql, dl = ql.cpu().numpy(), dl.cpu().numpy()
-    res = engine_numba.numba_retrieval_arrays(
-        qb, db, ql, dl, multi=multi, radius=cut.radius, k_map=cut.k_map,
-        ks=[c for _, c in cut.p_ks], k_ndcg=cut.k_ndcg, k_acg=cut.k_acg, k_wmap=cut.k_wmap, pr_curve=cut.pr_curve)
-    return _PerQuery(ap=res["ap"], prec_r=res["prec_r"], n_rel=res["rtot"],
-                     hits=[res["pat"][:, t].astype(np.float64) for t in range(len(cut.p_ks))],
-                     ndcg=res["ndcg"], acg=res["acg"], wmap=res["wmap"],
-                     pr_items=res["pr_cnt"], pr_rel=res["pr_rel"])
+    k = qb.shape[1]
+    slots = [(q, min(c, k) if q in ("ball_rel", "ball_items") else c) for q, c in plan.slots]
+    res = engine_numba.numba_retrieval_arrays(qb, db, ql, dl, multi=multi, slots=slots, pr_curve=plan.pr_curve)
+    return _PerQuery(values=res["values"], n_rel=res["n_rel"], pr_items=res["pr_items"], pr_rel=res["pr_rel"])
 
 
-def _torch_engine(qb, db, ql, dl, cut: _Cutoffs, *, ties: str, block_size: int) -> _PerQuery:
-    """Per-query values from the blockwise tensor engine, on the codes' device (both tie rules).
+def _torch_engine(qb, db, ql, dl, plan: Plan, *, ties: str, block_size: int) -> _PerQuery:
+    """Per-query quantities from the blockwise tensor engine, on the codes' device (both tie rules).
 
     ``qb`` ``(nq, k)`` / ``db`` ``(nd, k)`` bool bits; labels ``(n,)`` int64 or ``(n, c)`` float32.
     """
@@ -362,8 +292,8 @@ def _torch_engine(qb, db, ql, dl, cut: _Cutoffs, *, ties: str, block_size: int) 
     blocks = []
     for q0 in range(0, nq, block_size):
         q1 = min(nq, q0 + block_size)
-        blk = _score_block(q_pm1[q0:q1], db_pm1, ql[q0:q1], dl, k, cut, ties)
-        blocks.append(_stable_block(blk, cut, disc) if ties == "stable" else _average_block(blk, cut, harm, disc))
+        blk = _score_block(q_pm1[q0:q1], db_pm1, ql[q0:q1], dl, k, plan, ties)
+        blocks.append(_stable_block(blk, plan, disc) if ties == "stable" else _average_block(blk, plan, harm, disc))
     return _PerQuery.concat(blocks)
 
 
@@ -400,13 +330,13 @@ class _Block:
     rless: torch.Tensor | None
 
 
-def _score_block(q_pm1, db_pm1, ql, dl, k: int, cut: _Cutoffs, ties: str) -> _Block:
+def _score_block(q_pm1, db_pm1, ql, dl, k: int, plan: Plan, ties: str) -> _Block:
     """Distances, relevance and distance histograms of a block of queries ``(b, k)`` against ``(nd, k)``."""
     V = k + 1
     nd = db_pm1.shape[0]
     distf = _distances_from_pm1(q_pm1, db_pm1, k)
     rel = relevance_matrix(ql, dl)
-    r = shared_label_counts(ql, dl).to(torch.int32) if cut.multilevel else None
+    r = shared_label_counts(ql, dl).to(torch.int32) if plan.multilevel else None
     if ties == "stable":
         dist_p = pad_distances(distf, V)  # (b, padded) with an out-of-range sentinel
         dist = dist_p[:, :nd]
@@ -420,7 +350,7 @@ def _score_block(q_pm1, db_pm1, ql, dl, k: int, cut: _Cutoffs, ties: str) -> _Bl
     del distf
     ncum = cnt.cumsum(1)
     relc = rcum = rless = None
-    if cut.pr_curve or ties == "average":
+    if plan.pr_curve or ties == "average":
         relc = bucket_histogram(idx[:, :nd], rel.to(torch.int32), V).to(torch.int64)
         rcum = relc.cumsum(1)
         rless = rcum - relc
@@ -428,14 +358,19 @@ def _score_block(q_pm1, db_pm1, ql, dl, k: int, cut: _Cutoffs, ties: str) -> _Bl
                   relc=relc, rcum=rcum, rless=rless)
 
 
-def _block_counts(blk: _Block, cut: _Cutoffs) -> dict:
-    """The tie-independent fields of a block's :class:`_PerQuery`: ``n_rel``, ``prec_r`` and the PR counts."""
-    rad = min(cut.radius, blk.cnt.shape[1] - 1)
-    in_ball = (blk.rel & (blk.dist <= rad)).view(torch.uint8).sum(1, dtype=torch.int64)
+def _block_counts(blk: _Block, plan: Plan) -> dict:
+    """The tie-independent fields of a block's :class:`_PerQuery`: ``n_rel`` and the PR counts."""
     return dict(n_rel=blk.rel.view(torch.uint8).sum(1, dtype=torch.int64),
-                prec_r=_safe_div(in_ball, blk.ncum[:, rad]),
-                pr_items=blk.ncum.sum(0) if cut.pr_curve else None,
-                pr_rel=blk.rcum.sum(0) if cut.pr_curve else None)
+                pr_items=blk.ncum.sum(0) if plan.pr_curve else None,
+                pr_rel=blk.rcum.sum(0) if plan.pr_curve else None)
+
+
+def _ball(blk: _Block, quantity: str, radius: int) -> torch.Tensor:
+    """Relevant items (``ball_rel``) or items (``ball_items``) within Hamming distance ``radius``: ``(b,)`` float64."""
+    rad = min(radius, blk.cnt.shape[1] - 1)
+    if quantity == "ball_items":
+        return blk.ncum[:, rad].to(torch.float64)
+    return (blk.rel & (blk.dist <= rad)).view(torch.uint8).sum(1, dtype=torch.int64).to(torch.float64)
 
 
 def _stable_positions(blk: _Block, k_max: int):
@@ -457,10 +392,10 @@ def _stable_positions(blk: _Block, k_max: int):
     return rows, cols, pos, first
 
 
-def _stable_block(blk: _Block, cut: _Cutoffs, disc: torch.Tensor) -> _PerQuery:
-    """A block's per-query values under ``ties="stable"`` (rank by distance, then database index)."""
+def _stable_block(blk: _Block, plan: Plan, disc: torch.Tensor) -> _PerQuery:
+    """A block's per-query quantities under ``ties="stable"`` (rank by distance, then database index)."""
     b = blk.rel.shape[0]
-    rows, cols, pos, first = _stable_positions(blk, cut.k_max)
+    rows, cols, pos, first = _stable_positions(blk, plan.k_max)
     # every relevant item ranked before a selected one is selected too, so the
     # cumulative relevant count is the item's rank among the selected of its query
     cumrel = torch.arange(rows.numel(), device=rows.device) - first[rows] + 1
@@ -470,42 +405,59 @@ def _stable_block(blk: _Block, cut: _Cutoffs, disc: torch.Tensor) -> _PerQuery:
     def per_query(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(b, dtype=torch.float64, device=rows.device).index_add_(0, rows, values.to(torch.float64))
 
-    in_k = pos <= cut.k_map
-    out = _PerQuery(ap=_safe_div(per_query(torch.where(in_k, cumrel / posf, zero)), per_query(in_k)),
-                    hits=[per_query(pos <= c) for _, c in cut.p_ks], **_block_counts(blk, cut))
-    r_sel = blk.r[rows, cols].to(torch.float64) if cut.multilevel else None
-    if cut.k_ndcg is not None:
-        gain = torch.pow(2.0, r_sel) - 1
-        dcg = per_query(torch.where(pos <= cut.k_ndcg, gain / torch.log2(posf + 1), zero))
-        out.ndcg = _safe_div(dcg, _ideal_dcg(_ideal_dcg_hist(blk.r), cut.k_ndcg, disc))
-    if cut.k_acg is not None:
-        out.acg = per_query(torch.where(pos <= cut.k_acg, r_sel, zero)) / cut.k_acg
-    if cut.k_wmap is not None:
+    r_sel = blk.r[rows, cols].to(torch.float64) if plan.multilevel else None
+    ideal_hist = _ideal_dcg_hist(blk.r) if plan.wants("ideal_dcg") else None
+    csum = start = None
+    if plan.wants("wap"):
         csum = torch.cumsum(r_sel, 0)
         start = torch.cat([torch.zeros(1, dtype=torch.float64, device=rows.device), csum])[first[rows]]
-        in_w = pos <= cut.k_wmap
-        out.wmap = _safe_div(per_query(torch.where(in_w, (csum - start) / posf, zero)), per_query(in_w))
-    return out
+
+    def quantity(name: str, c: int) -> torch.Tensor:
+        if name in ("ball_rel", "ball_items"):
+            return _ball(blk, name, c)
+        if name == "ideal_dcg":
+            return _ideal_dcg(ideal_hist, c, disc)
+        inside = pos <= c
+        if name == "ap":
+            return _safe_div(per_query(torch.where(inside, cumrel / posf, zero)), per_query(inside))
+        if name == "hits":
+            return per_query(inside)
+        if name == "dcg":
+            return per_query(torch.where(inside, (torch.pow(2.0, r_sel) - 1) / torch.log2(posf + 1), zero))
+        if name == "gain_sum":
+            return per_query(torch.where(inside, r_sel, zero))
+        if name == "wap":
+            return _safe_div(per_query(torch.where(inside, (csum - start) / posf, zero)), per_query(inside))
+        raise ValueError(f"the torch engine cannot compute {name!r}")
+
+    return _PerQuery(values=[quantity(name, c) for name, c in plan.slots], **_block_counts(blk, plan))
 
 
-def _average_block(blk: _Block, cut: _Cutoffs, harm: torch.Tensor, disc: torch.Tensor) -> _PerQuery:
-    """A block's per-query values under ``ties="average"`` (exact expectation over orders inside tie groups)."""
+def _average_block(blk: _Block, plan: Plan, harm: torch.Tensor, disc: torch.Tensor) -> _PerQuery:
+    """A block's per-query quantities under ``ties="average"`` (exact expectation over orders inside tie groups)."""
     V = blk.cnt.shape[1]
     cntf, relf = blk.cnt.to(torch.float64), blk.relc.to(torch.float64)
-    out = _PerQuery(ap=_average_ap(blk.cnt, blk.relc, blk.nless, blk.rless, cut.k_map, harm),
-                    hits=[(_positions_in(blk.nless, blk.cnt, c).to(torch.float64) * _safe_div(relf, cntf)).sum(1)
-                          for _, c in cut.p_ks],
-                    **_block_counts(blk, cut))
-    if cut.k_ndcg is not None:
-        gains = bucket_histogram(blk.idx, torch.pow(2.0, blk.r.to(torch.float64)) - 1, V)
-        npos = _positions_in(blk.nless, blk.cnt, cut.k_ndcg)
-        dcg = (_safe_div(gains, cntf) * (disc[(blk.nless + npos)] - disc[blk.nless])).sum(1)
-        out.ndcg = _safe_div(dcg, _ideal_dcg(_ideal_dcg_hist(blk.r), cut.k_ndcg, disc))
-    if cut.k_acg is not None:
-        rs = bucket_histogram(blk.idx, blk.r.to(torch.float64), V)
-        npos = _positions_in(blk.nless, blk.cnt, cut.k_acg).to(torch.float64)
-        out.acg = (_safe_div(rs, cntf) * npos).sum(1) / cut.k_acg
-    return out
+
+    def quantity(name: str, c: int) -> torch.Tensor:
+        if name in ("ball_rel", "ball_items"):
+            return _ball(blk, name, c)
+        if name == "ap":
+            return _average_ap(blk.cnt, blk.relc, blk.nless, blk.rless, c, harm)
+        if name == "hits":
+            return (_positions_in(blk.nless, blk.cnt, c).to(torch.float64) * _safe_div(relf, cntf)).sum(1)
+        if name == "dcg":
+            gains = bucket_histogram(blk.idx, torch.pow(2.0, blk.r.to(torch.float64)) - 1, V)
+            npos = _positions_in(blk.nless, blk.cnt, c)
+            return (_safe_div(gains, cntf) * (disc[(blk.nless + npos)] - disc[blk.nless])).sum(1)
+        if name == "ideal_dcg":
+            return _ideal_dcg(_ideal_dcg_hist(blk.r), c, disc)
+        if name == "gain_sum":
+            rs = bucket_histogram(blk.idx, blk.r.to(torch.float64), V)
+            npos = _positions_in(blk.nless, blk.cnt, c).to(torch.float64)
+            return (_safe_div(rs, cntf) * npos).sum(1)
+        raise ValueError(f"{name!r} has no closed form under ties='average'")
+
+    return _PerQuery(values=[quantity(name, c) for name, c in plan.slots], **_block_counts(blk, plan))
 
 
 def _cut_bucket(ncum: torch.Tensor, k: int) -> torch.Tensor:
