@@ -82,6 +82,15 @@ class CodesIndex:
         """``(n, bits)`` uint8 codes in {0, 1}."""
         return np.unpackbits(self.packed, axis=1, count=self.bits)
 
+    def blocks(self):
+        """``(offset, packed)`` pieces of the database, the same interface as a sharded index: one here."""
+        yield 0, self.packed
+
+    def take(self, indices):
+        """``(ids, labels or None)`` of items ``indices`` (any shape)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.ids[idx], None if self.labels is None else self.labels[idx]
+
 
 def check_labels(labels, path, n: Optional[int] = None) -> np.ndarray:
     """Labels as integer class ids ``(n,)`` or 0/1 multi-hot ``(n, c)``; raises :class:`CodesFileError`."""

@@ -1,22 +1,46 @@
-"""Exact Hamming search engines: the project's torch engine and faiss binary indexes.
+"""Exact Hamming search engines: a numba scan, the project's torch engine and faiss binary indexes.
 
 Search ranks by ``(Hamming distance, database index)``, the same rule as
-:mod:`dsrh_lightning.metrics`. faiss is used when installed (flat; multi-index hashing
-for very large databases with a fallback that keeps the result exact).
+:mod:`dsrh_lightning.metrics`. :func:`search` streams over the database a block at a time (a
+codes file is one block, a sharded index one block per shard), keeps each query's best ``k``, and
+merges; memory is the database block plus ``O(queries x k)``, never ``queries x database``.
+
+Engines:
+
+* ``numba`` (default): a popcount scan over codes packed into ``uint64`` words. Every item gets the
+  key ``distance << 40 | index``, unique per item, so "better" is one integer comparison and the
+  order of ties cannot depend on the scan order. Each query keeps a max-heap of its ``k`` smallest
+  keys; an item is looked at further only when its distance is at most the heap's worst. Many
+  queries: the database is cut into cache-sized blocks and the queries of a block run in
+  parallel. Few queries: the database is cut into one part per thread, each with its own heaps,
+  merged at the end.
+* ``faiss``: ``IndexBinaryFlat`` (multi-index hashing for very large databases), made exact on ties
+  with a range search at the k-th distance (see :func:`search_faiss`).
+* ``torch``: distances of database chunks by a matrix product, merged with ``topk`` on the same keys.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..metrics.codes import hamming_distance
+from ..metrics.engine_numba import HAVE_NUMBA
 from .codes_file import CodesFileError, CodesIndex
+from .shards import ShardedCodes
 
-__all__ = ["search", "search_torch", "search_faiss", "faiss_available", "MULTIHASH_MIN_DATABASE",
-           "MULTIHASH_MIN_BITS"]
+__all__ = ["search", "search_numba", "search_torch", "search_faiss", "faiss_available", "ENGINES",
+           "MULTIHASH_MIN_DATABASE", "MULTIHASH_MIN_BITS", "MAX_ITEMS", "packed_words"]
+
+ENGINES = ("auto", "numba", "faiss", "torch")
+#: Keys are ``distance << KEY_SHIFT | index``: indices below ``MAX_ITEMS``, distances below ``2 ** 23``.
+KEY_SHIFT = 40
+MAX_ITEMS = 1 << KEY_SHIFT
+EMPTY_KEY = np.iinfo(np.int64).max
+#: Database rows per block of the many-queries scan (8 bytes a row for <= 64 bits: 256 KiB, in L2).
+SCAN_BLOCK = 1 << 15
 
 # faiss multi-index hashing pays off only for large databases of long codes.
 MULTIHASH_MIN_DATABASE = 2_000_000
@@ -148,21 +172,215 @@ def search_faiss(q_bits, db_packed: np.ndarray, bits: int, k: int, multihash: Op
     return out_d, out_i
 
 
-def search(q_bits, index: CodesIndex, k: int = 10, engine: str = "auto") -> Tuple[np.ndarray, np.ndarray, str]:
-    """Top ``k`` of ``index`` for each query: ``(distances, indices, engine used)``."""
-    if engine not in ("auto", "faiss", "torch"):
-        raise ValueError(f"engine must be auto, faiss or torch, got {engine!r}")
-    if len(index) == 0:
+def packed_words(packed: np.ndarray) -> np.ndarray:
+    """``(n, ceil(bits/8))`` uint8 packed codes as ``(n, ceil(bits/64))`` uint64 words (zero padded;
+    a view when the width is already a whole number of words)."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    n, nbytes = packed.shape
+    words = max(1, -(-nbytes // 8))
+    if nbytes != words * 8:
+        padded = np.zeros((n, words * 8), dtype=np.uint8)
+        padded[:, :nbytes] = packed
+        packed = padded
+    return packed.view(np.uint64).reshape(n, words)
+
+
+if HAVE_NUMBA:
+    from numba import get_num_threads, njit, prange
+
+    from ..metrics.engine_numba import _popcount
+
+    @njit(cache=True, inline="always")
+    def _replace_top(h, key):
+        """Max-heap ``h``: put ``key`` (smaller than the root) in the root's place and sift it down."""
+        k = h.shape[0]
+        i = 0
+        while True:
+            c = 2 * i + 1
+            if c >= k:
+                break
+            if c + 1 < k and h[c + 1] > h[c]:
+                c += 1
+            if h[c] <= key:
+                break
+            h[i] = h[c]
+            i = c
+        h[i] = key
+
+    @njit(cache=True)
+    def _scan_range(qw, dbw, qi, j0, j1, offset, h):
+        """Query ``qi`` against database rows ``j0 .. j1-1`` (item number ``offset + j``) into heap ``h``."""
+        W = dbw.shape[1]
+        top = h[0]
+        worst = top >> 40  # distance of the heap's worst key; huge while the heap has empty slots
+        if W == 1:
+            q0 = qw[qi, 0]
+            for j in range(j0, j1):
+                d = _popcount(q0 ^ dbw[j, 0])
+                if d <= worst:
+                    key = (d << 40) | (offset + j)
+                    if key < top:
+                        _replace_top(h, key)
+                        top = h[0]
+                        worst = top >> 40
+        else:
+            for j in range(j0, j1):
+                d = 0
+                for w in range(W):
+                    d += _popcount(qw[qi, w] ^ dbw[j, w])
+                if d <= worst:
+                    key = (d << 40) | (offset + j)
+                    if key < top:
+                        _replace_top(h, key)
+                        top = h[0]
+                        worst = top >> 40
+
+    @njit(parallel=True, cache=True)
+    def _scan_by_queries(qw, dbw, offset, heaps, block):
+        """Many queries: database blocks in turn, the queries of a block in parallel; heaps ``(1, nq, k)``."""
+        n = dbw.shape[0]
+        nq = qw.shape[0]
+        for b0 in range(0, n, block):
+            b1 = min(n, b0 + block)
+            for qi in prange(nq):
+                _scan_range(qw, dbw, qi, b0, b1, offset, heaps[0, qi])
+
+    @njit(parallel=True, cache=True)
+    def _scan_by_parts(qw, dbw, offset, heaps, block):
+        """Few queries: one part of the database per heap set ``heaps[p]`` (``(P, nq, k)``), in parallel."""
+        n = dbw.shape[0]
+        nq = qw.shape[0]
+        P = heaps.shape[0]
+        step = (n + P - 1) // P
+        for p in prange(P):
+            s = p * step
+            e = min(n, s + step)
+            for b0 in range(s, e, block):
+                b1 = min(e, b0 + block)
+                for qi in range(nq):
+                    _scan_range(qw, dbw, qi, b0, b1, offset, heaps[p, qi])
+
+
+class _NumbaTopK:
+    """Streaming exact top ``k`` with the numba scan: :meth:`add` database blocks, then :meth:`result`."""
+
+    def __init__(self, q_packed: np.ndarray, k: int, threads: Optional[int] = None) -> None:
+        if not HAVE_NUMBA:
+            raise ValueError("engine numba: numba is not installed (pip install numba), use engine torch or faiss")
+        self.qw = packed_words(q_packed)
+        threads = threads or get_num_threads()
+        nq = len(self.qw)
+        self.by_queries = nq >= 2 * threads
+        parts = 1 if self.by_queries else threads
+        self.heaps = np.full((parts, nq, k), EMPTY_KEY, dtype=np.int64)
+
+    def add(self, offset: int, packed: np.ndarray) -> None:
+        if not len(packed):
+            return
+        dbw = packed_words(packed)
+        if dbw.shape[1] != self.qw.shape[1]:
+            raise ValueError(f"code widths differ: queries {self.qw.shape[1]} words, database {dbw.shape[1]}")
+        if self.by_queries:
+            _scan_by_queries(self.qw, dbw, np.int64(offset), self.heaps, SCAN_BLOCK)
+        else:
+            parts = self.heaps.shape[0]
+            block = max(1024, min(SCAN_BLOCK, -(-len(dbw) // parts)))
+            _scan_by_parts(self.qw, dbw, np.int64(offset), self.heaps, block)
+
+    def result(self) -> np.ndarray:
+        """``(nq, k)`` keys, best first."""
+        parts, nq, k = self.heaps.shape
+        keys = self.heaps[0] if parts == 1 else self.heaps.transpose(1, 0, 2).reshape(nq, parts * k)
+        return np.sort(keys, axis=1)[:, :k]
+
+
+class _MergeTopK:
+    """Streaming exact top ``k`` from per-block results ``(distances, local indices)`` of another engine."""
+
+    def __init__(self, nq: int, k: int) -> None:
+        self.k = k
+        self.keys = np.full((nq, 0), EMPTY_KEY, dtype=np.int64)
+
+    def add(self, offset: int, dist: np.ndarray, idx: np.ndarray) -> None:
+        new = (dist.astype(np.int64) << KEY_SHIFT) | (idx.astype(np.int64) + offset)
+        both = np.concatenate([self.keys, new], axis=1)
+        self.keys = np.sort(both, axis=1)[:, :self.k]
+
+    def result(self) -> np.ndarray:
+        return self.keys
+
+
+def _split_keys(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    if (keys == EMPTY_KEY).any():  # cannot happen when k <= the database size
+        raise RuntimeError("search kept an empty slot: fewer items than k were scanned")
+    return keys >> KEY_SHIFT, keys & (MAX_ITEMS - 1)
+
+
+def search_numba(q_bits, db_packed: np.ndarray, k: int, threads: Optional[int] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top ``k`` by ``(Hamming distance, database index)`` with the numba scan.
+
+    Args:
+        q_bits: ``(nq, bits)`` {0,1} queries; db_packed: ``(nd, ceil(bits/8))`` uint8 ``np.packbits`` codes.
+        threads: parts of the database scanned in parallel for few queries (default: numba's threads).
+
+    Returns:
+        ``(distances, indices)``, both ``(nq, min(k, nd))`` int64, best first.
+    """
+    q_bits = np.asarray(q_bits, dtype=np.uint8)
+    db_packed = np.asarray(db_packed, dtype=np.uint8)
+    if q_bits.ndim != 2 or db_packed.ndim != 2 or -(-q_bits.shape[1] // 8) != db_packed.shape[1]:
+        raise ValueError(f"bit widths differ: queries {q_bits.shape}, packed database {db_packed.shape}")
+    k = _check_k(k, len(db_packed))
+    if len(db_packed) > MAX_ITEMS:
+        raise ValueError(f"the database has {len(db_packed)} codes; the numba engine handles up to {MAX_ITEMS}")
+    top = _NumbaTopK(np.packbits(q_bits, axis=1), k, threads)
+    top.add(0, db_packed)
+    return _split_keys(top.result())
+
+
+AnyIndex = Union[CodesIndex, ShardedCodes]
+
+
+def search(q_bits, index: AnyIndex, k: int = 10, engine: str = "auto") -> Tuple[np.ndarray, np.ndarray, str]:
+    """Top ``k`` of ``index`` (a :class:`CodesIndex` or a :class:`ShardedCodes`) for each query:
+    ``(distances, indices, engine used)``, ``(nq, min(k, len(index)))`` int64, best first.
+
+    The database is read a block (shard) at a time; the result is the same whatever the engine
+    and however the index is sharded. ``engine`` ``auto`` is numba when installed, else faiss when
+    installed, else torch.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    nd = len(index)
+    if nd == 0:
         raise CodesFileError(index.source or "index", "the index is empty (0 codes); nothing to search")
+    if nd > MAX_ITEMS:
+        raise ValueError(f"the index has {nd} codes; search handles up to {MAX_ITEMS}")
     q_bits = np.asarray(q_bits, dtype=np.uint8)
     if q_bits.ndim != 2 or q_bits.shape[1] != index.bits:
         raise ValueError(f"bit widths differ: queries have {q_bits.shape[-1]} bits, the index has {index.bits}")
+    if q_bits.size and not np.isin(q_bits, (0, 1)).all():
+        raise ValueError("queries must be {0,1} codes")
     if engine == "faiss" and not faiss_available():
-        raise ValueError("--engine faiss: faiss is not installed (pip install faiss-cpu), use --engine torch")
+        raise ValueError("--engine faiss: faiss is not installed (pip install faiss-cpu), use --engine numba or torch")
+    if engine == "numba" and not HAVE_NUMBA:
+        raise ValueError("--engine numba: numba is not installed (pip install numba), use --engine torch")
     if engine == "auto":
-        engine = "faiss" if faiss_available() else "torch"
-    if engine == "faiss":
-        d, i = search_faiss(q_bits, index.packed, index.bits, k)
+        engine = "numba" if HAVE_NUMBA else ("faiss" if faiss_available() else "torch")
+    k = _check_k(k, nd)
+    if engine == "numba":
+        top = _NumbaTopK(np.packbits(q_bits, axis=1), k)
+        for offset, packed in index.blocks():
+            top.add(offset, packed)
     else:
-        d, i = search_torch(q_bits, index.unpacked(), k)
+        top = _MergeTopK(len(q_bits), k)
+        for offset, packed in index.blocks():
+            kb = min(k, len(packed))
+            if engine == "faiss":
+                d, i = search_faiss(q_bits, packed, index.bits, kb)
+            else:
+                d, i = search_torch(q_bits, np.unpackbits(packed, axis=1, count=index.bits), kb)
+            top.add(offset, d, i)
+    d, i = _split_keys(top.result())
     return d, i, engine
