@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..metrics.codes import binarize
-from .images import ImagePaths
+from .images import MAX_IMAGE_PIXELS, ImagePaths
+from .preprocess import EvalPreprocess, native_image_size
 
-__all__ = ["encoder", "encode", "eval_transform", "image_dataset", "split_dataset"]
-
-
-def native_image_size(cfg) -> Optional[int]:
-    """Side of the training images for in-memory data sets, None for image files."""
-    d = cfg.data
-    if d.dataset == "synthetic":
-        return int(d.synthetic_image_size)
-    if d.dataset == "cifar10":
-        return 32
-    return None
+__all__ = ["encoder", "encode", "eval_transform", "image_dataset", "split_dataset", "native_image_size"]
 
 
-def eval_transform(cfg):
-    """The evaluation transform (image -> tensor) the checkpoint's model was validated with."""
-    from ..data.transforms import evaluation_transform
-
-    return evaluation_transform(cfg.data, cfg.model.weights, native_image_size(cfg))[1]
+def eval_transform(cfg) -> EvalPreprocess:
+    """uint8 ``(H, W, 3)`` picture -> the network input the checkpoint's evaluation used (any picture size)."""
+    return EvalPreprocess(cfg)
 
 
 def encoder(run) -> torch.nn.Module:
@@ -61,14 +50,16 @@ def encode(model, dataset, threshold: float, batch_size: int = 256, num_workers:
     return torch.cat(out).numpy()
 
 
-def image_dataset(paths: Sequence[Path], cfg) -> ImagePaths:
-    return ImagePaths(paths, eval_transform(cfg))
+def image_dataset(paths: Sequence[Path], cfg, max_pixels: int = MAX_IMAGE_PIXELS) -> ImagePaths:
+    """Image files as the network input of ``cfg``'s evaluation (resized to its input size)."""
+    return ImagePaths(paths, EvalPreprocess(cfg), max_pixels)
 
 
 def split_dataset(cfg, split: str):
     """``(dataset, ids, labels)`` of ``split`` (database | query | train) of the configured data set.
 
-    Image ids are absolute paths; in-memory data sets give ``<dataset>#<source index>``.
+    Image ids are absolute paths (list data sets: resolved against ``data.root``, where the images are);
+    in-memory data sets give ``<dataset>#<source index>``.
     With ``data.cache_features`` the items are the cached backbone features (as in training).
     """
     from ..data.datamodule import HashingDataModule
@@ -88,7 +79,8 @@ def split_dataset(cfg, split: str):
     ds = IndexedImageDataset(ref.images, source.labels, positions, ref.transform,
                              batch_transform=getattr(ref, "batch_transform", None))
     if isinstance(source.images, ImageFiles):
-        ids = [str(Path(source.images.paths[j]).resolve()) for j in positions]
+        root = Path(source.images.root)
+        ids = [str((root / source.images.paths[j]).resolve()) for j in positions]
     else:
         ids = [f"{source.name}#{j}" for j in positions]
     return ds, ids, np.asarray(source.labels)[positions]
