@@ -20,12 +20,11 @@ def add_eval_codes_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--query", required=True, help="query .npz (codes, labels) or a `dsrh index` codes file")
     parser.add_argument("--database", required=True,
                         help="database .npz (codes, labels) or a `dsrh index` codes file with labels")
-    parser.add_argument("--topk", type=int, default=None, help="MAP cut-off (default or 0: whole database)")
-    parser.add_argument("--radius", type=int, default=2, help="Hamming radius for precision_radius")
-    parser.add_argument("--ndcg-k", type=int, default=None)
-    parser.add_argument("--acg-k", type=int, default=None)
-    parser.add_argument("--wmap-topk", type=int, default=None)
-    parser.add_argument("--precision-at", type=int, nargs="*", default=[])
+    from ..metrics.specs import metric_options  # the metrics' cut-off options (a torch-free table)
+
+    for name, spec in metric_options().items():  # --topk, --radius, --precision-at, --ndcg-k, ...
+        many = dict(nargs="*", default=list(spec.default)) if spec.kind == "cutoffs" else dict(default=spec.default)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help=spec.help or None, **many)
     parser.add_argument("--ties", choices=("stable", "average"), default="stable")
     parser.add_argument("--empty-queries", choices=("zero", "skip"), default="zero")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -27,17 +27,27 @@ def load_codes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return index.unpacked(), index.labels
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_cutoffs(args) -> None:
-    for flag, val in (("--topk", args.topk), ("--ndcg-k", args.ndcg_k), ("--acg-k", args.acg_k),
-                      ("--wmap-topk", args.wmap_topk)):
-        if val is not None and val < 0:
-            raise CodesFileError("arguments", f"{flag} must be >= 0, got {val}; use 0 (or leave {flag} out) "
-                                              "for the whole database")
-    if args.radius < 0:
-        raise CodesFileError("arguments", f"--radius must be >= 0, got {args.radius}")
-    bad = [k for k in args.precision_at if k < 1]
-    if bad:
-        raise CodesFileError("arguments", f"--precision-at values must be >= 1, got {bad}")
+    """Reject negative cut-offs and radii before any file is read (flags come from the metric specs)."""
+    from ..metrics.specs import metric_options
+
+    for name, spec in metric_options().items():
+        val, flag = getattr(args, name, None), _flag(name)
+        if val is None:
+            continue
+        if spec.kind == "cutoffs":
+            bad = [k for k in val if k < 1]
+            if bad:
+                raise CodesFileError("arguments", f"{flag} values must be >= 1, got {bad}")
+        elif spec.kind == "radius" and val < 0:
+            raise CodesFileError("arguments", f"{flag} must be >= 0, got {val}")
+        elif spec.kind != "radius" and val < 0:
+            meaning = "for the whole database" if spec.kind == "topk" else "to leave the metric out"
+            raise CodesFileError("arguments", f"{flag} must be >= 0, got {val}; use 0 (or leave {flag} out) {meaning}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,16 +67,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{qlab.shape[1:] or '(n,)'}; both must be class ids or multi-hot of the same width",
             )
         from ..metrics import retrieval_metrics
-
-        def whole(v):  # 0 means the whole database
-            return None if v == 0 else v
+        from ..metrics.specs import options_from
 
         try:
-            res = retrieval_metrics(
-                qc, dc, qlab, dlab, topk=whole(args.topk), radius=args.radius, precision_at=tuple(args.precision_at),
-                ndcg_k=whole(args.ndcg_k), acg_k=whole(args.acg_k), wmap_topk=whole(args.wmap_topk), ties=args.ties,
-                empty_queries=args.empty_queries,
-            )
+            res = retrieval_metrics(qc, dc, qlab, dlab, ties=args.ties, empty_queries=args.empty_queries,
+                                    **options_from(lambda name: getattr(args, name, None)))
         except ValueError as exc:
             raise CodesFileError("arguments", str(exc)) from exc
     except CodesFileError as exc:
