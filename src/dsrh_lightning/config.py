@@ -142,8 +142,14 @@ class ModelConfig:
     # Classification stream on the shared features (its loss weight is loss.cls_weight).
     classifier: bool = True
     dropout: float = 0.5
-    # Freeze the backbone (train only the heads).
+    # Freeze the backbone (train only the heads); the same as train_blocks=0.
     freeze_backbone: bool = False
+    # Partial fine-tuning: the last N blocks of the backbone train, the stem and the blocks below are frozen
+    # (no gradients, kept in eval mode: BatchNorm statistics and dropout fixed). 0 = all frozen, -1 = all
+    # train. Blocks: small_cnn's 4 conv blocks + FC; VGG's 5 conv stages + classifier; ResNet's layer1-4;
+    # EfficientNet-Lite0's 7 stages + head. With data.cache_features=true and N > 0, the frozen part's output
+    # is cached once and the top N blocks train on it (no augmentation); with -1 the whole backbone is cached.
+    train_blocks: int = -1
 
 
 @dataclass
@@ -593,6 +599,16 @@ def validate(cfg: DictConfig) -> None:
     for k in cfg.eval.precision_at:
         if k <= 0:
             raise ConfigError(f"eval.precision_at contains {k}: every k must be > 0")
+    m = cfg.model
+    if m.train_blocks < -1:
+        raise ConfigError(f"model.train_blocks={m.train_blocks}: must be >= 0 (the last N blocks train), or -1 (all)")
+    if m.freeze_backbone and m.train_blocks not in (-1, 0):
+        raise ConfigError(f"model.freeze_backbone=true freezes every block, but model.train_blocks={m.train_blocks}: "
+                          "set one of them (freeze_backbone=true is train_blocks=0)")
+    if cfg.data.feature_norm != "none" and cfg.data.cache_features and not m.freeze_backbone and m.train_blocks > 0:
+        raise ConfigError(f"data.feature_norm={cfg.data.feature_norm} normalises cached feature vectors; with "
+                          f"model.train_blocks={m.train_blocks} the cache holds lower-block outputs: set "
+                          "data.feature_norm=none")
     if cfg.data.feature_norm != "none" and not cfg.data.cache_features:
         raise ConfigError(f"data.feature_norm={cfg.data.feature_norm} normalises cached backbone features: "
                           "set data.cache_features=true, or data.feature_norm=none")

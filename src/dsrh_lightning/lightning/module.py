@@ -68,7 +68,8 @@ class HashingModule(pl.LightningModule):
         # feature_dim: inputs are cached backbone features (data.cache_features), the backbone is the identity
         # or, with data.feature_norm=standardize, a fixed standardisation by feature_stats = (mean, std).
         standardize = bool(feature_dim) and self.cfg.data.get("feature_norm", "none") == "standardize"
-        self.net = build_network(self.cfg.model, num_classes, feature_dim, standardize=standardize)
+        self.net = build_network(self.cfg.model, num_classes, feature_dim, standardize=standardize,
+                                 cache_features=bool(self.cfg.data.cache_features), seed=int(self.cfg.seed))
         if feature_stats is not None:
             if not standardize:
                 raise ValueError("feature_stats given, but the config does not standardise cached features")

@@ -8,7 +8,7 @@ weights API; with no network they fail with a message that says what to do.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -81,11 +81,22 @@ class VGGLastTwo(nn.Module):
         return torch.cat([h6, self.fc7(h6)], dim=1)
 
 
-def build_backbone(name: str, weights: str = "none", hash_input: str = "last") -> Tuple[nn.Module, int]:
+def build_backbone(name: str, weights: str = "none", hash_input: str = "last",
+                   below_last_blocks: Optional[int] = None) -> Tuple[nn.Module, Optional[int]]:
     """Return ``(module, feature_dim)``: ``module(x (b,3,h,w)) -> (b, feature_dim)``.
 
     ``hash_input="last_two"`` (VGG only) returns fc6 and fc7 concatenated (8192-d).
+    ``below_last_blocks=N`` (partial fine-tuning's feature cache) returns ``(lower, None)`` instead: the
+    frozen part under the last ``N`` blocks (:class:`~.blocks.LowerBackbone`, images -> the input of
+    those blocks).
     """
+    if below_last_blocks is not None:
+        from .blocks import LowerBackbone, check_partial_cache, frozen_stage_count
+
+        full, _ = build_backbone(name, weights, hash_input)
+        stage = frozen_stage_count(full, int(below_last_blocks))
+        check_partial_cache(full, stage, name, int(below_last_blocks))
+        return LowerBackbone(full, stage), None
     if name == "small_cnn":
         if weights != "none":
             raise WeightsUnavailableError("model.backbone=small_cnn has no pretrained weights; use model.weights=none")
