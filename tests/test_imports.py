@@ -173,7 +173,7 @@ FLOORS = (
     ("library", ("dsrh_lightning.data", "dsrh_lightning.models", "dsrh_lightning.losses", "dsrh_lightning.metrics",
                  "dsrh_lightning.baselines", "dsrh_lightning.search", "dsrh_lightning.plots")),
     ("lightning", ("dsrh_lightning.lightning",)),
-    ("runs", ("dsrh_lightning.runs",)),
+    ("runs", ("dsrh_lightning.runs", "dsrh_lightning.serve")),
     ("cli", ("dsrh_lightning.cli",)),
 )
 

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from .extra_commands import EXTRA_HANDLERS
+
 __all__ = ["HANDLERS"]
 
 
@@ -27,6 +29,10 @@ def cmd_train(args, overrides: List[str]) -> int:
 
 
 def cmd_config(args, overrides: List[str]) -> int:
+    if getattr(args, "explain", None):
+        from .extra_commands import cmd_explain
+
+        return cmd_explain(args, overrides)
     from omegaconf import OmegaConf
 
     print(OmegaConf.to_yaml(_load(args, overrides)))
@@ -186,3 +192,4 @@ def cmd_search(args, extra: Sequence[str]) -> int:
 
 HANDLERS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "eval-codes": cmd_eval_codes,
             "sweep-local": cmd_sweep_local, "index": cmd_index, "search": cmd_search}
+HANDLERS.update(EXTRA_HANDLERS)  # compare, baseline, show, serve

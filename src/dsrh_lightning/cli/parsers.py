@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .extra_parsers import add_explain_arg, add_extra_parsers
+
 __all__ = ["build_parser", "add_eval_codes_args", "add_index_args", "add_search_args", "PLOT_FORMATS"]
 
 PLOT_FORMATS = ("png", "pdf", "svg")
@@ -64,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model.bits=48. `dsrh config ...` prints the resolved config.")
     _add_config_args(p)
 
-    p = sub.add_parser("config", help="print the resolved configuration")
+    p = sub.add_parser("config", help="print the resolved configuration, or what a key means (--explain KEY)")
     _add_config_args(p)
+    add_explain_arg(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test queries vs the database")
     p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_args(p)
     p = sub.add_parser("search", help="exact Hamming search of query images in a codes file")
     add_search_args(p)
+    add_extra_parsers(sub)
     return parser
 
 

@@ -254,4 +254,7 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
     if done:
         print(f"sweep-local: state in {state_path(out_dir)}; upload the offline W&B runs with "
               f"`wandb sync {out_dir}/*/wandb/offline-run-*`", flush=True)
+        from .compare import summarise_sweep  # the best run by the sweep's metric, and the comparison table
+
+        summarise_sweep(out_dir, state["runs"], metric, (sweep.get("metric") or {}).get("goal", "maximize"))
     return done

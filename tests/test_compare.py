@@ -1,0 +1,129 @@
+"""`dsrh baseline` (classical hashing on cached features, written like a deep run) and `dsrh compare`
+(one table and overlaid plots from saved results), and the end of `dsrh sweep-local`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _metric_refs import ref_metrics
+from dsrh_lightning import cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny deep run on cached features, and ITQ / LSH baselines on the same features (two via --run)."""
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.runs.train import train
+
+    tmp = tmp_path_factory.mktemp("cmp")
+    base = ["dataset=synthetic", f"output_dir={tmp / 'runs'}", "data.synthetic_per_class=40",
+            "data.protocol.query_per_class=5", "data.protocol.train_per_class=20", "data.protocol.val_per_class=5",
+            "data.batch_size=16", "data.eval_batch_size=64", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+            "logger.name=none", f"data.split_dir={tmp / 'splits'}", "data.cache_features=true",
+            f"data.feature_dir={tmp / 'features'}"]
+    deep = train(load_config(base + ["name=deep", "trainer.max_steps=12", "trainer.val_check_interval=6"]))
+    run_dir = Path(deep["run_dir"])
+    assert cli.main(["baseline", "itq", "--bits", "12", "--run", str(run_dir), "name=itq12"]) == 0
+    assert cli.main(["baseline", "itq", "--bits", "8", "--run", str(run_dir), "name=itq8"]) == 0
+    assert cli.main(["baseline", "lsh", "--bits", "12", "--seed", "3", *base, "name=lsh12"]) == 0
+    return tmp / "runs", deep
+
+
+def test_baseline_metrics_match_a_reference_on_the_same_features(runs):
+    from dsrh_lightning.baselines import ITQ
+
+    out, deep = runs
+    res = json.loads((out / "itq12" / "metrics.json").read_text())
+    assert res["method"] == "itq" and res["bits"] == 12
+    # the deep run's feature cache and split, fitted again here on the training rows
+    cache = np.load(res["feature_cache"])
+    split = np.load(Path(deep["run_dir"]) / "split.npz")
+    pos = {int(j): i for i, j in enumerate(cache["indices"])}
+    feats = lambda idx: cache["features"][[pos[int(j)] for j in idx]]  # noqa: E731
+    from dsrh_lightning.data.sources import make_synthetic
+
+    labels = make_synthetic(10, 40, 32, seed=0).labels
+    model = ITQ(12, seed=0).fit(feats(split["train"]))
+    q, db = model.encode(feats(split["query"])), model.encode(feats(split["database"]))
+    ref = ref_metrics(q, db, labels[split["query"]], labels[split["database"]], radius=2)
+    assert res["test/map"] == pytest.approx(ref["map"], abs=1e-9)
+    assert res["test/precision_radius"] == pytest.approx(ref["precision_radius"], abs=1e-9)
+    # the same files as a deep run: config (method as experiment), plots and curves
+    plots = out / "itq12" / "plots"
+    for name in ("pr_curve", "precision_at_k", "precision_radius", "retrieval_grid"):
+        assert (plots / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    curves = json.loads((plots / "curves.json").read_text())
+    assert (curves["method"], curves["bits"], curves["step"]) == ("itq", 12, None)
+    assert "experiment: itq" in (out / "itq12" / "config.yaml").read_text()
+    lsh = json.loads((out / "lsh12" / "metrics.json").read_text())
+    assert lsh["seed"] == 3 and 0 < lsh["test/map"] < 1
+
+
+def test_compare_prints_one_table_and_writes_overlaid_plots(runs, capsys, tmp_path):
+    out, deep = runs
+    dirs = [out / n for n in ("deep", "itq12", "itq8", "lsh12")]
+    assert cli.main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].split() == ["run", "dataset", "method", "bits", "seed", "MAP", "P@r<=2", "best", "step"]
+    maps = {d.name: json.loads((d / "metrics.json").read_text())["test/map"] for d in dirs}
+    body = lines[2:6]
+    assert [ln.split()[0] for ln in body] == sorted(maps, key=lambda n: -maps[n])  # best MAP first
+    for ln in body:
+        cells = ln.split()
+        assert float(cells[5]) == pytest.approx(maps[cells[0]], abs=5e-5)
+    deep_row = next(ln.split() for ln in body if ln.startswith("deep"))
+    best_step = int(Path(deep["best_checkpoint"]).name.split("step")[1].split("-")[0])
+    assert deep_row[-1] == str(best_step) and next(ln for ln in body if ln.startswith("itq8")).split()[-1] == "-"
+    best = max(maps, key=maps.get)
+    assert f"best run: {out / best}" in text
+    table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["name"] for r in table] == [ln.split()[0] for ln in body]
+    for name in ("pr_curves", "map_vs_bits"):
+        assert (tmp_path / "cmp" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "cmp" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_compare_refuses_an_unfinished_run_by_name(runs, tmp_path, capsys):
+    out, _ = runs
+    (tmp_path / "half").mkdir()
+    assert cli.main(["compare", str(out / "itq12"), str(tmp_path / "half"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "half: no metrics.json" in err and "Traceback" not in err
+
+
+def test_compare_logs_a_wandb_table(runs):
+    from dsrh_lightning.runs.compare import log_to_wandb, read_run
+
+    out, _ = runs
+    rows = [read_run(out / n) for n in ("itq12", "lsh12")]
+    table = log_to_wandb(rows, {}, "dsrh-test", mode="offline")
+    assert table.columns[:3] == ["run", "dataset", "method"] and len(table.data) == 2
+    assert [r[0] for r in table.data] == sorted(["itq12", "lsh12"], key=lambda n: -read_run(out / n).map)
+
+
+def test_sweep_local_ends_with_the_best_run_by_its_metric_and_the_table(tmp_path, capsys):
+    """The best run is the sweep metric's (validation) best, even when another run tests higher."""
+    from dsrh_lightning.runs.sweep_local import run_sweep_local
+
+    def fake(args, out, name):
+        bits = int(next(a.split("=")[1] for a in args if a.startswith("--model.bits=")))
+        metrics = {"best_val_map": {12: 0.5, 24: 0.7}[bits], "test/map": {12: 0.65, 24: 0.6}[bits],
+                   "test/precision_radius": 0.3}
+        (out / name / "plots").mkdir(parents=True)
+        (out / name / "metrics.json").write_text(json.dumps(metrics))
+        (out / name / "plots" / "curves.json").write_text(json.dumps(
+            {"dataset": "synthetic", "method": "dsrh", "bits": bits, "seed": 0, "step": 40,
+             "pr_curve": {"precision": [0.9, 0.1], "recall": [0.2, 1.0]}}))
+        return 0, metrics
+
+    run_sweep_local("bits.yaml", 2, ["dataset=synthetic"], tmp_path / "sw", run_fn=fake)
+    text = capsys.readouterr().out
+    assert f"sweep best run by best_val_map (maximize): {tmp_path / 'sw' / 'bits-001'} (best_val_map=0.7000)" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("bits-00")]
+    assert [r[0] for r in rows] == ["bits-000", "bits-001"] and rows[0][5] == "0.6500"
+    assert (tmp_path / "sw" / "comparison" / "pr_curves.png").is_file()
