@@ -76,6 +76,7 @@ bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive
 # validation (same budget for every tuned method), then every method x bits x seed with its tuned settings.
 # Both resume where they stopped.
 TUNED := benchmarks/results/tuned_cpu.json
+TUNED_RESULTS := benchmarks/results/results_cpu_tuned.jsonl
 TUNED_METHODS := ITQ DRH DRH+ DSRH HashNet CSQ
 TUNE_ARGS ?=
 RESULTS_ARGS ?=
@@ -83,16 +84,21 @@ bench-tune: venv ## CPU protocol, step 1: Bayesian search on validation per meth
 	$(PY) -m benchmarks.tune_cpu --out $(TUNED) $(TUNE_ARGS)
 
 bench-results: venv ## CPU protocol, step 2: tuned methods, 3 seeds x 12/24/32/48 bits -> docs/RESULTS.md [RESULTS_ARGS=..]
-	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl \
-		--methods $(TUNED_METHODS) $(RESULTS_ARGS)
+	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results $(TUNED_RESULTS) --methods $(TUNED_METHODS) $(RESULTS_ARGS)
 
-bench-report: venv ## re-write docs/RESULTS.md tables and plots from the measured results
-	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results benchmarks/results/results_cpu_tuned.jsonl --report-only
-
-# The recorded fine-tune runs (docs/RESULTS.md) used round 1's recipe; FINETUNE_TUNED=$(TUNED) for round 2's.
-FINETUNE_TUNED ?= benchmarks/results/tuned_cpu_round1.json
+# End to end: the fine-tune runs take the recipe in $(FINETUNE_TUNED) (a validation search on frozen features without
+# the shared layer); FINETUNE_TUNED=$(TUNED) runs the frozen-feature winner instead.
+FINETUNE_TUNED ?= benchmarks/results/finetune_cpu_recipe.json
+FINETUNE_RESULTS := benchmarks/results/finetune_cpu.jsonl
+FINETUNE_LONG := benchmarks/results/finetune_cpu_dsrh_2400.jsonl
 bench-finetune: venv ## end-to-end fine-tune on CPU: DRH vs DRH+ vs DSRH, EfficientNet-Lite0 at 64 px, 48 bits [FINETUNE_ARGS=..]
-	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) $(FINETUNE_ARGS)
+	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) --results $(FINETUNE_RESULTS) \
+		--also-report $(FINETUNE_LONG) $(FINETUNE_ARGS)
+
+bench-report: venv ## re-write docs/RESULTS.md's generated tables and plots from the canonical results files
+	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results $(TUNED_RESULTS) --report-only
+	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) --results $(FINETUNE_RESULTS) \
+		--also-report $(FINETUNE_LONG) --report-only
 
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
 	$(PY) -m benchmarks.train_speed

@@ -4,7 +4,7 @@ For each batch size, times (ms per step, median of alternating rounds) the DSRH 
 Zhao et al.'s weighted multilevel hinge over every valid in-batch triplet, computed
 
 * gathered: mine the (a, p, n) index lists, gather a ``(t, k)`` code matrix per role, hinge per triplet
-  (the formulation before the matrix form);
+  (one code row per triplet role);
 * matrix: one ``(b, b)`` distance matrix, hinge over the ``(b, b, b)`` valid mask
   (:func:`~dsrh_lightning.losses.triplet.mined_triplet_loss`,
   :func:`~dsrh_lightning.losses.semantic_ranking.mined_weighted_ranking_loss`).

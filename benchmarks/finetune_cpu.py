@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning on CPU (issue 9, item 5): DRH vs DRH+ vs DSRH with a trainable backbone.
+"""End-to-end fine-tuning on CPU: DRH vs DRH+ vs DSRH with a trainable backbone.
 
 On cached (frozen) features the classification stream cannot shape what the hash stream reads, so
 DSRH = DRH+ there. Here the whole network trains: EfficientNet-Lite0 (ImageNet weights) at
@@ -14,9 +14,10 @@ end-to-end run takes ``--lr`` for the heads and ``--lr * --backbone-lr-mult`` fo
 
 Each (method, bits, seed) is appended to ``--results`` as one JSON line; runs keep their folders under
 ``--output-dir`` and an interrupted run continues from its last.ckpt (``resume=auto``) when the
-command is run again. ``--report`` rewrites the fine-tune block of docs/RESULTS.md.
+command is run again. Every run (``--report-only`` too) rewrites the fine-tune block of docs/RESULTS.md from
+``--results`` and the files named by ``--also-report``.
 
-    python -m benchmarks.finetune_cpu                 # 3 runs, about 25 min each here
+    python -m benchmarks.finetune_cpu                 # DRH, DRH+, DSRH at 48 bits, seed 0 (resumes)
     python -m benchmarks.finetune_cpu --report-only
 """
 
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 # peers (not run by default) their own tuned settings, each without its heads' lr.
 METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh", "HashNet": "hashnet", "CSQ": "csq"}
 ABLATIONS = ["DRH", "DRH+", "DSRH"]
-BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED (finetune) -->"
+BEGIN, END = "<!-- BEGIN GENERATED finetune (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED finetune -->"
 
 
 def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[str]:
@@ -88,19 +89,20 @@ def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
 
 
 def report(rows: List[Dict], source: str) -> List[str]:
-    """The fine-tune block of docs/RESULTS.md (one row per run; lines between the markers)."""
+    """The fine-tune block of docs/RESULTS.md (one row per run, markers included). ``source`` names the
+    results file(s) the rows come from; the text depends only on the rows, not on the day it is written."""
     lines = [BEGIN]
     if not rows:
         return lines + ["No end-to-end run measured yet (`make bench-finetune`).", END]
     lines += [
-        f"Generated {_dt.date.today().isoformat()} from `{source}` ({len(rows)} runs; commits "
+        f"From {source} ({len(rows)} runs; commits "
         f"{', '.join(sorted({r['commit'] for r in rows}))}; machine: {'; '.join(sorted({r['machine'] for r in rows}))}; "
         f"measured {min(r['date'] for r in rows)} .. {max(r['date'] for r in rows)}).", "",
         "| method | bits | seed | image size | steps | batch | lr (backbone x) | best val MAP | test MAP@all | "
         "precision r<=2 | database | minutes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["bits"], r["seed"], list(METHODS).index(r["method"])
+    for r in sorted(rows, key=lambda r: (r["bits"], r["steps"], r["seed"], list(METHODS).index(r["method"])
                                          if r["method"] in METHODS else 99)):
         val = f"{r['best_val_map']:.4f}" if r.get("best_val_map") is not None else "-"
         lines.append(f"| {r['method']} | {r['bits']} | {r['seed']} | {r['image_size']} px | {r['steps']} | "
@@ -122,11 +124,13 @@ def main(argv=None) -> None:
     add_schedule_args(p)
     p.add_argument("--lr", type=float, default=0.01, help="the heads' learning rate")
     p.add_argument("--backbone-lr-mult", type=float, default=1.0,
-                   help="1.0: the whole network at one lr, as in the paper (0.1 left the hash stream flat for 200+ steps at 64 px)")
+                   help="the backbone's lr as a multiple of --lr (1.0: the whole network at one lr, as in the paper)")
     p.add_argument("--tuned", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"),
                    help="tune_cpu.py's JSON ('' = each experiment config as it is)")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "finetune_cpu"))
     add_report_args(p, "finetune_cpu.jsonl")
+    p.add_argument("--also-report", nargs="*", default=[],
+                   help="other results files of this benchmark whose rows the report shows too (read only)")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     args = p.parse_args(argv)
     results = Path(args.results)
@@ -148,7 +152,10 @@ def main(argv=None) -> None:
                     print(f"{method:5s} {bits} bits seed {seed}: test MAP {row['map']:.4f}  P@r2 "
                           f"{row['precision_r2']:.4f}  best val MAP {row['best_val_map']:.4f}  "
                           f"({row['seconds'] / 60:.1f} min)", flush=True)
-    replace_block(Path(args.docs) / "RESULTS.md", BEGIN, END, report(load_results(results), repo_relative(results)))
+    sources = list(dict.fromkeys(Path(f).resolve() for f in [results, *args.also_report]))  # each file once
+    rows = [row for path in sources for row in load_results(path)]
+    replace_block(Path(args.docs) / "RESULTS.md", BEGIN, END,
+                  report(rows, ", ".join(f"`{repo_relative(path)}`" for path in sources)))
 
 
 if __name__ == "__main__":

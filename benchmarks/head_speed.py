@@ -1,4 +1,4 @@
-"""Head training speed on cached features (issue 9 item 1): a DSRH head run at 48 bits through the project's
+"""Head training speed on cached features: a DSRH head run at 48 bits through the project's
 real ``train()`` (Lightning, the data module, the module, validation at the end), on CIFAR-10 features of a
 frozen EfficientNet-Lite0 (ImageNet weights) at 128 px extracted once by ``data.cache_features``.
 

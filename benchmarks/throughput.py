@@ -1,4 +1,4 @@
-"""Training throughput against the model's own ceiling (issue 11), fp32 vs bf16.
+"""Training throughput against the model's own ceiling, fp32 vs bf16.
 
 For each case ``backbone:image_size``:
 

@@ -1,4 +1,4 @@
-"""Recipe search on validation for the CPU protocol (issue 9, item 3).
+"""Recipe search on validation for the CPU protocol.
 
 Every tuned method gets the same budget: ``--count`` Bayesian trials of W&B's sweeps engine
 (``sweep-local``: ``experiments/sweeps/tune_<method>.yaml``) at each of ``--bits``, each trial a run of

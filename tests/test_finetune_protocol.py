@@ -1,6 +1,7 @@
 """The end-to-end fine-tune benchmark's plumbing (benchmarks/finetune_cpu.py): which settings each ablation
 runs with, that the project's config accepts them, and the RESULTS.md block it writes beside report_cpu's."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -71,14 +72,36 @@ def test_report_block_rows_in_ablation_order_and_coexists_with_report_cpu(tmp_pa
     assert [line.split("|")[1].strip() for line in body] == ["DRH", "DRH+", "DSRH"]
     assert "| 0.6000 |" in body[2] and "59,000" in body[2] and "| 25.0 |" in body[2]
     results = tmp_path / "RESULTS.md"
-    results.write_text("# Results\n\nintro\n\n" + report_cpu.BEGIN + "\nold tables\n" + report_cpu.END + "\n\nend text\n")
+    begin, end = report_cpu.HEADLINE
+    results.write_text("# Results\n\nintro\n\n" + begin + "\nold tables\n" + end + "\n\nend text\n")
     report_cpu.replace_block(results, finetune_cpu.BEGIN, finetune_cpu.END, block)
-    report_cpu.replace_block(results, report_cpu.BEGIN, report_cpu.END, [report_cpu.BEGIN, "new tables", report_cpu.END])
+    report_cpu.replace_block(results, begin, end, [begin, "new tables", end])
     report_cpu.replace_block(results, finetune_cpu.BEGIN, finetune_cpu.END, finetune_cpu.report(rows[:1], "x"))
     text = results.read_text()
     assert "old tables" not in text and text.count("new tables") == 1 and "intro" in text and "end text" in text
     assert text.count(finetune_cpu.BEGIN) == 1 and text.count("| DSRH |") == 1 and "| DRH |" not in text
     assert text.index("new tables") < text.index(finetune_cpu.BEGIN)
+
+
+def test_report_names_every_source_and_puts_longer_runs_after_the_rest(tmp_path):
+    long_run = dict(_row("DSRH", 0.67, 0.66), steps=2400)
+    block = finetune_cpu.report([long_run, _row("DSRH", 0.61, 0.6), _row("DRH", 0.51, 0.5)], "`a.jsonl`, `b.jsonl`")
+    assert block[1].startswith("From `a.jsonl`, `b.jsonl` (3 runs;")
+    body = [line.split("|")[5].strip() for line in block if line.startswith("| D")]
+    assert body == ["1500", "1500", "2400"]
+
+
+def test_also_report_adds_rows_once_without_running(tmp_path):
+    """--report-only --also-report: the block shows the rows of both files, a file named twice counts once."""
+    first, second = tmp_path / "ft.jsonl", tmp_path / "ft_long.jsonl"
+    first.write_text(json.dumps(_row("DRH", 0.51, 0.5)) + "\n" + json.dumps(_row("DSRH", 0.61, 0.6)) + "\n")
+    second.write_text(json.dumps(dict(_row("DSRH", 0.67, 0.66), steps=2400)) + "\n")
+    docs = tmp_path / "docs"
+    finetune_cpu.main(["--tuned", "", "--report-only", "--results", str(first), "--also-report", str(second),
+                       str(first), "--docs", str(docs)])
+    text = (docs / "RESULTS.md").read_text()
+    assert text.count("| DSRH |") == 2 and text.count("| DRH |") == 1 and "(3 runs;" in text
+    assert f"`{first.resolve()}`, `{second.resolve()}`" in text  # files outside the repository keep their path
 
 
 def test_report_without_runs_says_how_to_measure():
