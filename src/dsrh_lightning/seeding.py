@@ -42,8 +42,8 @@ def seed_device(seed: int, device: torch.device) -> None:
 
     On the CPU this seeds ``torch.default_generator`` alone, which is all ``torch.manual_seed`` changes
     for CPU ops, without its cost: ``torch.manual_seed`` also queues a seed for every lazily initialised
-    backend (CUDA, XPU, MTIA), each formatting a stack trace, about 1.3 ms a call on 2 cores, once per
-    training step. On other devices it is ``torch.manual_seed``.
+    backend (CUDA, XPU, MTIA), each formatting a stack trace, and this runs once per training step. On other
+    devices it is ``torch.manual_seed``.
     """
     if torch.device(device).type == "cpu":
         torch.default_generator.manual_seed(int(seed))
