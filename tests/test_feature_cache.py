@@ -159,3 +159,67 @@ def test_feature_norm_needs_cached_features(tiny_overrides):
         load_config(tiny_overrides + ["data.feature_norm=standardize"])
     with pytest.raises(ConfigError, match="data.feature_norm='zscore'"):
         load_config(tiny_overrides + ["data.cache_features=true", "data.feature_norm=zscore"])
+
+
+class _StopAfter(nn.Module):
+    """A backbone that raises KeyboardInterrupt (Ctrl-C) on its ``stop``-th call; counts its calls."""
+
+    def __init__(self, net: nn.Module, stop: int = 0) -> None:
+        super().__init__()
+        self.net, self.stop, self.calls = net, stop, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.net(x)
+
+
+def test_interrupted_extraction_resumes_to_the_same_cache(tmp_path, capsys):
+    images = np.random.default_rng(1).integers(0, 255, (50, 8, 8, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 6), nn.Tanh())
+    tf = lambda im: torch.as_tensor(im, dtype=torch.float32).permute(2, 0, 1) / 255
+    needed = np.arange(3, 47)  # 44 images: chunks of 8 (2 batches of 4) -> 6 chunks, the last one of 4
+    kw = dict(batch_size=4, progress=False, chunk_size=8)
+    ref, ref_idx = features_mod.load_or_extract_features(tmp_path / "a.npz", needed, lambda: _StopAfter(net),
+                                                         images, tf, {"k": 1}, **kw)
+    assert ref.shape == (44, 6) and not (tmp_path / "a.npz.parts").exists()
+    # Ctrl-C in the 6th batch (chunk 2's second): chunks 0 and 1 are kept, one line says so, exit code 130.
+    path = tmp_path / "b.npz"
+    with pytest.raises(features_mod.ExtractionInterrupted) as stop:
+        features_mod.load_or_extract_features(path, needed, lambda: _StopAfter(net, stop=6), images, tf,
+                                              {"k": 1}, **kw)
+    assert stop.value.code == 130 and "2 of 6 chunks kept" in stop.value.message
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [stop.value.message]
+    assert not path.exists()
+    assert sorted(p.name for p in (tmp_path / "b.npz.parts").iterdir()) == [
+        "chunk-00000.npy", "chunk-00001.npy", "manifest.json"]  # no temporary file of chunk 2 is left
+    # Restarted: only the 4 missing chunks are extracted (7 batches), and the cache equals the uninterrupted one.
+    again = _StopAfter(net)
+    feats, idx = features_mod.load_or_extract_features(path, needed, lambda: again, images, tf, {"k": 1}, **kw)
+    assert again.calls == 7
+    np.testing.assert_array_equal(feats, ref)
+    np.testing.assert_array_equal(idx, ref_idx)
+    with np.load(path) as a, np.load(tmp_path / "a.npz") as b:
+        np.testing.assert_array_equal(a["features"], b["features"])
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+    assert not (tmp_path / "b.npz.parts").exists()
+
+
+def test_chunks_of_another_extraction_are_not_reused(tmp_path):
+    images = np.random.default_rng(2).integers(0, 255, (20, 4, 4, 3), dtype=np.uint8)
+    tf = lambda im: torch.as_tensor(im, dtype=torch.float32).flatten()
+    first = nn.Linear(48, 3)
+    path = tmp_path / "c.npz"
+    with pytest.raises(features_mod.ExtractionInterrupted):
+        features_mod.load_or_extract_features(path, np.arange(20), lambda: _StopAfter(first, stop=3), images, tf,
+                                              {"weights": "one"}, batch_size=4, progress=False, chunk_size=4)
+    # Another extraction (different metadata, e.g. other weights) into the same path starts over.
+    second = nn.Linear(48, 3)
+    feats, _ = features_mod.load_or_extract_features(path, np.arange(20), lambda: second, images, tf,
+                                                     {"weights": "two"}, batch_size=4, progress=False, chunk_size=4)
+    with torch.no_grad():
+        want = second(torch.stack([tf(im) for im in images])).numpy()
+    np.testing.assert_allclose(feats, want, rtol=1e-6, atol=1e-6)

@@ -107,6 +107,9 @@ class DataConfig:
     std: List[float] = field(default_factory=list)
     # Train the heads on backbone features computed once (eval mode, no augmentation) and cached in
     # data.feature_dir, keyed by backbone, weights, image size and data fingerprint; the backbone is frozen.
+    # With model.train_blocks=N > 0 the cache holds the output of the frozen lower blocks instead and the
+    # top N blocks train on it. Augmentation cannot apply to cached inputs: data.augment is not used.
+    # Extraction is written in chunks: a stopped extraction (Ctrl-C) continues where it stopped.
     cache_features: bool = False
     feature_dir: str = "data/features"
     # With cache_features: "standardize" z-scores every feature dimension by the mean and std of the

@@ -171,7 +171,9 @@ class HashingDataModule(pl.LightningDataModule):
         eval_kw: dict = {}
         if d.cache_features:
             img = self._cached_features(eval_tf, eval_batch)
-            self.feature_dim = img.dim
+            # Vectors: the network's backbone becomes the identity; lower-block outputs (partial
+            # fine-tuning): the network runs its trainable top blocks on them.
+            self.feature_dim = img.dim if img.features.ndim == 2 else None
             train_tf = eval_tf = None  # features are fixed: no augmentation, no per-item seeding
         elif in_memory and d.augment_on == "device":
             self.train_batch_transform = BatchTransform(self.image_size, native, True, d.augment, d.mean, d.std)
@@ -216,19 +218,23 @@ class HashingDataModule(pl.LightningDataModule):
         norm = "imagenet" if not d.mean else hashlib.sha1(str((list(d.mean), list(d.std))).encode()).hexdigest()[:8]
         # A randomly initialised backbone depends on the seed; pretrained weights do not.
         seed = int(self.cfg.seed) if m.weights == "none" else None
+        # model.train_blocks=N > 0: cache the frozen part under the last N blocks (partial fine-tuning).
+        below = 0 if m.freeze_backbone else max(int(m.train_blocks), 0)
         path = feature_cache_path(Path(d.feature_dir), self.source.name, m.backbone, m.weights, self.image_size,
-                                  fp, norm, seed)
+                                  fp, norm, seed, m.hash_input, below)
         needed = np.concatenate([getattr(self.split, k) for k in ("query", "database", "train", "val",
                                                                    "val_database")])
 
         def make_backbone():
             if seed is not None:
                 torch.manual_seed(seed)
-            built = self.backbone_factory(m.backbone, m.weights, m.hash_input)
+            extra = {"below_last_blocks": below} if below else {}
+            built = self.backbone_factory(m.backbone, m.weights, m.hash_input, **extra)
             return built[0] if isinstance(built, tuple) else built
 
         meta = {"dataset": self.source.name, "backbone": m.backbone, "weights": m.weights,
-                "image_size": self.image_size, "fingerprint": fp, "norm": norm, "seed": seed}
+                "image_size": self.image_size, "fingerprint": fp, "norm": norm, "seed": seed,
+                "hash_input": m.hash_input, "below_last_blocks": below}
         feats, idx = load_or_extract_features(path, needed, make_backbone, self.source.images, eval_tf, meta,
                                               batch_size=d.eval_batch_size, progress=self.cfg.trainer.progress_bar,
                                               batch_transform=eval_batch)

@@ -6,6 +6,14 @@ becomes the identity: only the hash and classification heads train, through the
 same LightningModule, losses and evaluation callback. The cache file is keyed by
 backbone, weights, input size, normalisation and a fingerprint of the data (and by
 the seed when the backbone is randomly initialised), so a stale cache is never read.
+
+With ``model.train_blocks=N`` (partial fine-tuning) the cache holds the output of the
+frozen lower part of the backbone instead (``(n, C, H, W)`` per image), keyed also by
+``N``; the top ``N`` blocks and both streams train on it.
+
+Extraction runs in chunks, each written atomically to ``<cache>.parts/`` as it finishes;
+an extraction stopped by Ctrl-C (or killed) keeps its finished chunks and the next run
+skips them. The finished cache is one ``.npz`` file and the chunks are removed.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,7 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["FeatureRows", "data_fingerprint", "extract_features", "feature_cache_path", "load_or_extract_features"]
+from ..files import atomic_write, save_npz, write_text
+
+__all__ = ["ExtractionInterrupted", "FeatureRows", "data_fingerprint", "extract_features", "feature_cache_path",
+           "load_or_extract_features"]
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +54,25 @@ def data_fingerprint(images, labels: np.ndarray) -> str:
 
 
 def feature_cache_path(cache_dir: Path, dataset: str, backbone: str, weights: str, image_size: int,
-                       fingerprint: str, norm: str = "imagenet", seed: Optional[int] = None) -> Path:
-    """``<cache_dir>/<dataset>-<backbone>-<weights>-<size>px-<norm>-<fingerprint>[-seed<s>].npz``."""
+                       fingerprint: str, norm: str = "imagenet", seed: Optional[int] = None,
+                       hash_input: str = "last", below_last_blocks: int = 0) -> Path:
+    """``<cache_dir>/<dataset>-<backbone>-<weights>-<size>px-<norm>-<fingerprint>[-seed<s>][-<hash_input>]
+    [-below<N>].npz``: ``hash_input`` when not ``last`` (VGG's fc6+fc7 features differ from fc7's), and
+    ``below<N>`` for the output of the frozen part under the last ``N`` blocks (partial fine-tuning)."""
     seed_part = f"-seed{seed}" if seed is not None else ""
-    return Path(cache_dir) / f"{dataset}-{backbone}-{weights}-{image_size}px-{norm}-{fingerprint}{seed_part}.npz"
+    input_part = f"-{hash_input}" if hash_input != "last" else ""
+    split_part = f"-below{int(below_last_blocks)}" if below_last_blocks else ""
+    return Path(cache_dir) / (f"{dataset}-{backbone}-{weights}-{image_size}px-{norm}-{fingerprint}{seed_part}"
+                              f"{input_part}{split_part}.npz")
 
 
 @torch.inference_mode()
 def extract_features(backbone: nn.Module, images, indices: np.ndarray, transform: Optional[Callable],
                      batch_size: int = 128, progress: bool = True, desc: str = "features",
-                     batch_transform: Optional[Callable] = None) -> np.ndarray:
-    """Backbone features of ``images[indices]`` in eval mode: ``(len(indices), d)`` float32.
+                     batch_transform: Optional[Callable] = None, bar=None) -> np.ndarray:
+    """Backbone features of ``images[indices]`` in eval mode: ``(len(indices), d)`` float32, or
+    ``(len(indices), C, H, W)`` for the lower part of a backbone (partial fine-tuning). ``bar``: a tqdm
+    bar to advance (the caller's, for a whole extraction made of several calls) instead of a new one.
 
     ``transform`` maps one image to a ``(C, H, W)`` tensor (the evaluation
     transform: resize + normalise, no augmentation). ``batch_transform`` (in-memory uint8 arrays only)
@@ -65,7 +86,9 @@ def extract_features(backbone: nn.Module, images, indices: np.ndarray, transform
     batched = batch_transform is not None and isinstance(images, np.ndarray)
     device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
     out = []
-    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, mininterval=5.0)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, mininterval=5.0)
     try:
         for start in range(0, len(indices), batch_size):
             chunk = np.asarray(indices[start:start + batch_size], dtype=np.int64)
@@ -74,12 +97,14 @@ def extract_features(backbone: nn.Module, images, indices: np.ndarray, transform
             else:
                 batch = torch.stack([transform(images[int(j)]) for j in chunk]).to(device)
             feats = backbone(batch).float()
-            if feats.ndim != 2:
-                raise ValueError(f"backbone returned features of shape {tuple(feats.shape)}; expected (b, d)")
+            if feats.ndim not in (2, 4):
+                raise ValueError(f"backbone returned features of shape {tuple(feats.shape)}; expected (b, d) "
+                                 "or (b, C, H, W)")
             out.append(feats.cpu().numpy())
             bar.update(len(batch))
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
         backbone.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -127,31 +152,107 @@ def feature_statistics(features: np.ndarray, fit_rows: np.ndarray, eps: float = 
     return mean.astype(np.float32), np.where(std < eps, 1.0, std).astype(np.float32)
 
 
+class ExtractionInterrupted(SystemExit):
+    """Feature extraction stopped by Ctrl-C; the finished chunks are kept. A ``SystemExit`` with the
+    shell's code for SIGINT (130): the process ends without a traceback; ``message`` says what is kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(130)
+        self.message = message
+
+
+def _chunk_file(parts: Path, i: int) -> Path:
+    return parts / f"chunk-{i:05d}.npy"
+
+
+def _read_chunk(path: Path, rows: int) -> Optional[np.ndarray]:
+    """A finished chunk, or None when it is missing or does not hold ``rows`` rows."""
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return arr if arr.ndim >= 2 and len(arr) == rows else None
+
+
+def _open_parts(parts: Path, key: str) -> None:
+    """``parts/`` for the chunks of extraction ``key``; chunks of another extraction are removed."""
+    manifest = parts / "manifest.json"
+    if parts.is_dir():
+        try:
+            same = json.loads(manifest.read_text()).get("key") == key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(parts)
+    if not parts.is_dir():
+        parts.mkdir(parents=True)
+        write_text(manifest, json.dumps({"key": key}))
+
+
 def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Callable[[], nn.Module], images,
                              transform: Optional[Callable], meta: dict, batch_size: int = 128,
-                             progress: bool = True,
-                             batch_transform: Optional[Callable] = None) -> tuple[np.ndarray, np.ndarray]:
+                             progress: bool = True, batch_transform: Optional[Callable] = None,
+                             chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Features for the source indices ``needed`` from the cache at ``path``, extracting (and saving)
-    when the file is missing or does not cover them. Returns ``(features (n, d), indices (n,))``."""
+    when the file is missing or does not cover them. Returns ``(features (n, ...), indices (n,))``.
+
+    Extraction writes chunks of ``chunk_size`` images (rounded up to whole batches) to ``<path>.parts/``
+    atomically and skips chunks already there, so an interrupted extraction continues where it stopped
+    and gives the same cache as an uninterrupted one. Ctrl-C raises :class:`ExtractionInterrupted`
+    after printing one line.
+    """
     needed = np.unique(np.asarray(needed, dtype=np.int64))
     path = Path(path)
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             idx, feats = data["indices"], data["features"]
         if np.isin(needed, idx).all():
-            log.info("feature cache hit: %s (%d x %d)", path, *feats.shape)
+            log.info("feature cache hit: %s (%s)", path, " x ".join(map(str, feats.shape)))
             return feats, idx
         log.info("feature cache %s lacks %d images; extracting all needed", path, int((~np.isin(needed, idx)).sum()))
-    backbone = make_backbone()
-    t0 = time.perf_counter()
-    feats = extract_features(backbone, images, needed, transform, batch_size, progress, desc=path.stem,
-                             batch_transform=batch_transform)
-    seconds = time.perf_counter() - t0
-    meta = dict(meta, seconds=round(seconds, 1), images=int(len(needed)),
-                images_per_second=round(len(needed) / max(seconds, 1e-9), 2))
+    from tqdm.auto import tqdm
+
+    batch_size = int(batch_size)
+    chunk = max(batch_size, -(-int(chunk_size) // batch_size) * batch_size)  # whole batches per chunk
+    key = hashlib.sha1(needed.tobytes() + f"{chunk}/{batch_size}/{json.dumps(meta, sort_keys=True)}".encode())
+    parts = path.with_name(path.name + ".parts")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features=feats.astype(np.float32), indices=needed, meta=json.dumps(meta))
-    tmp.replace(path)
-    log.info("feature cache written: %s (%d x %d, %.1f img/s)", path, *feats.shape, meta["images_per_second"])
+    _open_parts(parts, key.hexdigest()[:16])
+    starts = list(range(0, len(needed), chunk))
+    done = [_read_chunk(_chunk_file(parts, i), len(needed[s:s + chunk])) is not None for i, s in enumerate(starts)]
+    todo = len(needed) - sum(len(needed[s:s + chunk]) for s, d in zip(starts, done) if d)
+    if any(done):
+        log.info("feature extraction continues: %d of %d chunks already in %s", sum(done), len(starts), parts)
+    backbone = make_backbone() if not all(done) else None
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(needed), initial=len(needed) - todo, desc=path.stem, unit="img", disable=not progress,
+               mininterval=5.0)
+    finished = sum(done)
+    try:
+        for i, s in enumerate(starts):
+            if done[i]:
+                continue
+            feats = extract_features(backbone, images, needed[s:s + chunk], transform, batch_size, progress,
+                                     batch_transform=batch_transform, bar=bar)
+            with atomic_write(_chunk_file(parts, i)) as f:
+                np.save(f, feats.astype(np.float32), allow_pickle=False)
+            finished += 1
+    except KeyboardInterrupt:
+        bar.close()
+        msg = (f"feature extraction interrupted: {finished} of {len(starts)} chunks kept in {parts}; "
+               "run the same command again to continue")
+        print(f"\n{msg}", file=sys.stderr, flush=True)
+        raise ExtractionInterrupted(msg) from None
+    bar.close()
+    seconds = time.perf_counter() - t0
+    feats = np.concatenate([_read_chunk(_chunk_file(parts, i), len(needed[s:s + chunk]))
+                            for i, s in enumerate(starts)]) if starts else np.zeros((0, 0), np.float32)
+    meta = dict(meta, seconds=round(seconds, 1), images=int(todo),
+                images_per_second=round(todo / max(seconds, 1e-9), 2))
+    save_npz(path, features=feats.astype(np.float32), indices=needed, meta=json.dumps(meta))
+    shutil.rmtree(parts, ignore_errors=True)
+    log.info("feature cache written: %s (%s, %.1f img/s)", path, " x ".join(map(str, feats.shape)),
+             meta["images_per_second"])
     return feats, needed
