@@ -165,12 +165,13 @@ def _chunk_file(parts: Path, i: int) -> Path:
     return parts / f"chunk-{i:05d}.npy"
 
 
-def _read_chunk(path: Path, rows: int) -> Optional[np.ndarray]:
-    """A finished chunk, or None when it is missing or does not hold ``rows`` rows."""
+def _read_chunk(path: Path, rows: int, mmap: bool = False) -> Optional[np.ndarray]:
+    """A finished chunk, or None when it is missing or does not hold ``rows`` rows. ``mmap``: memory-map
+    it (reads the header only, to check a chunk without loading it)."""
     if not path.is_file():
         return None
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError):
         return None
     return arr if arr.ndim >= 2 and len(arr) == rows else None
@@ -221,7 +222,8 @@ def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Call
     path.parent.mkdir(parents=True, exist_ok=True)
     _open_parts(parts, key.hexdigest()[:16])
     starts = list(range(0, len(needed), chunk))
-    done = [_read_chunk(_chunk_file(parts, i), len(needed[s:s + chunk])) is not None for i, s in enumerate(starts)]
+    done = [_read_chunk(_chunk_file(parts, i), len(needed[s:s + chunk]), mmap=True) is not None
+            for i, s in enumerate(starts)]
     todo = len(needed) - sum(len(needed[s:s + chunk]) for s, d in zip(starts, done) if d)
     if any(done):
         log.info("feature extraction continues: %d of %d chunks already in %s", sum(done), len(starts), parts)
