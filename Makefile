@@ -66,7 +66,17 @@ agent: venv ## run a W&B agent: make agent SWEEP_ID=entity/project/id [COUNT=n]
 sweep-local: venv ## run a sweep file offline, no W&B server: make sweep-local SWEEP=bits.yaml COUNT=n [ARGS=..]
 	$(VENV)/bin/dsrh sweep-local $(SWEEP_FILE) $(if $(COUNT),--count $(COUNT),) $(ARGS)
 
-test: venv ## run the test suite on CPU
+# The search page is tested in a real headless browser: Debian's chromium + chromium-driver, installed here when
+# missing (apt-get; as root, else through sudo).
+BROWSER_BIN := /usr/bin/chromium /usr/bin/chromedriver
+test: venv ## run the test suite on CPU (installs chromium + chromium-driver for the search-page test when missing)
+	@for f in $(BROWSER_BIN); do test -x $$f || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		command -v apt-get >/dev/null || { echo "make test: the search-page test needs $(BROWSER_BIN) (Debian packages chromium, chromium-driver)" >&2; exit 2; }; \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		echo "make test: installing chromium and chromium-driver (apt-get) for the search-page test"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver; \
+	fi
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive argsort and faiss
