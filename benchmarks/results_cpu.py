@@ -10,12 +10,14 @@ cached (``data.cache_features``), then
   DPSH, DTSH, HashNet, CSQ), all with the same sampling, steps and batch size;
 
 evaluated on the test queries against the database by ``metrics.retrieval_metrics``.
+With ``--tuned`` (tune_cpu.py's JSON) each tuned method runs with the settings found on validation.
 Each (method, bits, seed) result is appended to ``--results`` as one JSON line, so an
-interrupted run resumes where it stopped; ``--report`` writes docs/RESULTS.md's
-tables and plots from whatever has been measured.
+interrupted run resumes where it stopped; every run (``--report-only`` too) rewrites
+docs/RESULTS.md's generated tables and plots from whatever has been measured (report_cpu.py).
 
-    python -m benchmarks.results_cpu --seeds 0 1 2     # run (resumes)
-    python -m benchmarks.results_cpu --report-only     # tables + plots
+    make bench-results    # the tuned protocol: --tuned benchmarks/results/tuned_cpu.json (resumes)
+    make bench-report     # tables + plots from benchmarks/results/results_cpu_tuned.jsonl
+    python -m benchmarks.results_cpu --seeds 0 1 2 --results runs/untuned.jsonl --docs runs/untuned_docs
 """
 
 from __future__ import annotations
