@@ -128,7 +128,7 @@ class SearchService:
 _STYLE = """
 body{font-family:sans-serif;margin:1.5em;max-width:1200px} .msg{color:#b00;font-weight:bold}
 .grid{display:flex;flex-wrap:wrap;gap:10px} .item{width:150px;font-size:12px;text-align:center}
-.item img{width:128px;height:128px;object-fit:contain;border:5px solid #999;background:#eee}
+.item img{width:128px;height:128px;object-fit:contain;border:5px solid #999;background:#eee;image-rendering:pixelated}
 .item.rel img{border-color:#1a9850} .item.irr img{border-color:#d73027} .item.self{outline:2px dashed #333}
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 """
@@ -160,8 +160,8 @@ _RESULTS = """<h2 id="query-title">{{ heading }}</h2>
 <br><small>{{ r.id[-40:] }}</small></div>{% endfor %}</div>"""
 
 _WORST = """<h2>Queries by average precision, worst first</h2>
-<p id="worst-note">Each of {{ rows|length }} index items (evenly spread over the {{ n }}) ranks all the other items;
-relevant: a shared label.</p>
+<p id="worst-note">{% if rows|length < n %}{{ rows|length }} index items, evenly spread over the {{ n }},
+{% else %}All {{ n }} index items {% endif %}as queries: each ranks all the other items; relevant: a shared label.</p>
 <table id="worst"><tr><th>#</th><th>AP</th><th>id</th><th>label</th></tr>{% for p, ap, id, label in rows %}
 <tr class="worst-row" data-ap="{{ '%.6f'|format(ap) }}"><td>{{ loop.index }}</td><td>{{ '%.4f'|format(ap) }}</td>
 <td><a href="{{ url_for('query', id=id) }}">{{ id }}</a></td><td>{{ label }}</td></tr>{% endfor %}</table>"""
