@@ -121,3 +121,21 @@ def test_partial_cache_refusals(tiny_overrides, tmp_path):
         HashingDataModule(load_config(base + ["model.train_blocks=5"]), backbone_factory=build_backbone).setup("fit")
     with pytest.raises(ConfigError, match="data.feature_norm=standardize.*model.train_blocks=2"):
         load_config(base + ["model.train_blocks=2", "data.feature_norm=standardize"])
+
+
+def test_finetune_speed_benchmark_runs_tiny(tmp_path):
+    """benchmarks/finetune_speed.py at its tiny default: both loops run and a row with their step times."""
+    import json
+
+    from benchmarks import finetune_speed
+
+    out = tmp_path / "rows.jsonl"
+    finetune_speed.main(["--feature-dir", str(tmp_path / "f"), "--rounds", "1", "--warmup", "1", "--steps", "2",
+                         "--batch-size", "16", "--results", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["mode"] == "step" and row["train_blocks"] == 2 and row["cache_features"] is True
+    assert row["lightning_step_ms"] > 0 and row["plain_step_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["lightning_step_ms"] / row["plain_step_ms"], rel=1e-2)
+    cfg = load_config(finetune_speed.step_overrides(finetune_speed.parse_args(
+        ["--backbone", "efficientnet_lite0", "--image-size", "96", "--train-blocks", "3", "--dataset", "cifar10"])))
+    assert cfg.model.train_blocks == 3 and cfg.data.image_size == 96 and cfg.data.cache_features
