@@ -1,15 +1,18 @@
 """Retrieval evaluation: encode queries and database, binarise, rank by Hamming distance, log metrics.
 
 Validation and test loaders come in pairs (queries first, database second). The
-callback collects the codes the module returns for each batch, and at epoch end
-computes the metrics with :func:`dsrh_lightning.metrics.retrieval_metrics` and
-logs them as ``val/...`` or ``test/...`` (``val/map`` drives checkpoint selection).
+callback feeds the codes the module returns for each batch, with the labels and
+item positions (``batch[1]``, ``batch[2]``), to a
+:class:`~dsrh_lightning.lightning.metrics.HammingRetrieval` metric built from the
+``eval`` config, and at epoch end logs every value of
+:func:`dsrh_lightning.metrics.retrieval_metrics` as ``val/...`` or ``test/...``
+(``val/map`` drives checkpoint selection).
 
 Under DDP each rank encodes a share of the items (a ``DistributedSampler`` that
-pads the last share by repeating items). At epoch end the callback gathers codes,
-labels and item positions (``batch[2]``) from all ranks, drops the repeated
-positions and restores the subset order, so every rank computes the metrics of
-exactly the items a single process would see: MAP on N processes equals MAP on one.
+pads the last share by repeating items). The metric gathers codes, labels and item
+positions from all ranks and drops the repeated positions, so every rank computes
+the metrics of exactly the items a single process would see: MAP on N processes
+equals MAP on one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from ...metrics import binarize, retrieval_metrics
+from ...metrics import binarize
+from ...metrics.specs import options_from
+from ..metrics import HammingRetrieval, dedupe_by_position
 
 __all__ = ["CodeCollector", "RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
 
@@ -37,25 +42,6 @@ def all_gather_cat(trainer: pl.Trainer, x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x.to(strategy.root_device)
     gathered = strategy.all_gather(padded).view(world, longest, *x.shape[1:])
     return torch.cat([gathered[r, : int(sizes[r])] for r in range(world)]).cpu()
-
-
-def dedupe_by_position(positions: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Keep the first row of each position and sort rows by position.
-
-    Removes the items a distributed sampler repeats to pad the ranks' shares, and
-    restores the dataset order. Returns ``(positions, *tensors)`` reindexed.
-    """
-    if positions.ndim != 1:
-        raise ValueError(f"positions must be 1-D, got shape {tuple(positions.shape)}")
-    for t in tensors:
-        if t.shape[0] != positions.shape[0]:
-            raise ValueError(f"a tensor has {t.shape[0]} rows but there are {positions.shape[0]} positions")
-    order = torch.argsort(positions, stable=True)
-    sorted_pos = positions[order]
-    keep = torch.ones_like(sorted_pos, dtype=torch.bool)
-    keep[1:] = sorted_pos[1:] != sorted_pos[:-1]
-    sel = order[keep]
-    return (positions[sel],) + tuple(t[sel] for t in tensors)
 
 
 class CodeCollector:
@@ -97,24 +83,24 @@ class RetrievalEvaluation(pl.Callback):
         self.last: Dict[str, Dict[str, Any]] = {}
         # Items evaluated in the last epoch (after gathering and dropping distributed padding).
         self.counts: Dict[str, int] = {}
-        self.collector = CodeCollector(eval_cfg.threshold)
+        # every metric option the eval config sets (0 = whole database / not computed)
+        self.metric = HammingRetrieval(threshold=eval_cfg.threshold, ties=eval_cfg.ties,
+                                       empty_queries=eval_cfg.empty_queries,
+                                       **options_from(lambda name: eval_cfg.get(name)))
         self._loaded_step = None
 
+    def _complete(self) -> bool:
+        """True when both queries and database were seen."""
+        return bool(self.metric.query_codes) and bool(self.metric.database_codes)
+
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        col = self.collector
-        if trainer.sanity_checking or not col.complete():
-            col.reset()
+        if trainer.sanity_checking or not self._complete():
+            self.metric.reset()
             return
-        (q_codes, q_labels), (db_codes, db_labels) = col.gathered(trainer, 0), col.gathered(trainer, 1)
-        col.reset()
-        self.counts = {"queries": int(q_codes.shape[0]), "database": int(db_codes.shape[0])}
-        topk = self.cfg.topk or None
-        metrics = retrieval_metrics(
-            q_codes, db_codes, q_labels, db_labels,
-            topk=topk, radius=self.cfg.radius, precision_at=tuple(self.cfg.precision_at),
-            ties=self.cfg.ties, empty_queries=self.cfg.empty_queries,
-            ndcg_k=self.cfg.ndcg_k or None, acg_k=self.cfg.acg_k or None, wmap_topk=self.cfg.wmap_topk or None,
-        )
+        self.metric.compute()  # gathers all ranks' items (every rank must call this), then retrieval_metrics
+        metrics = self.metric.details
+        self.metric.reset()
+        self.counts = {"queries": int(metrics["num_queries"]), "database": int(metrics["num_database"])}
         scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         self.last[stage] = scalars
         pl_module.log_dict(scalars, prog_bar=False, logger=True, sync_dist=False)
@@ -132,17 +118,25 @@ class RetrievalEvaluation(pl.Callback):
         # trainer.test(ckpt_path=...) restores the weights, not the step counter: print the checkpoint's step.
         self._loaded_step = checkpoint.get("global_step")
 
+    def _start(self, pl_module) -> None:
+        # states live on the module's device, so the gather works with any backend (NCCL included)
+        self.metric.reset()
+        self.metric.to(pl_module.device)
+
+    def _add(self, outputs, batch, dataloader_idx: int) -> None:
+        self.metric.update(outputs, batch[1], torch.as_tensor(batch[2]), role=("query", "database")[dataloader_idx])
+
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self.collector.reset()
+        self._start(pl_module)
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self.collector.reset()
+        self._start(pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.collector.add(outputs, batch, dataloader_idx)
+        self._add(outputs, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.collector.add(outputs, batch, dataloader_idx)
+        self._add(outputs, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "val")
