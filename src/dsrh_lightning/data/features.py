@@ -25,13 +25,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write, save_npz, write_text
+from ..files import atomic_write, write_text
 
 __all__ = ["ExtractionInterrupted", "FeatureRows", "data_fingerprint", "extract_features", "feature_cache_path",
            "load_or_extract_features"]
@@ -177,6 +177,23 @@ def _read_chunk(path: Path, rows: int, mmap: bool = False) -> Optional[np.ndarra
     return arr if arr.ndim >= 2 and len(arr) == rows else None
 
 
+def _join_chunks(parts: Path, rows: List[int]) -> np.ndarray:
+    """The chunks of ``parts/`` (``rows[i]`` rows each) in one float32 array, filled chunk by chunk."""
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    first = _read_chunk(_chunk_file(parts, 0), rows[0], mmap=True)
+    out = np.empty((sum(rows), *first.shape[1:]), np.float32)
+    at = 0
+    for i, n in enumerate(rows):
+        chunk = _read_chunk(_chunk_file(parts, i), n, mmap=True)
+        if chunk is None or chunk.shape[1:] != out.shape[1:]:
+            raise ValueError(f"{_chunk_file(parts, i)}: chunk missing or of another shape; delete {parts} and "
+                             "run again")
+        out[at:at + n] = chunk
+        at += n
+    return out
+
+
 def _open_parts(parts: Path, key: str) -> None:
     """``parts/`` for the chunks of extraction ``key``; chunks of another extraction are removed."""
     manifest = parts / "manifest.json"
@@ -249,11 +266,11 @@ def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Call
         raise ExtractionInterrupted(msg) from None
     bar.close()
     seconds = time.perf_counter() - t0
-    feats = np.concatenate([_read_chunk(_chunk_file(parts, i), len(needed[s:s + chunk]))
-                            for i, s in enumerate(starts)]) if starts else np.zeros((0, 0), np.float32)
+    feats = _join_chunks(parts, [len(needed[s:s + chunk]) for s in starts])
     meta = dict(meta, seconds=round(seconds, 1), images=int(todo),
                 images_per_second=round(todo / max(seconds, 1e-9), 2))
-    save_npz(path, features=feats.astype(np.float32), indices=needed, meta=json.dumps(meta))
+    with atomic_write(path) as f:  # streamed into the file: no second in-memory copy of a large cache
+        np.savez(f, features=feats, indices=needed, meta=json.dumps(meta))
     shutil.rmtree(parts, ignore_errors=True)
     log.info("feature cache written: %s (%s, %.1f img/s)", path, " x ".join(map(str, feats.shape)),
              meta["images_per_second"])
