@@ -208,13 +208,13 @@ def test_index_split_folder_and_search(tiny_ckpt, tmp_path, capsys):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0] == f"query: {queries[0]}" and len(lines) == 5
-    assert lines[1].split() == ["rank", "hamming", "label", "path"]  # the database split keeps its labels
-    rows = [ln.split() for ln in lines[2:]]
+    assert lines[0] == f"query: {queries[0]}"
+    assert lines[1].split() == ["rank", "ties", "hamming", "label", "path"]  # the database split keeps its labels
+    rows = [ln.split() for ln in lines[2:5]]
     assert [r[0] for r in rows] == ["1", "2", "3"]
-    assert [int(r[1]) for r in rows] == ref_d[0][:3].tolist()
-    assert [int(r[2]) for r in rows] == source.labels[split.database[ref_i[0][:3]]].tolist()
-    assert [r[3] for r in rows] == [f"synthetic#{split.database[j]}" for j in ref_i[0][:3]]
+    assert [int(r[2]) for r in rows] == ref_d[0][:3].tolist()
+    assert [int(r[3]) for r in rows] == source.labels[split.database[ref_i[0][:3]]].tolist()
+    assert [r[4] for r in rows] == [f"synthetic#{split.database[j]}" for j in ref_i[0][:3]]
 
     # Image ids are absolute paths: a search run from another folder names files that exist.
     elsewhere = tmp_path / "elsewhere"

@@ -129,65 +129,10 @@ def cmd_index(args, extra: Sequence[str]) -> int:
     return 0
 
 
-def _label_text(labels, j: int) -> str:
-    if labels is None:
-        return ""
-    lab = labels[j]
-    if getattr(lab, "ndim", 0) == 0:
-        return str(int(lab))
-    return ",".join(str(c) for c in lab.nonzero()[0].tolist()) or "-"
-
-
 def cmd_search(args, extra: Sequence[str]) -> int:
-    from ..search.codes_file import CodesFileError, read_codes
-    from ..search.images import ImageInputError, find_images
+    from .search_command import cmd_search as run_search  # tie groups, the query marked, how to see ids
 
-    if extra:
-        raise ImageInputError(f"unrecognised arguments: {' '.join(extra)}")
-    if args.k < 1:
-        from ..errors import InputError
-        raise InputError(f"--k must be >= 1 (results per query), got {args.k}")
-    index = read_codes(args.index)
-    files = find_images(args.images)
-
-    from ..runs.checkpoints import load_run
-    from ..search.encode import encode, encoder, image_dataset
-    from ..search.engines import search
-
-    run = load_run(args.ckpt)
-    bits = int(run.cfg.model.bits)
-    if bits != index.bits:
-        raise CodesFileError(args.index, f"codes have {index.bits} bits but checkpoint {args.ckpt} makes "
-                                         f"{bits}-bit codes; index the database with this checkpoint")
-    if index.weights_hash and run.weights_hash != index.weights_hash:
-        print(f"warning: {args.index} was written with other weights ({index.checkpoint}, {index.weights_hash}) "
-              f"than {args.ckpt} ({run.weights_hash}); distances may be meaningless", file=sys.stderr)
-    model = encoder(run).to(args.device)
-    q = encode(model, image_dataset(files, run.cfg), run.cfg.eval.threshold, run.cfg.data.eval_batch_size,
-               progress=False)
-    dist, idx, engine = search(q, index, args.k, args.engine)
-    results = []
-    for r, f in enumerate(files):
-        rows = []
-        for d, j in zip(dist[r], idx[r]):
-            row = {"id": str(index.ids[j]), "index": int(j), "distance": int(d)}
-            if index.labels is not None:
-                row["label"] = _label_text(index.labels, int(j))
-            rows.append(row)
-        results.append({"query": str(f), "results": rows})
-    if args.json:
-        print(json.dumps({"index": str(args.index), "k": int(dist.shape[1]), "engine": engine,
-                          "queries": results}))
-        return 0
-    has_labels = index.labels is not None
-    for res in results:
-        print(f"query: {res['query']}")
-        print(f"  {'rank':>4s}  {'hamming':>7s}  {'label':>5s}  path" if has_labels else
-              f"  {'rank':>4s}  {'hamming':>7s}  path")
-        for rank, r in enumerate(res["results"], 1):
-            lab = f"  {r['label']:>5s}" if has_labels else ""
-            print(f"  {rank:>4d}  {r['distance']:>7d}{lab}  {r['id']}")
-    return 0
+    return run_search(args, extra)
 
 
 HANDLERS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "eval-codes": cmd_eval_codes,

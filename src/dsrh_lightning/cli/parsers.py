@@ -47,12 +47,13 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", required=True, help="codes file written by dsrh index")
+    p.add_argument("--index", required=True, help="codes file or sharded index folder written by dsrh index")
     p.add_argument("--ckpt", required=True, help="checkpoint that encodes the query images")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files or folders")
     p.add_argument("--k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--engine", choices=("auto", "faiss", "torch"), default="auto",
-                   help="faiss binary index (auto: when installed) or the project's own engine")
+    p.add_argument("--engine", choices=("auto", "numba", "faiss", "torch"), default="auto",
+                   help="exact search engine (auto: numba's popcount scan when installed, else faiss, else torch); "
+                        "all give identical results")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
 

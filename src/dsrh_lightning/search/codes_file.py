@@ -91,6 +91,19 @@ class CodesIndex:
         idx = np.asarray(indices, dtype=np.int64)
         return self.ids[idx], None if self.labels is None else self.labels[idx]
 
+    def packed_at(self, indices) -> np.ndarray:
+        """Packed codes ``(len(indices), ceil(bits/8))`` of items ``indices``."""
+        return self.packed[np.asarray(indices, dtype=np.int64).reshape(-1)]
+
+    def find(self, ids: Sequence[str]) -> dict:
+        """``{id: item number}`` (first occurrence) for each of ``ids`` that is in the index."""
+        out = {}
+        for i in ids:
+            hit = np.flatnonzero(self.ids == str(i))
+            if len(hit):
+                out[str(i)] = int(hit[0])
+        return out
+
 
 def check_labels(labels, path, n: Optional[int] = None) -> np.ndarray:
     """Labels as integer class ids ``(n,)`` or 0/1 multi-hot ``(n, c)``; raises :class:`CodesFileError`."""

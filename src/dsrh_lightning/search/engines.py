@@ -32,7 +32,7 @@ from .codes_file import CodesFileError, CodesIndex
 from .shards import ShardedCodes
 
 __all__ = ["search", "search_numba", "search_torch", "search_faiss", "faiss_available", "ENGINES",
-           "MULTIHASH_MIN_DATABASE", "MULTIHASH_MIN_BITS", "MAX_ITEMS", "packed_words"]
+           "MULTIHASH_MIN_DATABASE", "MULTIHASH_MIN_BITS", "MAX_ITEMS", "packed_words", "distance_counts"]
 
 ENGINES = ("auto", "numba", "faiss", "torch")
 #: Keys are ``distance << KEY_SHIFT | index``: indices below ``MAX_ITEMS``, distances below ``2 ** 23``.
@@ -41,6 +41,8 @@ MAX_ITEMS = 1 << KEY_SHIFT
 EMPTY_KEY = np.iinfo(np.int64).max
 #: Database rows per block of the many-queries scan (8 bytes a row for <= 64 bits: 256 KiB, in L2).
 SCAN_BLOCK = 1 << 15
+#: Below this many (query, item) distances a block is scanned by one thread: starting threads costs more.
+PARALLEL_MIN_WORK = 1 << 18
 
 # faiss multi-index hashing pays off only for large databases of long codes.
 MULTIHASH_MIN_DATABASE = 2_000_000
@@ -261,6 +263,32 @@ if HAVE_NUMBA:
                     _scan_range(qw, dbw, qi, b0, b1, offset, heaps[p, qi])
 
 
+    @njit(cache=True)
+    def _scan_serial(qw, dbw, offset, heaps, block):
+        """One thread (small work, where starting threads costs more than it saves); heaps ``(P, nq, k)``,
+        the first set used."""
+        n = dbw.shape[0]
+        for b0 in range(0, n, block):
+            b1 = min(n, b0 + block)
+            for qi in range(qw.shape[0]):
+                _scan_range(qw, dbw, qi, b0, b1, offset, heaps[0, qi])
+
+    @njit(parallel=True, cache=True)
+    def _count_by_parts(qw, dbw, counts):
+        """``counts[p, q, d]`` += number of items at distance ``d`` from query ``q`` in part ``p``."""
+        n = dbw.shape[0]
+        W = dbw.shape[1]
+        P = counts.shape[0]
+        step = (n + P - 1) // P
+        for p in prange(P):
+            for qi in range(qw.shape[0]):
+                for j in range(p * step, min(n, (p + 1) * step)):
+                    d = 0
+                    for w in range(W):
+                        d += _popcount(qw[qi, w] ^ dbw[j, w])
+                    counts[p, qi, d] += 1
+
+
 class _NumbaTopK:
     """Streaming exact top ``k`` with the numba scan: :meth:`add` database blocks, then :meth:`result`."""
 
@@ -275,12 +303,15 @@ class _NumbaTopK:
         self.heaps = np.full((parts, nq, k), EMPTY_KEY, dtype=np.int64)
 
     def add(self, offset: int, packed: np.ndarray) -> None:
+        """Scan database rows ``offset ..``: ``packed`` uint8 codes, or uint64 words from :func:`packed_words`."""
         if not len(packed):
             return
-        dbw = packed_words(packed)
+        dbw = packed if packed.dtype == np.uint64 else packed_words(packed)
         if dbw.shape[1] != self.qw.shape[1]:
             raise ValueError(f"code widths differ: queries {self.qw.shape[1]} words, database {dbw.shape[1]}")
-        if self.by_queries:
+        if len(dbw) * len(self.qw) < PARALLEL_MIN_WORK:
+            _scan_serial(self.qw, dbw, np.int64(offset), self.heaps, SCAN_BLOCK)
+        elif self.by_queries:
             _scan_by_queries(self.qw, dbw, np.int64(offset), self.heaps, SCAN_BLOCK)
         else:
             parts = self.heaps.shape[0]
@@ -316,27 +347,75 @@ def _split_keys(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return keys >> KEY_SHIFT, keys & (MAX_ITEMS - 1)
 
 
-def search_numba(q_bits, db_packed: np.ndarray, k: int, threads: Optional[int] = None
-                 ) -> Tuple[np.ndarray, np.ndarray]:
+def search_numba(q_bits, db: np.ndarray, k: int, threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top ``k`` by ``(Hamming distance, database index)`` with the numba scan.
 
     Args:
-        q_bits: ``(nq, bits)`` {0,1} queries; db_packed: ``(nd, ceil(bits/8))`` uint8 ``np.packbits`` codes.
+        q_bits: ``(nq, bits)`` {0,1} queries.
+        db: ``(nd, ceil(bits/8))`` uint8 ``np.packbits`` codes, or the same as ``(nd, ceil(bits/64))``
+            uint64 words from :func:`packed_words` (prepared once, they spare each call the padding
+            copy that widths other than a multiple of 64 bits need).
         threads: parts of the database scanned in parallel for few queries (default: numba's threads).
 
     Returns:
         ``(distances, indices)``, both ``(nq, min(k, nd))`` int64, best first.
     """
     q_bits = np.asarray(q_bits, dtype=np.uint8)
-    db_packed = np.asarray(db_packed, dtype=np.uint8)
-    if q_bits.ndim != 2 or db_packed.ndim != 2 or -(-q_bits.shape[1] // 8) != db_packed.shape[1]:
-        raise ValueError(f"bit widths differ: queries {q_bits.shape}, packed database {db_packed.shape}")
-    k = _check_k(k, len(db_packed))
-    if len(db_packed) > MAX_ITEMS:
-        raise ValueError(f"the database has {len(db_packed)} codes; the numba engine handles up to {MAX_ITEMS}")
+    db = np.asarray(db)
+    if db.dtype != np.uint64:
+        db = db.astype(np.uint8, copy=False)
+    if q_bits.ndim != 2 or db.ndim != 2:
+        raise ValueError(f"queries and database must be 2-D, got {q_bits.shape} and {db.shape}")
+    per_row = -(-q_bits.shape[1] // 64) if db.dtype == np.uint64 else -(-q_bits.shape[1] // 8)
+    if per_row != db.shape[1]:
+        raise ValueError(f"bit widths differ: queries {q_bits.shape}, database {db.shape} {db.dtype}")
+    k = _check_k(k, len(db))
+    if len(db) > MAX_ITEMS:
+        raise ValueError(f"the database has {len(db)} codes; the numba engine handles up to {MAX_ITEMS}")
     top = _NumbaTopK(np.packbits(q_bits, axis=1), k, threads)
-    top.add(0, db_packed)
+    top.add(0, db)
     return _split_keys(top.result())
+
+
+def _block_words(index, packed: np.ndarray) -> np.ndarray:
+    """uint64 words of a block; a codes file read into memory keeps them, so repeated searches of one
+    :class:`CodesIndex` pad its codes once (a sharded index reads its shards anew each search)."""
+    if not isinstance(index, CodesIndex):
+        return packed_words(packed)
+    cached = index.__dict__.get("_words")
+    if cached is None or cached[0] is not packed:
+        cached = (packed, packed_words(packed))
+        index.__dict__["_words"] = cached
+    return cached[1]
+
+
+_POPCOUNT8 = np.asarray([bin(v).count("1") for v in range(256)], dtype=np.int64)
+
+
+def distance_counts(q_bits, index: "AnyIndex", chunk: int = 1 << 14) -> np.ndarray:
+    """``(nq, bits + 1)`` int64: how many items of ``index`` lie at each Hamming distance from each query.
+
+    With it a result at distance ``d`` is one of the tie group ranked ``counts[:d].sum() + 1`` to
+    ``counts[:d + 1].sum()``. One scan over the index, a block at a time.
+    """
+    q_bits = np.asarray(q_bits, dtype=np.uint8)
+    if q_bits.ndim != 2 or q_bits.shape[1] != index.bits:
+        raise ValueError(f"bit widths differ: queries have {q_bits.shape[-1]} bits, the index has {index.bits}")
+    q_packed = np.packbits(q_bits, axis=1)
+    nq = len(q_bits)
+    if HAVE_NUMBA:
+        qw = packed_words(q_packed)
+        counts = np.zeros((get_num_threads(), nq, index.bits + 1), dtype=np.int64)
+        for _, packed in index.blocks():
+            _count_by_parts(qw, _block_words(index, packed), counts)
+        return counts.sum(0)
+    counts = np.zeros((nq, index.bits + 1), dtype=np.int64)
+    for _, packed in index.blocks():
+        for c0 in range(0, len(packed), chunk):
+            d = _POPCOUNT8[q_packed[:, None, :] ^ packed[None, c0:c0 + chunk, :]].sum(-1)
+            for r in range(nq):
+                counts[r] += np.bincount(d[r], minlength=index.bits + 1)
+    return counts
 
 
 AnyIndex = Union[CodesIndex, ShardedCodes]
@@ -372,7 +451,7 @@ def search(q_bits, index: AnyIndex, k: int = 10, engine: str = "auto") -> Tuple[
     if engine == "numba":
         top = _NumbaTopK(np.packbits(q_bits, axis=1), k)
         for offset, packed in index.blocks():
-            top.add(offset, packed)
+            top.add(offset, _block_words(index, packed))
     else:
         top = _MergeTopK(len(q_bits), k)
         for offset, packed in index.blocks():

@@ -14,6 +14,7 @@ Writers: :func:`write_shard` (one shard, atomically), :func:`write_manifest` (la
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -152,6 +153,40 @@ class ShardedCodes:
         if labels is not None:
             labels = labels.reshape(idx.shape + labels.shape[1:])
         return ids_out, labels
+
+    def packed_at(self, indices) -> np.ndarray:
+        """Packed codes ``(len(indices), ceil(bits/8))`` of items ``indices``, from the shards that hold them."""
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.zeros((flat.size, (self.bits + 7) // 8), dtype=np.uint8)
+        which = self._shard_of(flat)
+        for sh in np.unique(which):
+            s = self.shards[int(sh)]
+            sel = np.flatnonzero(which == sh)
+            packed = self._check_shard(s, _load_keys(s.path, ("format", "version", "packed", "bits", "checksum",
+                                                                "weights_hash")))
+            out[sel] = packed[flat[sel] - s.offset]
+        return out
+
+    def find(self, ids: Sequence[str]) -> dict:
+        """``{id: item number}`` (first occurrence) for each of ``ids`` (absolute paths or
+        ``<dataset>#<i>``) that is in the index; reads only the shards' ids."""
+        wanted = [str(i) for i in ids]
+        out: dict = {}
+        for s in self.shards:
+            raw = _load_keys(s.path, ("ids",)).get("ids")
+            if raw is None:
+                raise CodesFileError(s.path, "missing key 'ids'; not a codes file written by dsrh index")
+            # a stored id is absolute or relative to the folder: compare both spellings, then resolve the hits
+            spellings = {}
+            for w in wanted:
+                spellings[w] = w
+                if Path(w).is_absolute():
+                    spellings[os.path.relpath(w, s.path.parent)] = w
+            for j in np.flatnonzero(np.isin(raw, list(spellings))):
+                w = spellings[str(raw[j])]
+                if w not in out and _resolve_id(str(raw[j]), s.path.parent) in (w, str(Path(w).resolve())):
+                    out[w] = s.offset + int(j)
+        return out
 
     def load(self, require_labels: bool = False) -> CodesIndex:
         """Every shard, checked, concatenated into one :class:`CodesIndex` (for evaluation)."""
