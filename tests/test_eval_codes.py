@@ -141,3 +141,17 @@ def test_reads_dsrh_index_files_and_cli(files, capsys):
     write_codes(nolab, (dc > 0).astype(np.uint8), [f"x#{i}" for i in range(len(dc))])
     msg = _err(capsys, ["--query", str(q), "--database", str(nolab)])
     assert str(nolab) in msg and "no labels" in msg
+
+
+def test_cutoff_flags_come_from_the_metric_specs(files, capsys):
+    import argparse
+
+    from dsrh_lightning.metrics.specs import metric_options
+
+    parser = add_eval_codes_args(argparse.ArgumentParser(prog="eval-codes"))
+    flags = {a.dest: a for a in parser._actions}
+    for name, spec in metric_options().items():
+        assert name in flags, name
+        assert flags[name].default == (list(spec.default) if spec.kind == "cutoffs" else spec.default)
+    msg = _err(capsys, ["--query", str(files[1]), "--database", str(files[2]), "--ndcg-k", "-1"])
+    assert "--ndcg-k" in msg and "leave the metric out" in msg

@@ -181,3 +181,17 @@ def test_readme_lightning_module_example_trains_and_logs_hamming_map():
     assert logged == pytest.approx(retrieval_metrics(qc.to(torch.uint8), dc.to(torch.uint8), qy, dy)["map"],
                                    abs=1e-6)
     assert logged > 0.5  # four well-separated classes: training gives codes that rank them
+
+
+def test_eval_config_cutoffs_are_checked_when_the_callback_is_built():
+    from omegaconf import OmegaConf
+
+    from dsrh_lightning.config import ConfigError, load_config
+    from dsrh_lightning.lightning.callbacks.retrieval import RetrievalEvaluation
+
+    cfg = load_config(["dataset=synthetic"]).eval
+    assert RetrievalEvaluation(cfg).metric.options == {"topk": None, "radius": 2, "precision_at": (100, 1000),
+                                                       "ndcg_k": None, "acg_k": None, "wmap_topk": None}
+    bad = OmegaConf.merge(OmegaConf.to_container(cfg), {"acg_k": -3})  # an eval section that skipped validation
+    with pytest.raises(ConfigError, match=r"eval\.acg_k=-3"):
+        RetrievalEvaluation(bad)

@@ -127,3 +127,17 @@ def test_ratio_on_numpy_and_torch():
     assert ratio(num, den).tolist() == [0.5, 0.0, 0.75]
     t = ratio(torch.tensor(num, dtype=torch.float64), torch.tensor([2, 0, 4]))
     assert t.dtype == torch.float64 and t.tolist() == [0.5, 0.0, 0.75]
+
+
+def test_readme_metric_example_defines_the_same_f1():
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "MetricSpec(" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md (Adding a metric)", "exec"), scope)
+    rng = np.random.default_rng(0)
+    case = (rng.integers(0, 2, (6, 8)), rng.integers(0, 2, (40, 8)), rng.integers(0, 3, 6), rng.integers(0, 3, 40))
+    a = retrieval_metrics(*case, specs=METRICS + (scope["F1"],), f1_at=(10, 100))
+    b = retrieval_metrics(*case, specs=METRICS + (F1,), f1_at=(10, 100))
+    assert a["f1@10"] == b["f1@10"] and a["f1@100"] == b["f1@100"] and 0 < a["f1@10"] < 1

@@ -17,14 +17,15 @@ equals MAP on one.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from ...config import ConfigError
 from ...metrics import binarize
-from ...metrics.specs import options_from
+from ...metrics.specs import metric_options, options_from
 from ..metrics import HammingRetrieval, dedupe_by_position
 
 __all__ = ["CodeCollector", "RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
@@ -84,6 +85,11 @@ class RetrievalEvaluation(pl.Callback):
         # Items evaluated in the last epoch (after gathering and dropping distributed padding).
         self.counts: Dict[str, int] = {}
         # every metric option the eval config sets (0 = whole database / not computed)
+        for name in metric_options():
+            value = eval_cfg.get(name)
+            bad = [v for v in (value if isinstance(value, Sequence) else [value]) if v is not None and v < 0]
+            if bad:
+                raise ConfigError(f"eval.{name}={value}: must be >= 0 (0 = the whole database or not computed)")
         self.metric = HammingRetrieval(threshold=eval_cfg.threshold, ties=eval_cfg.ties,
                                        empty_queries=eval_cfg.empty_queries,
                                        **options_from(lambda name: eval_cfg.get(name)))
