@@ -64,3 +64,21 @@ def test_every_results_file_named_exists(doc):
     named = set(re.findall(r"benchmarks/results/[\w/.-]+\.jsonl?\b", (REPO / doc).read_text()))
     missing = sorted(path for path in named if not (REPO / path).is_file())
     assert not missing, f"{doc} names {missing}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/RESULTS.md", "docs/BENCHMARKS.md"])
+def test_links_into_the_docs_reach_a_file_and_heading(doc):
+    source = REPO / doc
+    broken = []
+    for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?#([\w-]+)\)", source.read_text()):
+        path = (source.parent / target) if target else source
+        headings = [line.lstrip("#") for line in path.read_text().splitlines() if line.startswith("#")] \
+            if path.is_file() else []
+        if anchor not in {_anchor(h) for h in headings}:
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{doc} links to {broken}"
