@@ -223,3 +223,21 @@ def test_chunks_of_another_extraction_are_not_reused(tmp_path):
     with torch.no_grad():
         want = second(torch.stack([tf(im) for im in images])).numpy()
     np.testing.assert_allclose(feats, want, rtol=1e-6, atol=1e-6)
+
+
+def test_ctrl_c_during_extraction_ends_dsrh_train_with_one_line(feature_overrides, monkeypatch, capsys, tmp_path):
+    from dsrh_lightning.cli import main
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features_mod, "extract_features", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", *feature_overrides])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [stop.value.message]
+    assert stop.value.message.startswith("feature extraction interrupted: 0 of 1 chunks kept in ")
+    assert stop.value.message.endswith(".npz.parts; run the same command again to continue")
+    assert not (tmp_path / "runs" / "smoke").exists()  # a failed start leaves no run folder
