@@ -74,59 +74,16 @@ def cmd_sweep_local(args, overrides: List[str]) -> int:
     return 0
 
 
-def _split_data_args(items: Sequence[str]) -> Tuple[Optional[str], List[str], List[str]]:
-    from ..search.images import ImageInputError
-
-    split, overrides, paths = None, [], []
-    for it in items:
-        if it.startswith("split="):
-            if split is not None:
-                raise ImageInputError(f"more than one split given ({split}, {it[6:]}); write one codes file per split")
-            split = it[len("split="):]
-        elif Path(it).exists():
-            paths.append(it)
-        elif "=" in it:
-            overrides.append(it)
-        else:
-            paths.append(it)
-    if split is not None and paths:
-        raise ImageInputError(f"give either split=... or image files/folders, not both (got split={split} and "
-                              f"{paths[0]})")
-    if split is None and overrides:
-        raise ImageInputError(f"key=value overrides ({overrides[0]}) only apply with split=...")
-    return split, overrides, paths
-
-
 def cmd_index(args, extra: Sequence[str]) -> int:
-    split, overrides, paths = _split_data_args(list(args.data) + list(extra))
-    if args.batch_size < 0 or args.workers < 0:
-        from ..errors import InputError
-        raise InputError("--batch-size and --workers must be >= 0 (0: the default)")
-    from ..search.images import find_images
-    files = find_images(paths) if split is None else None  # before the checkpoint: bad paths fail fast
+    from .index_commands import cmd_index as run_index  # sharded, resumable, on trainer.* devices
 
-    from ..runs.checkpoints import load_run
-    from ..search.codes_file import write_codes
-    from ..search.encode import encode, encoder, image_dataset, split_dataset
+    return run_index(args, extra)
 
-    run = load_run(args.ckpt, overrides)
-    cfg = run.cfg
-    bs = args.batch_size or cfg.data.eval_batch_size
-    if split is not None:
-        ds, ids, labels = split_dataset(cfg, split)
-        model = run.module  # a split of a feature-cached run yields the cached features
-        source = f"split={split} of {cfg.data.dataset}"
-    else:
-        ds, ids, labels = image_dataset(files, cfg), [str(f) for f in files], None
-        model = encoder(run)
-        source = "images: " + ", ".join(paths)
-    model.to(args.device)
-    codes = encode(model, ds, cfg.eval.threshold, bs, args.workers, progress=not args.no_progress,
-                   desc=f"encoding {len(ds)} images")
-    write_codes(args.out, codes, ids, labels, checkpoint=str(Path(args.ckpt).resolve()), weights_hash=run.weights_hash,
-                source=source)
-    print(f"wrote {len(codes)} codes of {codes.shape[1]} bits ({source}) to {args.out}", file=sys.stderr)
-    return 0
+
+def cmd_export(args, extra: Sequence[str]) -> int:
+    from .index_commands import cmd_export as run_export  # TorchScript / ONNX: uint8 images -> codes
+
+    return run_export(args, extra)
 
 
 def cmd_search(args, extra: Sequence[str]) -> int:
@@ -136,5 +93,6 @@ def cmd_search(args, extra: Sequence[str]) -> int:
 
 
 HANDLERS = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "eval-codes": cmd_eval_codes,
-            "sweep-local": cmd_sweep_local, "index": cmd_index, "search": cmd_search}
+            "sweep-local": cmd_sweep_local, "index": cmd_index, "search": cmd_search,
+            "export": cmd_export}
 HANDLERS.update(EXTRA_HANDLERS)  # compare, baseline, show, serve

@@ -35,15 +35,29 @@ def add_eval_codes_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
-    p.add_argument("--out", required=True, help="codes file to write (.npz)")
+    p.add_argument("--out", required=True,
+                   help="a folder: a sharded index (manifest.json + shard-00000.npz ...); or a file ending .npz: "
+                        "one codes file. Running the same command again continues an unfinished index")
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="split=database|query|train of the checkpoint's data set (key=value overrides such as "
                         "data.root=PATH may follow), or image files / folders (searched recursively; stored "
-                        "as absolute paths)")
+                        "as absolute paths). trainer.devices=N trainer.num_nodes=M trainer.strategy=ddp "
+                        "trainer.precision=... spread the encoding over devices and machines as for training")
+    p.add_argument("--shard-size", type=int, default=100_000, help="images per shard (default 100000)")
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: data.eval_batch_size)")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers per process (default 0)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N: one process on that device (default: the checkpoint's trainer.* "
+                        "keys and their overrides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint written by dsrh train")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx"), help="file format of the model")
+    p.add_argument("--out", required=True, help="file to write (.pt for TorchScript, .onnx for ONNX)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per call in the example input (the batch dimension stays dynamic)")
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_args(p)
     p = sub.add_parser("search", help="exact Hamming search of query images in a codes file")
     add_search_args(p)
+    p = sub.add_parser("export", help="export image -> code (uint8 images in, packed codes out) to TorchScript "
+                                      "or ONNX")
+    add_export_args(p)
     add_extra_parsers(sub)
     return parser
 
