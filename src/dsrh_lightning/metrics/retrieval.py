@@ -20,6 +20,10 @@ Definitions (``K`` = cut-off, ``pos`` = 1-based rank, ``rel`` = binary relevance
 * ``pr_curve``: precision and recall of the set within Hamming radius ``0..k``,
   **micro-averaged** over queries (sums of counts over all queries, then divided).
 
+Each metric is a spec (:mod:`.specs`): the engines compute the per-query quantities the
+requested specs need (AP, hit counts, DCG, ...) at their cut-offs, and each spec's
+``finish`` turns them into its per-query values; ``specs=`` adds metrics.
+
 ``empty_queries``: a query without any relevant item in the database gets 0 for
 every per-query metric (``"zero"``) or is left out of every per-query mean
 (``"skip"``). Cut-offs larger than the database mean the whole database.
