@@ -45,7 +45,9 @@ def test_packed_words_pad_with_zeros_and_keep_distances():
 
 
 @pytest.mark.parametrize("bits", [6, 12, 48, 64, 100])
-@pytest.mark.parametrize("nq,threads", [(1, 1), (1, 4), (3, 3), (40, 2)])  # parts of the database / query blocks
+# (queries, threads): one part / several parts of the database, parts with a group of four queries and
+# two more, many queries in groups of four
+@pytest.mark.parametrize("nq,threads", [(1, 1), (1, 4), (3, 3), (6, 4), (40, 2)])
 def test_numba_equals_brute_force_with_ties(bits, nq, threads):
     rng = np.random.default_rng(bits * 100 + nq)
     db = clustered(rng, 601, bits)

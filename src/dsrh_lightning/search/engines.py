@@ -10,10 +10,10 @@ Engines:
 * ``numba`` (default): a popcount scan over codes packed into ``uint64`` words. Every item gets the
   key ``distance << 40 | index``, unique per item, so "better" is one integer comparison and the
   order of ties cannot depend on the scan order. Each query keeps a max-heap of its ``k`` smallest
-  keys; an item is looked at further only when its distance is at most the heap's worst. Many
-  queries: the database is cut into cache-sized blocks and the queries of a block run in
-  parallel. Few queries: the database is cut into one part per thread, each with its own heaps,
-  merged at the end.
+  keys; an item is looked at further only when its distance is at most the heap's worst. Codes of
+  at most 64 bits are compared with four queries per loaded database word. Many queries: the
+  database is cut into cache-sized blocks and groups of queries of a block run in parallel. Few
+  queries: the database is cut into one part per thread, each with its own heaps, merged at the end.
 * ``faiss``: ``IndexBinaryFlat`` (multi-index hashing for very large databases), made exact on ties
   with a range search at the k-th distance (see :func:`search_faiss`).
 * ``torch``: distances of database chunks by a matrix product, merged with ``topk`` on the same keys.
@@ -237,15 +237,74 @@ if HAVE_NUMBA:
                         top = h[0]
                         worst = top >> 40
 
+    @njit(cache=True)
+    def _scan_four(qw, dbw, q0, j0, j1, offset, heaps):
+        """Queries ``q0 .. q0+3`` of one-word codes against rows ``j0 .. j1-1``: each database word is loaded
+        once for four queries (the same keys and heaps as :func:`_scan_range`, four at a time)."""
+        h0 = heaps[q0]
+        h1 = heaps[q0 + 1]
+        h2 = heaps[q0 + 2]
+        h3 = heaps[q0 + 3]
+        a0 = qw[q0, 0]
+        a1 = qw[q0 + 1, 0]
+        a2 = qw[q0 + 2, 0]
+        a3 = qw[q0 + 3, 0]
+        w0 = h0[0] >> 40
+        w1 = h1[0] >> 40
+        w2 = h2[0] >> 40
+        w3 = h3[0] >> 40
+        for j in range(j0, j1):
+            x = dbw[j, 0]
+            d0 = _popcount(a0 ^ x)
+            d1 = _popcount(a1 ^ x)
+            d2 = _popcount(a2 ^ x)
+            d3 = _popcount(a3 ^ x)
+            if (d0 <= w0) | (d1 <= w1) | (d2 <= w2) | (d3 <= w3):  # rare once the heaps are full
+                if d0 <= w0:
+                    key = (d0 << 40) | (offset + j)
+                    if key < h0[0]:
+                        _replace_top(h0, key)
+                        w0 = h0[0] >> 40
+                if d1 <= w1:
+                    key = (d1 << 40) | (offset + j)
+                    if key < h1[0]:
+                        _replace_top(h1, key)
+                        w1 = h1[0] >> 40
+                if d2 <= w2:
+                    key = (d2 << 40) | (offset + j)
+                    if key < h2[0]:
+                        _replace_top(h2, key)
+                        w2 = h2[0] >> 40
+                if d3 <= w3:
+                    key = (d3 << 40) | (offset + j)
+                    if key < h3[0]:
+                        _replace_top(h3, key)
+                        w3 = h3[0] >> 40
+
+    @njit(cache=True)
+    def _scan_queries(qw, dbw, q_lo, q_hi, j0, j1, offset, heaps):
+        """Queries ``q_lo .. q_hi-1`` against rows ``j0 .. j1-1`` into ``heaps`` ``(nq, k)``: four at a time
+        for codes of at most 64 bits, the rest one by one."""
+        qi = q_lo
+        if dbw.shape[1] == 1:
+            while qi + 4 <= q_hi:
+                _scan_four(qw, dbw, qi, j0, j1, offset, heaps)
+                qi += 4
+        while qi < q_hi:
+            _scan_range(qw, dbw, qi, j0, j1, offset, heaps[qi])
+            qi += 1
+
     @njit(parallel=True, cache=True)
     def _scan_by_queries(qw, dbw, offset, heaps, block):
-        """Many queries: database blocks in turn, the queries of a block in parallel; heaps ``(1, nq, k)``."""
+        """Many queries: database blocks in turn, groups of four queries of a block in parallel; heaps
+        ``(1, nq, k)``."""
         n = dbw.shape[0]
         nq = qw.shape[0]
+        groups = (nq + 3) // 4
         for b0 in range(0, n, block):
             b1 = min(n, b0 + block)
-            for qi in prange(nq):
-                _scan_range(qw, dbw, qi, b0, b1, offset, heaps[0, qi])
+            for g in prange(groups):
+                _scan_queries(qw, dbw, 4 * g, min(nq, 4 * g + 4), b0, b1, offset, heaps[0])
 
     @njit(parallel=True, cache=True)
     def _scan_by_parts(qw, dbw, offset, heaps, block):
@@ -259,9 +318,7 @@ if HAVE_NUMBA:
             e = min(n, s + step)
             for b0 in range(s, e, block):
                 b1 = min(e, b0 + block)
-                for qi in range(nq):
-                    _scan_range(qw, dbw, qi, b0, b1, offset, heaps[p, qi])
-
+                _scan_queries(qw, dbw, 0, nq, b0, b1, offset, heaps[p])
 
     @njit(cache=True)
     def _scan_serial(qw, dbw, offset, heaps, block):
@@ -270,8 +327,7 @@ if HAVE_NUMBA:
         n = dbw.shape[0]
         for b0 in range(0, n, block):
             b1 = min(n, b0 + block)
-            for qi in range(qw.shape[0]):
-                _scan_range(qw, dbw, qi, b0, b1, offset, heaps[0, qi])
+            _scan_queries(qw, dbw, 0, qw.shape[0], b0, b1, offset, heaps[0])
 
     @njit(parallel=True, cache=True)
     def _count_by_parts(qw, dbw, counts):
