@@ -27,7 +27,11 @@ def checkpoint_step(path: Path) -> int:
     """The training step a checkpoint was saved at (memory-mapped: the weights are not read)."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0))
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # a file system without mmap: read it whole
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return int(ckpt.get("global_step", 0))
 
 
 def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Optional[Path] = None,
