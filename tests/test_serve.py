@@ -200,3 +200,28 @@ def test_only_loopback_addresses():
         with pytest.raises(InputError, match="loopback"):
             check_loopback(host)
     assert cli.main(["serve", "--ckpt", "x.ckpt", "--index", "y.npz", "--host", "0.0.0.0"]) == 2
+
+
+def test_page_numbers_match_loops_on_random_codes():
+    """tie groups, relevance and leave-one-out AP against plain loops (ties everywhere: 4-bit codes)."""
+    from dsrh_lightning.serve.ranking import hamming_row, leave_one_out_ap, rank, relevant, tie_groups
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2, (60, 4), dtype=np.uint8)
+    labels = rng.integers(0, 3, 60)
+    for p in (0, 17, 59):
+        dist = hamming_row(bits[p], bits)
+        assert dist.tolist() == [sum(int(a != b) for a, b in zip(bits[p], bits[j])) for j in range(60)]
+        order = rank(dist)
+        assert order.tolist() == sorted(range(60), key=lambda j: (dist[j], j))
+        groups = tie_groups(dist, order, 10)
+        for g in groups:
+            ranks = [r + 1 for r, j in enumerate(order) if dist[j] == g["distance"]]
+            assert (g["first"], g["last"], g["size"]) == (ranks[0], ranks[-1], len(ranks))
+        assert [g["distance"] for g in groups] == sorted({int(dist[j]) for j in order[:10]})
+    ap = leave_one_out_ap(bits, labels, [3, 40])
+    for value, p in zip(ap, (3, 40)):
+        others = sorted((j for j in range(60) if j != p), key=lambda j: (int((bits[p] != bits[j]).sum()), j))
+        assert value == pytest.approx(ap_at([int(labels[j] == labels[p]) for j in others], 59))
+    multi = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1]])
+    assert relevant(multi[0], multi).tolist() == [True, False, True]  # a shared label, not equality
