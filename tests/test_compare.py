@@ -127,3 +127,12 @@ def test_sweep_local_ends_with_the_best_run_by_its_metric_and_the_table(tmp_path
     rows = [ln.split() for ln in text.splitlines() if ln.startswith("bits-00")]
     assert [r[0] for r in rows] == ["bits-000", "bits-001"] and rows[0][5] == "0.6500"
     assert (tmp_path / "sw" / "comparison" / "pr_curves.png").is_file()
+
+
+def test_baseline_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert cli.main(["baseline", "itq", "--bits", "12", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: no config.yaml" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["baseline", "kmeans", "--bits", "12"])
+    assert "invalid choice: 'kmeans'" in capsys.readouterr().err
