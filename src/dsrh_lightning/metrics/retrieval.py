@@ -278,9 +278,7 @@ def _numba_engine(qb, db, ql, dl, plan: Plan) -> _PerQuery:
             ql, dl = (ql > 0.5).cpu().numpy().view(np.uint8), (dl > 0.5).cpu().numpy().view(np.uint8)
         else:
             ql, dl = ql.cpu().numpy(), dl.cpu().numpy()
-    k = qb.shape[1]
-    slots = [(q, min(c, k) if q in ("ball_rel", "ball_items") else c) for q, c in plan.slots]
-    res = engine_numba.numba_retrieval_arrays(qb, db, ql, dl, multi=multi, slots=slots, pr_curve=plan.pr_curve)
+    res = engine_numba.numba_retrieval_arrays(qb, db, ql, dl, multi=multi, slots=plan.slots, pr_curve=plan.pr_curve)
     return _PerQuery(values=res["values"], n_rel=res["n_rel"], pr_items=res["pr_items"], pr_rel=res["pr_rel"])
 
 

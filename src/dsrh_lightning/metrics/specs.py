@@ -36,7 +36,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-__all__ = ["QUANTITIES", "MetricSpec", "METRICS", "Plan", "metric_options", "plan_metrics", "ratio"]
+__all__ = ["QUANTITIES", "MetricSpec", "METRICS", "Plan", "metric_options", "options_from", "plan_metrics", "ratio"]
 
 QUANTITIES = ("ap", "hits", "dcg", "ideal_dcg", "gain_sum", "wap", "ball_rel", "ball_items")
 RADIUS_QUANTITIES = ("ball_rel", "ball_items")
@@ -121,6 +121,26 @@ def metric_options(specs: Sequence[MetricSpec] = METRICS) -> Dict[str, MetricSpe
     return out
 
 
+def options_from(get: Callable[[str], Any], specs: Sequence[MetricSpec] = METRICS) -> Dict[str, Any]:
+    """The option values a config or the parsed flags set, ready for ``retrieval_metrics``.
+
+    ``get(name)`` returns the value of an option, or None where the source does not set it (the option keeps
+    its default). A cut-off of 0 means the whole database (``topk``) or not computed (``cutoff``); lists of
+    cut-offs become tuples.
+    """
+    out: Dict[str, Any] = {}
+    for name, spec in metric_options(specs).items():
+        value = get(name)
+        if value is None:
+            continue
+        if spec.kind in ("topk", "cutoff"):
+            value = None if value == 0 else value
+        elif spec.kind == "cutoffs":
+            value = tuple(value)
+        out[name] = value
+    return out
+
+
 @dataclass(frozen=True)
 class Entry:
     """One result key of a plan: the spec, its clamped cut-off and the slot of each quantity it needs."""
@@ -155,6 +175,7 @@ class Plan:
         return max([c for q, c in self.slots if q not in RADIUS_QUANTITIES] or [1])
 
     def wants(self, quantity: str) -> bool:
+        """True when ``quantity`` is computed at some cut-off."""
         return any(q == quantity for q, _ in self.slots)
 
 
