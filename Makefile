@@ -36,7 +36,7 @@ help: ## list the targets
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,sweeps,faiss,pretrained]"
+	$(PY) -m pip install -q -e ".[test,sweeps,faiss,pretrained,export]"
 	@touch $@
 
 venv: $(VENV)/.installed ## create/update the virtualenv and install the project
