@@ -37,8 +37,12 @@ def test_tie_ranks_and_distance_counts_match_a_loop(monkeypatch):
         for x in db:
             ref[r, int((row != x).sum())] += 1
     np.testing.assert_array_equal(distance_counts(q, index), ref)
+    d, i, _, counts = engines.search_with_ties(q, index, 5)  # the same counts from the search's own pass
+    np.testing.assert_array_equal(counts, ref)
     monkeypatch.setattr(engines, "HAVE_NUMBA", False)  # the numpy fallback
-    np.testing.assert_array_equal(distance_counts(q, index, chunk=37), ref)
+    np.testing.assert_array_equal(distance_counts(q, index), ref)
+    np.testing.assert_array_equal(engines._block_counts(np.packbits(q, axis=1), index, index.packed, 10, chunk=37),
+                                  ref)  # several chunks
     # ranks by (distance, index): the items at distance d occupy ranks first..last
     order = sorted(range(300), key=lambda j: (int((q[0] != db[j]).sum()), j))
     dists = [int((q[0] != db[j]).sum()) for j in order]

@@ -52,10 +52,9 @@ def _query_keys(f: Path) -> List[str]:
 
 def search_results(files: Sequence[Path], q: np.ndarray, index, k: int, engine: str) -> dict:
     """The JSON-able result of searching ``index`` with codes ``q`` of ``files``."""
-    from ..search.engines import distance_counts, search
+    from ..search.engines import search_with_ties
 
-    dist, idx, used = search(q, index, k, engine)
-    counts = distance_counts(q, index)
+    dist, idx, used, counts = search_with_ties(q, index, k, engine)  # one pass: top k and tie-group sizes
     ids, labels = index.take(idx)
     found = index.find([key for f in files for key in _query_keys(Path(f))])
     queries = []

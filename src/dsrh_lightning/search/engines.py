@@ -32,7 +32,8 @@ from .codes_file import CodesFileError, CodesIndex
 from .shards import ShardedCodes
 
 __all__ = ["search", "search_numba", "search_torch", "search_faiss", "faiss_available", "ENGINES",
-           "MULTIHASH_MIN_DATABASE", "MULTIHASH_MIN_BITS", "MAX_ITEMS", "packed_words", "distance_counts"]
+           "MULTIHASH_MIN_DATABASE", "MULTIHASH_MIN_BITS", "MAX_ITEMS", "packed_words", "distance_counts",
+           "search_with_ties"]
 
 ENGINES = ("auto", "numba", "faiss", "torch")
 #: Keys are ``distance << KEY_SHIFT | index``: indices below ``MAX_ITEMS``, distances below ``2 ** 23``.
@@ -448,7 +449,23 @@ def _block_words(index, packed: np.ndarray) -> np.ndarray:
 _POPCOUNT8 = np.asarray([bin(v).count("1") for v in range(256)], dtype=np.int64)
 
 
-def distance_counts(q_bits, index: "AnyIndex", chunk: int = 1 << 14) -> np.ndarray:
+def _block_counts(q_packed: np.ndarray, index, packed: np.ndarray, bits: int, chunk: int = 1 << 14
+                  ) -> np.ndarray:
+    """``(nq, bits + 1)`` numbers of items of one block at each distance from each query."""
+    nq = len(q_packed)
+    if HAVE_NUMBA:
+        parts = np.zeros((get_num_threads(), nq, bits + 1), dtype=np.int64)
+        _count_by_parts(packed_words(q_packed), _block_words(index, packed), parts)
+        return parts.sum(0)
+    counts = np.zeros((nq, bits + 1), dtype=np.int64)
+    for c0 in range(0, len(packed), chunk):
+        d = _POPCOUNT8[q_packed[:, None, :] ^ packed[None, c0:c0 + chunk, :]].sum(-1)
+        for r in range(nq):
+            counts[r] += np.bincount(d[r], minlength=bits + 1)
+    return counts
+
+
+def distance_counts(q_bits, index: "AnyIndex") -> np.ndarray:
     """``(nq, bits + 1)`` int64: how many items of ``index`` lie at each Hamming distance from each query.
 
     With it a result at distance ``d`` is one of the tie group ranked ``counts[:d].sum() + 1`` to
@@ -458,19 +475,9 @@ def distance_counts(q_bits, index: "AnyIndex", chunk: int = 1 << 14) -> np.ndarr
     if q_bits.ndim != 2 or q_bits.shape[1] != index.bits:
         raise ValueError(f"bit widths differ: queries have {q_bits.shape[-1]} bits, the index has {index.bits}")
     q_packed = np.packbits(q_bits, axis=1)
-    nq = len(q_bits)
-    if HAVE_NUMBA:
-        qw = packed_words(q_packed)
-        counts = np.zeros((get_num_threads(), nq, index.bits + 1), dtype=np.int64)
-        for _, packed in index.blocks():
-            _count_by_parts(qw, _block_words(index, packed), counts)
-        return counts.sum(0)
-    counts = np.zeros((nq, index.bits + 1), dtype=np.int64)
+    counts = np.zeros((len(q_bits), index.bits + 1), dtype=np.int64)
     for _, packed in index.blocks():
-        for c0 in range(0, len(packed), chunk):
-            d = _POPCOUNT8[q_packed[:, None, :] ^ packed[None, c0:c0 + chunk, :]].sum(-1)
-            for r in range(nq):
-                counts[r] += np.bincount(d[r], minlength=index.bits + 1)
+        counts += _block_counts(q_packed, index, packed, index.bits)
     return counts
 
 
@@ -485,6 +492,18 @@ def search(q_bits, index: AnyIndex, k: int = 10, engine: str = "auto") -> Tuple[
     and however the index is sharded. ``engine`` ``auto`` is numba when installed, else faiss when
     installed, else torch.
     """
+    d, i, used, _ = _search_blocks(q_bits, index, k, engine, count=False)
+    return d, i, used
+
+
+def search_with_ties(q_bits, index: AnyIndex, k: int = 10, engine: str = "auto"
+                     ) -> Tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+    """:func:`search` plus :func:`distance_counts` in the same pass over the index (each block is read
+    once): ``(distances, indices, engine used, counts (nq, bits + 1))``."""
+    return _search_blocks(q_bits, index, k, engine, count=True)
+
+
+def _search_blocks(q_bits, index: AnyIndex, k: int, engine: str, count: bool):
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     nd = len(index)
@@ -504,18 +523,20 @@ def search(q_bits, index: AnyIndex, k: int = 10, engine: str = "auto") -> Tuple[
     if engine == "auto":
         engine = "numba" if HAVE_NUMBA else ("faiss" if faiss_available() else "torch")
     k = _check_k(k, nd)
-    if engine == "numba":
-        top = _NumbaTopK(np.packbits(q_bits, axis=1), k)
-        for offset, packed in index.blocks():
+    q_packed = np.packbits(q_bits, axis=1)
+    counts = np.zeros((len(q_bits), index.bits + 1), dtype=np.int64) if count else None
+    top = _NumbaTopK(q_packed, k) if engine == "numba" else _MergeTopK(len(q_bits), k)
+    for offset, packed in index.blocks():
+        if engine == "numba":
             top.add(offset, _block_words(index, packed))
-    else:
-        top = _MergeTopK(len(q_bits), k)
-        for offset, packed in index.blocks():
+        else:
             kb = min(k, len(packed))
             if engine == "faiss":
                 d, i = search_faiss(q_bits, packed, index.bits, kb)
             else:
                 d, i = search_torch(q_bits, np.unpackbits(packed, axis=1, count=index.bits), kb)
             top.add(offset, d, i)
+        if count:
+            counts += _block_counts(q_packed, index, packed, index.bits)
     d, i = _split_keys(top.result())
-    return d, i, engine
+    return d, i, engine, counts
