@@ -4,6 +4,7 @@ The numbers on the page are checked against brute-force loops written here."""
 
 from __future__ import annotations
 
+import io
 import threading
 import urllib.error
 import urllib.request
@@ -225,3 +226,29 @@ def test_page_numbers_match_loops_on_random_codes():
         assert value == pytest.approx(ap_at([int(labels[j] == labels[p]) for j in others], 59))
     multi = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1]])
     assert relevant(multi[0], multi).tolist() == [True, False, True]  # a shared label, not equality
+
+
+def test_an_index_of_image_files_serves_its_files_and_has_no_ap_view(tiny_ckpt, tmp_path):  # noqa: F811
+    from dsrh_lightning.data.sources import make_synthetic
+    from dsrh_lightning.serve.app import create_app, make_service
+    from PIL import Image
+
+    from dsrh_lightning.serve.ids import write_png
+
+    ckpt, _ = tiny_ckpt
+    (tmp_path / "pics").mkdir()
+    src = make_synthetic(3, 2, 32, seed=5)
+    for i in range(3):
+        write_png(tmp_path / "pics" / f"p{i}.png", src.images[i])
+    index = tmp_path / "pics.npz"
+    assert cli.main(["index", "--ckpt", str(ckpt), "--out", str(index), "--no-progress", str(tmp_path / "pics")]) == 0
+    service = make_service(ckpt, index, k=3)
+    client = create_app(service).test_client()
+    r = client.get("/image/1")
+    assert r.status_code == 200 and r.data[:4] == b"\x89PNG"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.data)).convert("RGB")),
+                                  np.asarray(Image.open(service.ids[1]).convert("RGB")))  # the file itself
+    r = client.get("/query", query_string={"id": service.ids[2]})
+    assert r.status_code == 200 and r.data.count(b'data-relevant="None"') == 3 and b"the query itself" in r.data
+    r = client.get("/worst")
+    assert r.status_code == 400 and b"no labels" in r.data
