@@ -174,3 +174,43 @@ def test_signalled_process_resumes_exactly(sig, hold_at, saved_at, code, group, 
     resumed = train(load_config(_overrides(tmp_path / "runs", "run") + ["resume=auto"]))
     assert resumed["global_step"] == 12
     _assert_same_weights(uninterrupted, resumed["last_checkpoint"])
+
+
+# --- continuing a run that finished: "train 20 steps, then extend to 40" equals one run to 40 ---
+# 10 classes x 20 training images, batches of 20: 10 steps an epoch; validation only at the last step.
+EXTEND = ["data.synthetic_per_class=40", "data.protocol.query_per_class=5", "data.protocol.train_per_class=20",
+          "data.protocol.val_per_class=5", "data.batch_size=20", "data.num_workers=0", "logger.name=none",
+          "model.backbone=small_cnn", "model.weights=none", "trainer.deterministic=true",
+          "trainer.test_after_fit=false", "trainer.val_check_interval=100", "trainer.checkpoint_every_minutes=0"]
+
+
+@pytest.fixture(scope="module")
+def straight_to_40(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    steps = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module_lib.HashingModule, "training_step",
+                   _counting(module_lib.HashingModule.training_step, steps))
+        res = train(load_config(["dataset=synthetic", f"output_dir={root}", "trainer.progress_bar=false",
+                                 *EXTEND, "name=straight", "trainer.max_steps=40"]))
+    assert res["global_step"] == 40
+    return res["last_checkpoint"], steps
+
+
+@pytest.mark.parametrize("first", [20, 15])  # finished at an epoch boundary, and mid-epoch
+def test_continuing_a_finished_run_is_exact(first, straight_to_40, tmp_path, monkeypatch):
+    straight_last, straight_steps = straight_to_40
+    base = ["dataset=synthetic", f"output_dir={tmp_path}", "trainer.progress_bar=false", *EXTEND, "name=ext"]
+    steps = []
+    monkeypatch.setattr(module_lib.HashingModule, "training_step",
+                        _counting(module_lib.HashingModule.training_step, steps))
+    done = train(load_config(base + [f"trainer.max_steps={first}"]))
+    assert done["global_step"] == first and _state(done["last_checkpoint"])["global_step"] == first
+    extended = train(load_config(base + ["trainer.max_steps=40", "resume=auto"]))
+    assert extended["global_step"] == 40
+    # The same (epoch, step) sequence: no batch repeated, no epoch skipped; then the same weights.
+    assert steps == straight_steps
+    _assert_same_weights(straight_last, extended["last_checkpoint"])
+    a, b = _state(straight_last), _state(extended["last_checkpoint"])
+    assert a["epoch"] == b["epoch"]
+    assert a["loops"]["fit_loop"]["state_dict"] == b["loops"]["fit_loop"]["state_dict"]

@@ -142,9 +142,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
         if trainer.is_global_zero:
             print(exc.message, flush=True)
         raise
-    # The final state, whatever the step (periodic and validation checkpoints may be older).
-    assert_finite_parameters(module)
-    trainer.save_checkpoint(str(last))
+    # last.ckpt holds the final step, written inside the loop (see LastCheckpoint), so continuing this run
+    # with a larger max_steps is exact. Written here only when the loop ended otherwise.
+    if last_writer.saved_step != trainer.global_step and not (resume is not None and resume == last):
+        assert_finite_parameters(module)
+        trainer.save_checkpoint(str(last))
     results: Dict[str, Any] = {"run_dir": str(run_dir), "best_checkpoint": checkpoint.best_model_path or None,
                                "last_checkpoint": str(last), "global_step": trainer.global_step}
     results.update(evaluation.last.get("val", {}))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import threading
@@ -27,8 +28,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 __all__ = ["AtomicCheckpointIO", "FiniteModelCheckpoint", "LastCheckpoint", "TrainingInterrupted",
-           "assert_finite_parameters", "atomic_torch_save",
-]
+           "assert_finite_parameters", "atomic_torch_save", "is_final_batch"]
 
 TMP_MARK = ".tmp-"
 
@@ -105,6 +105,15 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
 
+def is_final_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """True in ``on_train_batch_end`` of the run's last batch (``max_steps`` reached, or the last batch
+    of the last epoch under ``max_epochs``)."""
+    if trainer.max_steps and 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    return bool(trainer.max_epochs and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+                and batch_idx + 1 >= trainer.num_training_batches)
+
+
 class TrainingInterrupted(SystemExit):
     """Training stopped on SIGINT / SIGTERM after ``last.ckpt`` was written.
 
@@ -134,6 +143,10 @@ class LastCheckpoint(Callback):
         self._last_time = time.monotonic()
         self._signal: Optional[int] = None
         self._previous: Dict[int, Any] = {}
+        #: The global step last written to ``last.ckpt`` by this callback (None: not yet in this fit).
+        self.saved_step: Optional[int] = None
+        self._final_loops: Optional[Dict[str, Any]] = None  # loop state at the end of the last step
+        self._final_step: Optional[int] = None
 
     # -- signals -----------------------------------------------------------------------------------
     def _handler(self, signum, frame) -> None:
@@ -162,6 +175,7 @@ class LastCheckpoint(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_time = time.monotonic()
         self._signal = None
+        self._final_loops, self._final_step = None, None
         self._install_handlers()
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -178,6 +192,7 @@ class LastCheckpoint(Callback):
         assert_finite_parameters(trainer.lightning_module)
         trainer.save_checkpoint(str(self.path))
         self._last_time = time.monotonic()
+        self.saved_step = trainer.global_step
 
     @staticmethod
     def _any_rank(trainer: pl.Trainer, due: bool, stop: bool) -> "tuple[bool, bool]":
@@ -192,12 +207,33 @@ class LastCheckpoint(Callback):
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         due = due or (self.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * self.every_minutes)
-        due, stop = self._any_rank(trainer, due, self._signal is not None)
+        # The last step is saved here, inside the loop, like any other step: a checkpoint written after
+        # fit() returns records the loops as finished, and continuing it (max_steps 20 -> 40) skipped an
+        # epoch's batches.
+        final = is_final_batch(trainer, batch_idx)
+        due, stop = self._any_rank(trainer, due or final, self._signal is not None)
+        if final:
+            self._final_step = step  # on_save_checkpoint keeps the loop state of this save
         if due or stop:
             self.save(trainer)
         if stop:
             self._restore_handlers()
             raise TrainingInterrupted(self._signal or signal.SIGTERM, self.path, step)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        """Checkpoints of the last step all carry the loop state of its ``on_train_batch_end``.
+
+        The final validation runs only because the run ends there (not on Lightning's schedule); a
+        checkpoint written after it records a loop state that Lightning, on restart with a larger
+        ``max_steps``, reads as "this epoch still has batches", so the continued run repeated a batch.
+        The weights and the best-model record are those after the validation; only ``loops`` is replaced.
+        """
+        if self._final_step is None or trainer.global_step != self._final_step or "loops" not in checkpoint:
+            return
+        if self._final_loops is None:
+            self._final_loops = copy.deepcopy(checkpoint["loops"])
+        else:
+            checkpoint["loops"] = copy.deepcopy(self._final_loops)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

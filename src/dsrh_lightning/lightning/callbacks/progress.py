@@ -17,6 +17,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from .checkpoint import is_final_batch
+
 __all__ = ["RunProgressBar", "RunTimeEstimate", "ValidateAtEnd", "format_duration"]
 
 
@@ -140,8 +142,5 @@ class ValidateAtEnd(Callback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.max_steps and 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True
-        elif (trainer.max_epochs and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
-              and batch_idx + 1 >= trainer.num_training_batches):
+        if is_final_batch(trainer, batch_idx):
             trainer.should_stop = True
