@@ -144,3 +144,23 @@ def test_unfinished_and_missing_folders_say_what_to_do(tmp_path, index_dir):
         open_sharded(tmp_path / "nope")
     with pytest.raises(CodesFileError, match="is a sharded index"):
         read_codes(index_dir)
+
+
+def test_eval_codes_reads_a_sharded_database_like_the_codes_file(tmp_path, capsys):
+    import json as _json
+
+    from dsrh_lightning import cli
+
+    rng = np.random.default_rng(5)
+    db = rng.integers(0, 2, (120, 16), dtype=np.uint8)
+    labels = rng.integers(0, 4, 120)
+    q = rng.integers(0, 2, (15, 16), dtype=np.uint8)
+    np.savez(tmp_path / "q.npz", codes=q, labels=rng.integers(0, 4, 15))
+    write_codes(tmp_path / "db.npz", db, [f"x#{i}" for i in range(120)], labels)
+    write_sharded(tmp_path / "dbs", db, [f"x#{i}" for i in range(120)], labels, shard_size=50)
+    results = []
+    for database in ("db.npz", "dbs"):
+        assert cli.main(["eval-codes", "--query", str(tmp_path / "q.npz"), "--database", str(tmp_path / database),
+                         "--json"]) == 0
+        results.append(_json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and 0 < results[0]["map"] <= 1
