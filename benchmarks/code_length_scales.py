@@ -66,13 +66,13 @@ def initial_terms(cfg) -> dict:
     images, labels = next(iter(dm.train_dataloader()))[:2]
     with torch.no_grad():
         out = module.net(images.flatten(0, 1))
-        r = module.ranking(out, labels, explicit=True, step=0)
+        r = module.ranking_terms(out, labels.flatten(0, 1), step=0)
         ranking, orth, codes, flat = r.loss, r.orth, r.codes, r.labels
         terms = combine_losses(ranking, orth, codes, out["logits"], flat, cfg.loss)
     lc = cfg.loss
     return {
         "margin": effective_margin(lc.margin, cfg.model.bits, lc.margin_scaling),
-        "ranking": float(lc.triplet_weight * terms["ranking"]),
+        "ranking": float(lc.ranking_weight * terms["ranking"]),
         "orth": float(lc.orth_weight * terms.get("orth", torch.tensor(0.0))),
         "cls": float(lc.cls_weight * terms.get("cls", torch.tensor(0.0))),
     }

@@ -1,6 +1,7 @@
 """The ranking-method registry: one class + one entry make a new method trainable end to end."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,38 +11,62 @@ import torch
 
 from dsrh_lightning.config import ConfigError, load_config, to_dict
 from dsrh_lightning.losses import registry
-from dsrh_lightning.losses.base import RankingLoss, RankingResult
+from dsrh_lightning.losses.base import RankingLoss
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The README's "Adding a ranking method", as a user does it: one file with the class (its own two settings,
+# with defaults and validation beside them), one register() line and one experiment YAML.
+TOY_FILE = '''
+import torch
+from dsrh_lightning.losses.base import RankingLoss
+
+
 class ToyRanking(RankingLoss):
-    """Pull codes of the same class together: mean squared distance of relevant pairs minus
-    irrelevant ones (a toy, not a good hashing loss). Owns a hyperparameter and a buffer."""
+    """Pull codes of the same class together and push the others apart (a toy, not a good hashing loss)."""
 
     instances = []
 
-    def __init__(self, cfg, num_classes):
-        super().__init__(cfg, num_classes)
-        ToyRanking.instances.append(self)
-        self.scale = float(cfg.loss.margin)
+    def __init__(self, scale: float = 1.0, push: float = 0.5):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale={scale}: must be > 0")
+        self.scale, self.push = float(scale), float(push)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        ToyRanking.instances.append(self)
 
-    def forward(self, out, labels, *, explicit, step, generator=None):
+    def compute(self, out, labels, triplets, step):
         codes = out["codes"]
-        flat = self.flat_labels(labels, explicit)
-        same = (flat[:, None] == flat[None, :]).float()
+        same = (labels[:, None] == labels[None, :]).float()
         d = (codes.float()[:, None] - codes.float()[None]).pow(2).sum(-1)
-        loss = self.scale * ((d * same).mean() - (d * (1 - same)).mean())
+        loss = self.scale * ((d * same).mean() - self.push * (d * (1 - same)).mean())
         self.calls += 1
-        return RankingResult(loss, [codes], codes, flat, {"toy_step": float(step)})
+        return self.result(loss, codes, labels, toy_step=float(step))
+'''
+
+TOY_YAML = """
+loss:
+  ranking: toy
+  params:
+    scale: 0.5
+    push: 0.25
+"""
 
 
 @pytest.fixture
-def toy_registered():
-    registry.register("toy", ToyRanking)
-    yield
+def toy_registered(tmp_path, monkeypatch):
+    """The toy method's file in tmp, registered by one line, and a config dir with its one YAML."""
+    (tmp_path / "toy_ranking.py").write_text(TOY_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.register("toy", "toy_ranking:ToyRanking")
+    config_dir = tmp_path / "configs"
+    shutil.copytree(REPO / "experiments" / "configs" / "dataset", config_dir / "dataset")
+    (config_dir / "experiment").mkdir()
+    (config_dir / "experiment" / "toy.yaml").write_text(TOY_YAML)
+    yield config_dir
     registry.RANKING_LOSSES.pop("toy", None)
+    sys.modules.pop("toy_ranking", None)
 
 
 def test_registry_names_are_the_config_choices():
@@ -100,19 +125,41 @@ def test_csq_centres_are_a_buffer_of_the_loss_and_old_checkpoints_load():
 
 
 def test_toy_ranking_loss_trains_through_the_real_module(toy_registered, tiny_overrides):
-    """One class + one registry entry: the config accepts the name and `train` runs it end to end."""
+    """One file + one registry line + one YAML: the config accepts the name and its settings (loss.params,
+    no schema change), and `train` runs it end to end."""
     from dsrh_lightning.runs.train import train
 
-    ToyRanking.instances.clear()
-    cfg = load_config(tiny_overrides + ["loss.ranking=toy", "loss.margin=0.5", "trainer.max_steps=4",
-                                        "trainer.val_check_interval=4", "trainer.test_after_fit=false"])
+    config_dir = toy_registered
+    over = tiny_overrides + ["experiment=toy", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                             "trainer.test_after_fit=false"]
+    cfg = load_config(over, config_dir=config_dir)
     res = train(cfg)
     assert res["global_step"] == 4 and 0.0 <= res["val/map"] <= 1.0
-    loss = ToyRanking.instances[0]
-    assert loss.scale == 0.5
-    assert int(loss.calls) == 4  # one forward per training step
+    toy = sys.modules["toy_ranking"].ToyRanking.instances[0]
+    assert (toy.scale, toy.push) == (0.5, 0.25)  # the YAML's settings, not the defaults
+    assert int(toy.calls) == 4  # one forward per training step
     ckpt = torch.load(res["last_checkpoint"], map_location="cpu", weights_only=True)
     assert "ranking.calls" in ckpt["state_dict"]  # the loss's buffers travel with the checkpoint
+    # A setting on the command line overrides the YAML's.
+    cfg = load_config(over + ["loss.params.push=2.0"], config_dir=config_dir)
+    assert cfg.loss.params.push == 2.0 and cfg.loss.params.scale == 0.5
+
+
+def test_toy_settings_are_checked_against_its_signature(toy_registered, tiny_overrides):
+    from dsrh_lightning.lightning.module import HashingModule
+
+    config_dir = toy_registered
+
+    def module(*extra):
+        cfg = load_config(tiny_overrides + ["experiment=toy", *extra], config_dir=config_dir)
+        return HashingModule(to_dict(cfg), num_classes=4, feature_dim=10)
+
+    with pytest.raises(ConfigError, match=r"loss.params.pusj: loss.ranking=toy \(ToyRanking\) has no setting "
+                                          r"'pusj'; it accepts loss.params keys: push, scale"):
+        module("loss.params.pusj=1")
+    with pytest.raises(ConfigError, match=r"loss.ranking=toy \(ToyRanking\): scale=-1.0: must be > 0"):
+        module("loss.params.scale=-1.0")
+    assert module().ranking.push == 0.25
 
 
 def test_config_validation_does_not_import_torch():

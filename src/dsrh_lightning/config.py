@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -163,7 +163,11 @@ class LossConfig:
     # "dtsh" (triplet likelihood), "hashnet" (weighted pairwise, tanh continuation), "csq" (hash centres).
     # The allowed names are those of losses/registry.py.
     ranking: str = "triplet"
-    triplet_weight: float = 1.0
+    # Weight of the ranking method's term in the objective (whatever the method: triplet hinge, DPSH, CSQ, ...).
+    ranking_weight: float = 1.0
+    # The method's own settings, as keyword arguments of its class (checked against its signature when the
+    # run builds its loss, losses/from_config.py); the keys below feed the built-in methods directly.
+    params: Dict[str, Any] = field(default_factory=dict)
     margin: float = 1.0
     # "constant": margin as given; "per_bit": margin * bits (codes live in [0,1]^bits).
     margin_scaling: str = "constant"
@@ -323,7 +327,7 @@ _NON_NEGATIVE = (
     "loss.margin",
     "loss.orth_weight",
     "loss.cls_weight",
-    "loss.triplet_weight",
+    "loss.ranking_weight",
     "optim.lr",
     "optim.weight_decay",
     "eval.radius",
@@ -398,7 +402,30 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
-        raise ConfigError(f"{source}: bad config key '{key}': {_first_line(exc)}") from None
+        hint = f" ({key} was renamed {RENAMED_KEYS[key]})" if key in RENAMED_KEYS else ""
+        raise ConfigError(f"{source}: bad config key '{key}': {_first_line(exc)}{hint}") from None
+
+
+# Keys renamed since configs were first saved: old dotted key -> new one (upgrade_legacy_config).
+RENAMED_KEYS = {"loss.triplet_weight": "loss.ranking_weight"}
+
+
+def upgrade_legacy_config(d: dict) -> dict:
+    """A saved config (a plain nested dict, e.g. a checkpoint's ``hyper_parameters.config``) with the keys an
+    older version wrote renamed to today's (:data:`RENAMED_KEYS`); a new dict, ``d`` is not changed.
+    A key present under both names keeps the new name's value."""
+    if OmegaConf.is_config(d):
+        d = OmegaConf.to_container(d, resolve=True)
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in dict(d).items()}
+    for old, new in RENAMED_KEYS.items():
+        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+        section = out.get(osec)
+        if isinstance(section, dict) and oname in section:
+            value = section.pop(oname)
+            out.setdefault(nsec, {})
+            if nname not in out[nsec]:
+                out[nsec][nname] = value
+    return out
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,5 +1,5 @@
-"""The LightningModule: wires the network, the ranking method (losses/registry.py), the orthogonality /
-balance / classification terms and the optimiser."""
+"""The LightningModule: wires the network, the ranking method and its miner (built from the config by
+losses/from_config.py), the orthogonality / balance / classification terms and the optimiser."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..losses.classification import classification_loss
 from ..losses.orthogonality import orthogonality_penalty
-from ..losses.registry import build_ranking_loss
+from ..config import upgrade_legacy_config
+from ..losses.base import RankingResult
+from ..losses.from_config import build_miner, build_ranking_loss
 from ..losses.semantic_ranking import balance_penalty
 from ..models import build_network
 from ..seeding import SLOT_STEP, item_seed, seed_device
@@ -22,10 +24,10 @@ __all__ = ["HashingModule", "combine_losses"]
 def combine_losses(ranking: torch.Tensor, orth_matrices: List[torch.Tensor], codes: torch.Tensor,
                    logits: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                    loss_cfg: DictConfig) -> Dict[str, torch.Tensor]:
-    """The objective: ``w_t * ranking + lambda * orth + w_b * balance + w_c * classification``.
+    """The objective: ``w_r * ranking + lambda * orth + w_b * balance + w_c * classification``.
 
     Args:
-        ranking: scalar ranking loss (triplet hinge or Zhao's weighted hinge).
+        ranking: scalar ranking term of the method (``w_r`` = ``loss.ranking_weight``).
         orth_matrices: code matrices the orthogonality penalty averages over.
         codes: ``(b, k)`` all codes of the batch (for the balance penalty).
         logits, labels: classification stream output ``(b, c)`` and its labels (or None).
@@ -34,7 +36,7 @@ def combine_losses(ranking: torch.Tensor, orth_matrices: List[torch.Tensor], cod
         dict with ``loss`` (total) and each active term.
     """
     out: Dict[str, torch.Tensor] = {"ranking": ranking}
-    total = loss_cfg.triplet_weight * ranking
+    total = loss_cfg.ranking_weight * ranking
     if loss_cfg.orth_weight > 0:
         out["orth"] = orthogonality_penalty(orth_matrices, loss_cfg.orth_norm)
         total = total + loss_cfg.orth_weight * out["orth"]
@@ -64,7 +66,8 @@ class HashingModule(pl.LightningModule):
         # The resolved config becomes the run's hyperparameters (logged to W&B, stored in checkpoints);
         # the feature statistics travel as buffers of the network instead.
         self.save_hyperparameters(ignore=["feature_stats"])
-        self.cfg: DictConfig = OmegaConf.create(config)
+        # A config saved by an older version (a checkpoint's hyperparameters) is read with today's key names.
+        self.cfg: DictConfig = OmegaConf.create(upgrade_legacy_config(config))
         # feature_dim: inputs are cached backbone features (data.cache_features), the backbone is the identity
         # or, with data.feature_norm=standardize, a fixed standardisation by feature_stats = (mean, std).
         standardize = bool(feature_dim) and self.cfg.data.get("feature_norm", "none") == "standardize"
@@ -75,8 +78,11 @@ class HashingModule(pl.LightningModule):
                 raise ValueError("feature_stats given, but the config does not standardise cached features")
             self.net.backbone.set_statistics(*feature_stats)
         self._mine_gen = torch.Generator().manual_seed(int(self.cfg.seed))
-        # The ranking method (loss.ranking): owns its hyperparameters, buffers and schedules.
+        # The ranking method (loss.ranking): owns its settings, buffers and schedules; the miner chooses the
+        # triplets of a triplet loss (explicit triplets, or loss.triplet_mining inside the batch).
         self.ranking = build_ranking_loss(self.cfg, num_classes)
+        self.miner = build_miner(self.cfg, self.ranking)
+        self._explicit = self.cfg.data.sampling == "triplets"
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
         # NaN guard state (see training_step): first non-finite step (-1 = none) and its loss values.
         self._bad_step = torch.tensor(-1)
@@ -134,12 +140,20 @@ class HashingModule(pl.LightningModule):
         return any(n > 0 and done % n == 0 for n in (int(t.log_every_n_steps), int(t.checkpoint_every_n_steps))) \
             or (int(t.max_steps) > 0 and done >= int(t.max_steps))
 
+    def ranking_terms(self, out: Dict[str, torch.Tensor], labels: torch.Tensor, step: int) -> RankingResult:
+        """The ranking method's result on network outputs ``out`` of ``b`` rows and their ``labels``
+        (``(b,)`` / ``(b, c)``), its triplets chosen by the miner."""
+        triplets = None
+        if self.miner is not None:
+            triplets = self.miner(out["codes"], labels, generator=self._mine_gen)
+        return self.ranking(out, labels, triplets, step=step)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        explicit = self.cfg.data.sampling == "triplets"
-        # Explicit triplets arrive as (b, 3, C, H, W); in-batch modes as (b, C, H, W).
-        out = self.net(images.flatten(0, 1) if explicit else images)
-        r = self.ranking(out, labels, explicit=explicit, step=self.global_step, generator=self._mine_gen)
+        if self._explicit:  # explicit triplets arrive as (b, 3, C, H, W): rows query, positive, negative
+            images, labels = images.flatten(0, 1), labels.flatten(0, 1)
+        out = self.net(images)
+        r = self.ranking_terms(out, labels, self.global_step)
         losses = combine_losses(r.loss, r.orth, r.codes, out["logits"], r.labels, self.cfg.loss)
         # NaN guard without a per-step host sync: a device-side flag, checked when a sync happens anyway.
         self._note_finite(losses)
@@ -154,8 +168,8 @@ class HashingModule(pl.LightningModule):
         return losses["loss"]
 
     def _logs_due(self) -> bool:
-        """Whether Lightning writes step metrics after this step (every ``trainer.log_every_n_steps``).
-        Each ``self.log`` costs Lightning's result bookkeeping (~0.25 ms on 2 CPU cores, ~18 calls a step)."""
+        """Whether Lightning writes step metrics after this step (every ``trainer.log_every_n_steps``):
+        each ``self.log`` call goes through Lightning's result bookkeeping, so steps that log nothing skip them."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return True if connector is None else bool(connector.should_update_logs)
 

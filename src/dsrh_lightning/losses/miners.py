@@ -1,28 +1,35 @@
-"""In-batch miners: which (anchor, positive, negative) triples of a batch a ranking loss uses.
+"""Miners: which (anchor, positive, negative) triples of a batch a triplet loss uses.
 
-Relevance always comes from :mod:`dsrh_lightning.relevance`. Two forms of the same answer:
+A miner is called as ``miner(codes, labels, generator=None)`` and returns :class:`Triplets`, positions
+into the batch's rows; losses consume them and never choose triplets themselves (the shape of
+pytorch-metric-learning's miners). Relevance always comes from :mod:`dsrh_lightning.relevance`.
 
-* masks: a ``(b, b, b)`` boolean tensor ``valid[a, p, n]`` (and, for Zhao et al.'s multilevel
-  ranking, a ``(b, b, b)`` weight tensor). The losses evaluate their hinge over the whole mask
-  from one ``(b, b)`` distance matrix: no per-triplet gather, no host synchronisation.
-* index lists (:func:`mine_all_triplets`, :func:`mine_multilevel_triplets`): the mask's
-  ``nonzero()`` in row-major order, optionally a uniformly random subset of at most
-  ``max_triplets`` (``data.max_triplets``), drawn with ``torch.randperm`` on the given generator.
+* :class:`ExplicitTriplets`: a batch of explicit triplets sampled from the whole training set
+  (``data.sampling=triplets``, :mod:`dsrh_lightning.data.sampling`) arrives as rows
+  (query, positive, negative) of each triplet; this miner names those rows.
+* :class:`AllTriplets`: every valid in-batch triplet, as a ``(b, b, b)`` mask (evaluated from one
+  ``(b, b)`` distance matrix: no per-triplet gather, no host synchronisation) or, when
+  ``max_triplets`` caps them, as index lists drawn with ``torch.randperm`` on the generator.
+* :class:`SemiHardTriplets` (Schroff et al. 2015) and :class:`HardestTriplets` (Hermans et al.
+  2017's batch-hard), chosen on the current codes without gradient.
+* :class:`MultilevelTriplets`: Zhao et al. (2015)'s multilevel triplets with their weights.
 
-Explicit triplets sampled from the whole training set (``data.sampling=triplets``) stay in
-:mod:`dsrh_lightning.data.sampling`.
+The functions below (:func:`triplet_mask`, :func:`mine_all_triplets`, ...) are the same answers as
+plain tensors.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..relevance import relevance_matrix, shared_label_counts
 
-__all__ = ["ideal_dcg", "kept_triplets", "mine_all_triplets", "mine_multilevel_triplets", "multilevel_mask",
-           "pair_masks", "subsample", "triplet_mask"]
+__all__ = ["MINERS", "AllTriplets", "ExplicitTriplets", "HardestTriplets", "MultilevelTriplets", "SemiHardTriplets",
+           "Triplets", "ideal_dcg", "kept_triplets", "mine_all_triplets", "mine_multilevel_triplets",
+           "multilevel_mask", "pair_masks", "squared_distances", "subsample", "triplet_mask"]
 
 
 def pair_masks(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,3 +151,147 @@ def mine_multilevel_triplets(labels: torch.Tensor, max_triplets: int = 0,
         if keep is not None:
             q, i, j = q[keep], i[keep], j[keep]
         return q, i, j, weight[q, i, j]
+
+
+def squared_distances(codes: torch.Tensor) -> torch.Tensor:
+    """``(b, b)`` float32 squared Euclidean distances between the rows of ``codes (b, k)``."""
+    x = codes.float()
+    return (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)
+
+
+@dataclass
+class Triplets:
+    """Triplets of a batch as positions into its ``b`` rows, in one of two forms.
+
+    Attributes:
+        anchor, positive, negative: ``(t,)`` int64 positions (index form), or None.
+        valid: ``(t,)`` bool, which index triples count (batch-hard: anchors with both a positive
+            and a negative); None = all.
+        mask: ``(b, b, b)`` bool ``[a, p, n]`` (mask form: every marked triple counts), or None.
+        weight: Zhao et al.'s weights, ``(b, b, b)`` in mask form or ``(t,)`` in index form; None for
+            unweighted triplets.
+        by_role: every row is the query, the positive or the negative of exactly one triplet
+            (explicit triplets); DSRH's orthogonality penalty then runs over the three role matrices.
+    """
+
+    anchor: Optional[torch.Tensor] = None
+    positive: Optional[torch.Tensor] = None
+    negative: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    by_role: bool = False
+
+    def __post_init__(self) -> None:
+        has_index = self.anchor is not None
+        if has_index == (self.mask is not None):
+            raise ValueError("Triplets: give either anchor/positive/negative or mask")
+        if has_index and not (self.anchor.shape == self.positive.shape == self.negative.shape):
+            raise ValueError(f"Triplets: anchor/positive/negative shapes differ: {tuple(self.anchor.shape)}, "
+                             f"{tuple(self.positive.shape)}, {tuple(self.negative.shape)}")
+        if self.mask is not None and (self.mask.ndim != 3 or len(set(self.mask.shape)) != 1):
+            raise ValueError(f"Triplets: mask must be (b, b, b), got {tuple(self.mask.shape)}")
+
+    def indices(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, p, n)``, three ``(t,)`` int64 tensors of the triples that count (the mask's ``nonzero()``
+        in row-major order; index triples with ``valid`` False left out)."""
+        if self.mask is not None:
+            return self.mask.nonzero(as_tuple=True)
+        if self.valid is None:
+            return self.anchor, self.positive, self.negative
+        return self.anchor[self.valid], self.positive[self.valid], self.negative[self.valid]
+
+    def count(self):
+        """The number of triples that count (a tensor, or a float for plain index lists)."""
+        if self.mask is not None:
+            return self.mask.sum().float()
+        if self.valid is not None:
+            return self.valid.sum().float()
+        return float(len(self.anchor))
+
+
+class ExplicitTriplets:
+    """The rows of an explicit-triplet batch: rows ``3i, 3i + 1, 3i + 2`` are the query, positive and
+    negative of triplet ``i`` (``data.sampling=triplets``; the labels are not read)."""
+
+    def __call__(self, codes: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Triplets:
+        if len(codes) % 3:
+            raise ValueError(f"explicit triplets need 3 rows per triplet, got {len(codes)} rows")
+        a = torch.arange(0, len(codes), 3, device=codes.device)
+        return Triplets(a, a + 1, a + 2, by_role=True)
+
+
+class AllTriplets:
+    """Every valid in-batch triplet (``rel(a, p)``, ``a != p``, ``not rel(a, n)``): the ``(b, b, b)`` mask, or
+    a uniformly random subset of at most ``max_triplets`` as index lists (0 = all)."""
+
+    def __init__(self, max_triplets: int = 0) -> None:
+        if int(max_triplets) < 0:
+            raise ValueError(f"max_triplets={max_triplets}: must be >= 0 (0 = all)")
+        self.max_triplets = int(max_triplets)
+
+    def __call__(self, codes: torch.Tensor, labels: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Triplets:
+        valid = triplet_mask(labels)
+        kept = kept_triplets(valid, self.max_triplets, generator)
+        return Triplets(mask=valid) if kept is None else Triplets(*kept)
+
+
+class SemiHardTriplets:
+    """The valid triplets whose negative is farther from the anchor than the positive but within the margin,
+    ``D[a, p] < D[a, n] < D[a, p] + margin`` on squared code distances (Schroff et al. 2015), chosen without
+    gradient. ``margin`` is the triplet loss's (effective) margin."""
+
+    def __init__(self, margin: float = 1.0) -> None:
+        if not float(margin) >= 0:
+            raise ValueError(f"margin={margin}: must be >= 0")
+        self.margin = float(margin)
+
+    def __call__(self, codes: torch.Tensor, labels: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Triplets:
+        with torch.no_grad():
+            dist = squared_distances(codes)
+            d_an, d_ap = dist.unsqueeze(1), dist.unsqueeze(2)
+            valid = triplet_mask(labels) & (d_an > d_ap) & (d_an < d_ap + self.margin)
+        return Triplets(mask=valid)
+
+
+class HardestTriplets:
+    """One triplet per anchor: its farthest positive and nearest negative in squared code distance
+    (Hermans et al. 2017's batch-hard), chosen without gradient; anchors without a positive or a
+    negative are marked not ``valid``."""
+
+    def __call__(self, codes: torch.Tensor, labels: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Triplets:
+        with torch.no_grad():
+            dist = squared_distances(codes)
+            pos, neg = pair_masks(labels)
+            p = torch.where(pos, dist, float("-inf")).argmax(1)
+            n = torch.where(neg, dist, float("inf")).argmin(1)
+            anchors = pos.any(1) & neg.any(1)
+            a = torch.arange(len(dist), device=dist.device)
+        return Triplets(a, p, n, valid=anchors)
+
+
+class MultilevelTriplets:
+    """Zhao et al. (2015)'s in-batch triplets ``(q, i, j)`` with ``r(q, i) > r(q, j)`` and their weights
+    (:func:`multilevel_mask`); a random subset of at most ``max_triplets`` as index lists (0 = all)."""
+
+    def __init__(self, max_triplets: int = 0) -> None:
+        if int(max_triplets) < 0:
+            raise ValueError(f"max_triplets={max_triplets}: must be >= 0 (0 = all)")
+        self.max_triplets = int(max_triplets)
+
+    def __call__(self, codes: torch.Tensor, labels: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Triplets:
+        valid, weight = multilevel_mask(labels)
+        kept = kept_triplets(valid, self.max_triplets, generator)
+        if kept is None:
+            return Triplets(mask=valid, weight=weight)
+        q, i, j = kept
+        return Triplets(q, i, j, weight=weight[q, i, j])
+
+
+#: In-batch miners by ``loss.triplet_mining`` name.
+MINERS: Dict[str, type] = {"all": AllTriplets, "semihard": SemiHardTriplets, "hard": HardestTriplets}

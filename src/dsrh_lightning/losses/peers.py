@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..relevance import relevance_matrix
-from .base import RankingLoss, RankingResult
-from .miners import mine_all_triplets
+from .base import RankingLoss, RankingResult, check_non_negative, check_positive_int
 
 __all__ = ["CSQ", "DPSH", "DTSH", "HashNet", "csq_centers", "csq_loss", "csq_targets", "dpsh_loss", "dtsh_loss", "hadamard",
            "hashnet_loss", "hashnet_scale", "quantization_penalty"]
@@ -180,80 +179,88 @@ def csq_loss(u: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, quant
     return center + quant_weight * (u.abs() - 1).pow(2).mean()
 
 
-class _PeerLoss(RankingLoss):
-    """A peer method on all codes of the batch (explicit triplets are flattened into plain rows)."""
+class DPSH(RankingLoss):
+    """DPSH pairwise likelihood + quantisation over all rows of the batch; ``loss.ranking=dpsh``.
 
-    def _result(self, loss: torch.Tensor, out, labels, explicit: bool, **extras) -> RankingResult:
-        codes = out["codes"]
-        return RankingResult(loss, [codes], codes, self.flat_labels(labels, explicit), extras)
-
-
-class DPSH(_PeerLoss):
-    """DPSH pairwise likelihood + quantisation (``loss.quant_weight`` = eta); ``loss.ranking=dpsh``."""
-
-    def __init__(self, cfg, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.quant_weight = float(cfg.loss.quant_weight)
-
-    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
-        flat = self.flat_labels(labels, explicit)
-        return self._result(dpsh_loss(2 * out["codes"] - 1, flat, self.quant_weight), out, labels, explicit)
-
-
-class DTSH(_PeerLoss):
-    """DTSH triplet likelihood (margin ``loss.dtsh_margin``) + quantisation; ``loss.ranking=dtsh``.
-
-    Explicit triplets, or every valid in-batch triplet (capped by ``data.max_triplets``).
+    Args:
+        quant_weight: ``eta`` of the quantisation term.
     """
 
-    def __init__(self, cfg, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.alpha = float(cfg.loss.dtsh_margin)
-        self.quant_weight = float(cfg.loss.quant_weight)
-        self.max_triplets = int(cfg.data.max_triplets)
+    def __init__(self, quant_weight: float = 0.1) -> None:
+        super().__init__()
+        self.quant_weight = check_non_negative("quant_weight", quant_weight)
 
-    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+    def compute(self, out, labels, triplets, step) -> RankingResult:
         codes = out["codes"]
-        if explicit:
-            a = torch.arange(0, len(codes), 3, device=codes.device)
-            p, n = a + 1, a + 2
-        else:
-            a, p, n = mine_all_triplets(labels, self.max_triplets, generator)
+        return self.result(dpsh_loss(2 * codes - 1, labels, self.quant_weight), codes, labels)
+
+
+class DTSH(RankingLoss):
+    """DTSH triplet likelihood + quantisation; ``loss.ranking=dtsh``. Consumes triplets from any miner
+    (explicit triplets, or every valid / semi-hard / batch-hard in-batch triplet).
+
+    Args:
+        alpha: margin on the inner-product difference (``loss.dtsh_margin``).
+        quant_weight: weight of the quantisation term (over all rows of the batch).
+    """
+
+    triplets = "any"
+
+    def __init__(self, alpha: float = 5.0, quant_weight: float = 0.1) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        if self.alpha != self.alpha or abs(self.alpha) == float("inf"):
+            raise ValueError(f"alpha={alpha!r}: must be a finite number")
+        self.quant_weight = check_non_negative("quant_weight", quant_weight)
+
+    def compute(self, out, labels, triplets, step) -> RankingResult:
+        codes = out["codes"]
+        a, p, n = triplets.indices()
         loss = dtsh_loss(2 * codes - 1, a, p, n, self.alpha, self.quant_weight)
-        return self._result(loss, out, labels, explicit)
+        return self.result(loss, codes, labels)
 
 
-class HashNet(_PeerLoss):
+class HashNet(RankingLoss):
     """HashNet's weighted pairwise cross-entropy on ``tanh(beta * z)``; ``loss.ranking=hashnet``.
 
-    Owns the continuation ``beta_t = (1 + hashnet_gamma * t)^hashnet_power`` and reports it as
-    ``hashnet_beta``.
+    Owns the continuation ``beta_t = (1 + gamma * t)^power`` and reports it as ``hashnet_beta``.
+
+    Args:
+        alpha: sigmoid scale of the inner product (None = ``10 / bits``, the paper's).
+        gamma, power: the continuation's schedule.
     """
 
     consumes = "code_logits"
 
-    def __init__(self, cfg, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.alpha = float(cfg.loss.hashnet_alpha) or None
-        self.gamma = float(cfg.loss.hashnet_gamma)
-        self.power = float(cfg.loss.hashnet_power)
+    def __init__(self, alpha: Optional[float] = None, gamma: float = 0.005, power: float = 0.5) -> None:
+        super().__init__()
+        self.alpha = None if alpha is None else check_non_negative("alpha", alpha)
+        self.gamma = check_non_negative("gamma", gamma)
+        self.power = float(power)
 
-    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+    def compute(self, out, labels, triplets, step) -> RankingResult:
         beta = hashnet_scale(step, self.gamma, self.power)
-        flat = self.flat_labels(labels, explicit)
-        loss = hashnet_loss(torch.tanh(beta * out["code_logits"].float()), flat, self.alpha)
-        return self._result(loss, out, labels, explicit, hashnet_beta=beta)
+        loss = hashnet_loss(torch.tanh(beta * out["code_logits"].float()), labels, self.alpha)
+        codes = out.get("codes")
+        codes = torch.sigmoid(out["code_logits"]) if codes is None else codes
+        return self.result(loss, codes, labels, hashnet_beta=beta)
 
 
-class CSQ(_PeerLoss):
-    """CSQ: Hadamard hash centres (a buffer, ``centers``) + quantisation; ``loss.ranking=csq``."""
+class CSQ(RankingLoss):
+    """CSQ: Hadamard hash centres (a buffer, ``centers``) + quantisation; ``loss.ranking=csq``.
 
-    def __init__(self, cfg, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.quant_weight = float(cfg.loss.quant_weight)
-        self.register_buffer("centers", csq_centers(num_classes, self.bits))
+    Args:
+        bits: code length; num_classes: number of classes (one centre each).
+        quant_weight: ``lambda`` of the quantisation term.
+    """
 
-    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
-        flat = self.flat_labels(labels, explicit)
-        loss = csq_loss(2 * out["codes"] - 1, flat, self.centers, self.quant_weight)
-        return self._result(loss, out, labels, explicit)
+    def __init__(self, bits: int, num_classes: int, quant_weight: float = 1e-4) -> None:
+        super().__init__()
+        self.bits = check_positive_int("bits", bits)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.quant_weight = check_non_negative("quant_weight", quant_weight)
+        self.register_buffer("centers", csq_centers(self.num_classes, self.bits))
+
+    def compute(self, out, labels, triplets, step) -> RankingResult:
+        codes = out["codes"]
+        return self.result(csq_loss(2 * codes - 1, labels, self.centers, self.quant_weight), codes, labels)

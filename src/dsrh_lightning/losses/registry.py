@@ -2,7 +2,8 @@
 
 Built-in entries are ``"module:Class"`` strings, imported only when a run builds its loss, so
 reading the names (``dsrh --help``, config validation) does not import torch. A new method adds one
-line to :data:`RANKING_LOSSES` (or calls :func:`register` / uses it as a class decorator).
+line to :data:`RANKING_LOSSES` (or calls :func:`register` / uses it as a class decorator); its keyword
+arguments come from the run config through :func:`dsrh_lightning.losses.from_config.build_ranking_loss`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Optional, Tuple, Union
 
-__all__ = ["RANKING_LOSSES", "build_ranking_loss", "get_ranking_loss", "ranking_names", "register"]
+__all__ = ["RANKING_LOSSES", "get_ranking_loss", "ranking_names", "register"]
 
 RANKING_LOSSES: Dict[str, Union[str, type]] = {
     "triplet": "dsrh_lightning.losses.triplet:TripletRanking",            # DSRH, Yao et al. 2016
@@ -51,15 +52,3 @@ def get_ranking_loss(name: str) -> type:
         entry = getattr(importlib.import_module(module), attr)
     entry.name = name
     return entry
-
-
-def build_ranking_loss(cfg, num_classes: int):
-    """The ranking method of a run (``cfg.loss.ranking``), checked against ``cfg.data.sampling``."""
-    cls = get_ranking_loss(cfg.loss.ranking)
-    explicit = cfg.data.sampling == "triplets"
-    if explicit and not cls.explicit_triplets:
-        raise ValueError(f"loss.ranking={cfg.loss.ranking} mines its triplets inside each batch: set "
-                         "data.sampling=random (or balanced for single-label data)")
-    if not explicit and not cls.in_batch:
-        raise ValueError(f"loss.ranking={cfg.loss.ranking} needs explicit triplets: set data.sampling=triplets")
-    return cls(cfg, num_classes)

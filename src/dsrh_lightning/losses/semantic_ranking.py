@@ -6,12 +6,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .base import RankingLoss, RankingResult
-from .miners import kept_triplets, multilevel_mask
+from .base import RankingLoss, RankingResult, check_choice, check_non_negative, check_positive_int
+from .miners import MultilevelTriplets, Triplets
 from .triplet import effective_margin
 
 __all__ = ["WeightedRanking", "balance_penalty", "hamming_surrogate", "mined_weighted_ranking_loss",
-           "weighted_ranking_loss"]
+           "multilevel_hinge", "weighted_ranking_loss"]
 
 
 def hamming_surrogate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,44 +63,57 @@ def balance_penalty(codes: torch.Tensor) -> torch.Tensor:
 def mined_weighted_ranking_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float = 1.0,
                                 max_triplets: int = 0, generator: Optional[torch.Generator] = None
                                 ) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
-    """:func:`weighted_ranking_loss` over Zhao et al.'s in-batch multilevel triplets, from one ``(b, b)``
-    Hamming-surrogate matrix.
+    """:func:`multilevel_hinge` over Zhao et al.'s in-batch multilevel triplets
+    (:class:`~dsrh_lightning.losses.miners.MultilevelTriplets`).
 
     Equal to ``weighted_ranking_loss(codes, q, i, j, w, margin)`` with ``q, i, j, w =
-    mine_multilevel_triplets(labels, max_triplets, generator)`` (same subset draw): the weighted
-    hinge ``w * max(0, margin + H[q, i] - H[q, j])`` is summed over the ``(b, b, b)`` valid mask, or,
-    when ``max_triplets`` subsamples, read at the kept triplets' entries of ``H``.
+    mine_multilevel_triplets(labels, max_triplets, generator)`` (same subset draw).
 
     Returns:
         ``(loss, count)``: the scalar float32 loss and the number of triplets used.
     """
+    triplets = MultilevelTriplets(max_triplets)(codes, labels, generator)
+    return multilevel_hinge(codes, triplets, margin), triplets.count()
+
+
+def multilevel_hinge(codes: torch.Tensor, triplets: Triplets, margin: float = 1.0) -> torch.Tensor:
+    """Zhao et al.'s weighted hinge ``sum w * max(0, margin + H[q, i] - H[q, j]) / b`` over weighted triplets,
+    from one ``(b, b)`` Hamming-surrogate matrix ``H`` of ``codes (b, k)``: summed over the ``(b, b, b)`` mask
+    (mask form) or read at the triples' entries of ``H`` (index form). Scalar float32."""
+    if triplets.weight is None:
+        raise ValueError("the multilevel hinge needs weighted triplets (miners.MultilevelTriplets)")
     b, k = codes.shape
     u = 2 * codes.float() - 1
     ham = (k - (u.unsqueeze(1) * u.unsqueeze(0)).sum(-1)) / 2  # (b, b) relaxed Hamming distances
-    valid, weight = multilevel_mask(labels)
-    kept = kept_triplets(valid, max_triplets, generator)
-    if kept is not None:
-        q, i, j = kept
+    if triplets.mask is None:
+        q, i, j = triplets.anchor, triplets.positive, triplets.negative
         hinge = torch.clamp(margin + ham[q, i] - ham[q, j], min=0)
-        return (weight[q, i, j] * hinge).sum() / b, float(len(q))
+        return (triplets.weight * hinge).sum() / b
     hinge = torch.clamp(margin + ham.unsqueeze(2) - ham.unsqueeze(1), min=0)  # [q, i, j]
-    return (weight * hinge).sum() / b, valid.sum().float()  # weight is 0 outside the valid mask
+    return (triplets.weight * hinge).sum() / b  # the weight is 0 outside the valid mask
 
 
 class WeightedRanking(RankingLoss):
     """Zhao et al.'s weighted multilevel ranking hinge on the Hamming surrogate; ``loss.ranking=weighted``.
 
-    Triplets are mined inside plain batches only (``data.sampling=random|balanced``).
+    Consumes weighted multilevel triplets mined inside plain batches (``data.sampling=random|balanced``).
+
+    Args:
+        bits: code length (the margin is scaled by it with ``margin_scaling="per_bit"``).
+        margin: hinge margin in Hamming units.
+        margin_scaling: ``"constant"`` or ``"per_bit"``.
     """
 
-    explicit_triplets = False
+    triplets = "multilevel"
 
-    def __init__(self, cfg, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.margin = effective_margin(cfg.loss.margin, self.bits, cfg.loss.margin_scaling)
-        self.max_triplets = int(cfg.data.max_triplets)
+    def __init__(self, bits: int = 48, margin: float = 1.0, margin_scaling: str = "constant") -> None:
+        super().__init__()
+        self.bits = check_positive_int("bits", bits)
+        check_non_negative("margin", margin)
+        check_choice("margin_scaling", margin_scaling, ("constant", "per_bit"))
+        self.margin = effective_margin(margin, self.bits, margin_scaling)
 
-    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
+    def compute(self, out, labels, triplets, step) -> RankingResult:
         codes = out["codes"]
-        loss, count = mined_weighted_ranking_loss(codes, labels, self.margin, self.max_triplets, generator)
-        return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": count})
+        return self.result(multilevel_hinge(codes, triplets, self.margin), codes, labels,
+                           triplets_per_batch=triplets.count())

@@ -6,10 +6,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .base import RankingLoss, RankingResult
-from .miners import kept_triplets, pair_masks, triplet_mask
+from .base import RankingLoss, RankingResult, check_choice, check_non_negative, check_positive_int
+from .miners import AllTriplets, HardestTriplets, SemiHardTriplets, Triplets, squared_distances
 
-__all__ = ["MININGS", "TripletRanking", "effective_margin", "mined_triplet_loss", "triplet_ranking_loss"]
+__all__ = ["MININGS", "TripletRanking", "effective_margin", "make_miner", "mined_triplet_loss", "triplet_hinge",
+           "triplet_ranking_loss"]
 
 
 def effective_margin(margin: float, bits: int, scaling: str = "constant") -> float:
@@ -71,22 +72,37 @@ def triplet_ranking_loss(query: torch.Tensor, positive: torch.Tensor, negative: 
     return _average(torch.clamp(margin - d_neg + d_pos, min=0), None, average)
 
 
+def triplet_hinge(codes: torch.Tensor, triplets: Triplets, margin: float = 1.0, average: str = "all"
+                  ) -> torch.Tensor:
+    """:func:`triplet_ranking_loss` over mined ``triplets`` of the batch's ``codes (b, k)``, from one ``(b, b)``
+    squared-distance matrix.
+
+    Mask form: the hinge ``margin - D[a, n] + D[a, p]`` is evaluated on the ``(b, b, b)`` grid and averaged over
+    the mask (no host synchronisation). Index form: read at the triples' entries of ``D`` (averaged over the
+    ``valid`` ones when given). Explicit triplets (``by_role``) gather the three role matrices instead, which is
+    ``triplet_ranking_loss(codes[a], codes[p], codes[n])``. Returns a scalar float32 (0 without triplets).
+    """
+    if triplets.by_role:
+        a, p, n = triplets.indices()
+        return triplet_ranking_loss(codes[a], codes[p], codes[n], margin, average)
+    dist = squared_distances(codes)  # (b, b) squared distances
+    if triplets.mask is not None:
+        hinge = torch.clamp(margin - dist.unsqueeze(1) + dist.unsqueeze(2), min=0)  # [a, p, n]
+        return _average(hinge, triplets.mask, average)
+    a, p, n = triplets.anchor, triplets.positive, triplets.negative
+    return _average(torch.clamp(margin - dist[a, n] + dist[a, p], min=0), triplets.valid, average)
+
+
 def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, max_triplets: int = 0,
                        generator: Optional[torch.Generator] = None, average: str = "all", mining: str = "all"
                        ) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
-    """:func:`triplet_ranking_loss` over the in-batch triplets ``mining`` selects, from one ``(b, b)`` distance matrix.
+    """:func:`triplet_hinge` over the in-batch triplets the ``mining`` miner selects (:data:`MININGS`).
 
     With ``mining="all"`` equal to ``triplet_ranking_loss(codes[a], codes[p], codes[n], margin, average)`` with
-    ``a, p, n = mine_all_triplets(labels, max_triplets, generator)`` (same subset draw), without
-    gathering a ``(t, k)`` code matrix per triplet: the hinge ``margin - D[a, n] + D[a, p]`` is
-    evaluated on the ``(b, b, b)`` grid and averaged over the valid mask (no host synchronisation),
-    or, when ``max_triplets`` subsamples, read at the kept triplets' entries of ``D``.
-
-    ``mining="semihard"`` keeps the valid triplets whose negative is farther from the anchor than the
-    positive but within the margin (``D[a, p] < D[a, n] < D[a, p] + margin``, Schroff et al. 2015, chosen on
-    the current codes without gradient; with ``average="active"`` the upper bound changes nothing, as the
-    hinge is 0 beyond it); ``mining="hard"`` uses
-    one triplet per anchor, its farthest positive and nearest negative (anchors without either are left
+    ``a, p, n = mine_all_triplets(labels, max_triplets, generator)`` (same subset draw). ``mining="semihard"``
+    keeps the valid triplets with ``D[a, p] < D[a, n] < D[a, p] + margin`` (Schroff et al. 2015; with
+    ``average="active"`` the upper bound changes nothing, as the hinge is 0 beyond it); ``mining="hard"``
+    uses one triplet per anchor, its farthest positive and nearest negative (anchors without either are left
     out), and ``average`` then runs over anchors. Neither subsamples (``max_triplets`` must be 0).
 
     Args:
@@ -99,54 +115,54 @@ def mined_triplet_loss(codes: torch.Tensor, labels: torch.Tensor, margin: float 
     Returns:
         ``(loss, count)``: the scalar float32 loss (0 without triplets) and the number of triplets used.
     """
+    miner = make_miner(mining, margin, max_triplets)
+    triplets = miner(codes, labels, generator)
+    return triplet_hinge(codes, triplets, margin, average), triplets.count()
+
+
+def make_miner(mining: str, margin: float = 1.0, max_triplets: int = 0):
+    """The in-batch miner called ``mining`` (:data:`MININGS`); only ``"all"`` subsamples (``max_triplets``)."""
     if mining not in MININGS:
         raise ValueError(f"loss.triplet_mining={mining!r}: expected one of {MININGS}")
     if mining != "all" and max_triplets:
         raise ValueError(f"loss.triplet_mining={mining!r} does not subsample: data.max_triplets must be 0")
-    x = codes.float()
-    dist = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(-1)  # (b, b) squared distances
-    if mining == "hard":
-        pos, neg = pair_masks(labels)
-        hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
-        nearest_neg = torch.where(neg, dist, float("inf")).amin(1)
-        anchors = pos.any(1) & neg.any(1)
-        hinge = torch.clamp(margin - nearest_neg + hardest_pos, min=0)
-        return _average(hinge, anchors, average), anchors.sum().float()  # _average masks the left-out anchors
-    valid = triplet_mask(labels)
-    if mining == "semihard":
-        with torch.no_grad():
-            d_an, d_ap = dist.unsqueeze(1), dist.unsqueeze(2)
-            valid = valid & (d_an > d_ap) & (d_an < d_ap + margin)  # D[a, p] < D[a, n] < D[a, p] + margin
-    kept = kept_triplets(valid, max_triplets, generator)
-    if kept is not None:
-        a, p, n = kept
-        return _average(torch.clamp(margin - dist[a, n] + dist[a, p], min=0), None, average), float(len(a))
-    hinge = torch.clamp(margin - dist.unsqueeze(1) + dist.unsqueeze(2), min=0)  # [a, p, n]
-    return _average(hinge, valid, average), valid.sum().float()
+    if mining == "all":
+        return AllTriplets(max_triplets)
+    return SemiHardTriplets(margin) if mining == "semihard" else HardestTriplets()
 
 
 class TripletRanking(RankingLoss):
     """DSRH's triplet hinge on squared code distances (Yao et al. 2016, Eq. 2); ``loss.ranking=triplet``.
 
-    Explicit triplets (``data.sampling=triplets``) or the in-batch triplets ``loss.triplet_mining`` selects
-    (``balanced`` / ``random``; all valid ones capped by ``data.max_triplets``, semi-hard or batch-hard).
+    Consumes triplets from any miner: explicit triplets (the paper; the orthogonality penalty then runs over
+    the query, positive and negative matrices, Eq. 6) or in-batch ones (all valid, semi-hard or batch-hard).
+
+    Args:
+        bits: code length (the margin is scaled by it with ``margin_scaling="per_bit"``).
+        margin: hinge margin (paper: 1).
+        margin_scaling: ``"constant"`` or ``"per_bit"`` (:func:`effective_margin`).
+        average: ``"all"`` or ``"active"`` (:func:`triplet_ranking_loss`).
     """
 
-    def __init__(self, cfg, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)
-        self.margin = effective_margin(cfg.loss.margin, self.bits, cfg.loss.margin_scaling)
-        self.max_triplets = int(cfg.data.max_triplets)
-        self.average = cfg.loss.triplet_average
-        self.mining = cfg.loss.triplet_mining
+    triplets = "any"
 
-    def forward(self, out, labels, *, explicit, step, generator=None) -> RankingResult:
-        if explicit:
-            # Rows are (query, positive, negative) of each triplet.
-            codes = out["codes"].view(-1, 3, self.bits)
-            q, p, n = codes[:, 0], codes[:, 1], codes[:, 2]
-            return RankingResult(triplet_ranking_loss(q, p, n, self.margin, self.average), [q, p, n], out["codes"],
-                                 self.flat_labels(labels, explicit))
+    def __init__(self, bits: int = 48, margin: float = 1.0, margin_scaling: str = "constant",
+                 average: str = "all") -> None:
+        super().__init__()
+        self.bits = check_positive_int("bits", bits)
+        check_non_negative("margin", margin)
+        check_choice("margin_scaling", margin_scaling, ("constant", "per_bit"))
+        check_choice("average", average, AVERAGES)
+        self.margin = effective_margin(margin, self.bits, margin_scaling)
+        self.average = average
+
+    def compute(self, out, labels, triplets, step) -> RankingResult:
         codes = out["codes"]
-        loss, count = mined_triplet_loss(codes, labels, self.margin, self.max_triplets, generator,
-                                         self.average, self.mining)
-        return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": count})
+        if triplets.by_role:
+            # One gather per role, shared by the hinge and the orthogonality penalty (Eq. 6's three matrices).
+            a, p, n = triplets.indices()
+            q, pos, neg = codes[a], codes[p], codes[n]
+            return RankingResult(triplet_ranking_loss(q, pos, neg, self.margin, self.average), [q, pos, neg], codes,
+                                 labels)
+        loss = triplet_hinge(codes, triplets, self.margin, self.average)
+        return RankingResult(loss, [codes], codes, labels, {"triplets_per_batch": triplets.count()})

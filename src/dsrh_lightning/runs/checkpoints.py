@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import Config, ConfigError, normalise_overrides, to_dict, validate
+from ..config import Config, ConfigError, normalise_overrides, to_dict, upgrade_legacy_config, validate
 from ..errors import FileError
 
 __all__ = ["Run", "CheckpointError", "check_resume_compatible", "load_run", "newest_readable_checkpoint",
@@ -89,6 +89,8 @@ def load_run(checkpoint, overrides: Sequence[str] = (), build_module: bool = Tru
     path = Path(checkpoint)
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
+    if isinstance(hp.get("config"), dict):
+        hp["config"] = upgrade_legacy_config(hp["config"])  # older key names read as today's
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), hp["config"])
     except Exception as exc:
@@ -181,7 +183,7 @@ def check_resume_compatible(cfg: DictConfig, ckpt_path: Path, ckpt: Dict[str, An
         raise ConfigError(f"resume={cfg.resume}: {ckpt_path} stores no run configuration "
                           "(hyper_parameters.config); it was not written by dsrh train")
     # A key the checkpoint's version did not have yet (e.g. data.feature_norm) counts as today's default.
-    old, new = _flat(_with_defaults(stored)), _flat(to_dict(cfg))
+    old, new = _flat(_with_defaults(upgrade_legacy_config(stored))), _flat(to_dict(cfg))
     keys = sorted(k for k in set(old) | set(new)
                   if (k.split(".")[0] in _COMPAT_SECTIONS or k in _COMPAT_KEYS) and k not in _COMPAT_IGNORE)
     diff = [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
