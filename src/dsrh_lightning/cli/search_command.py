@@ -10,21 +10,15 @@ is reported with its item number, distance and tie group. Ids of in-memory data 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["cmd_search", "tie_ranks", "is_memory_id"]
+from ..search.codes_file import is_memory_id  # numpy only
 
-_MEMORY_ID = re.compile(r"[\w.-]+#\d+")
-
-
-def is_memory_id(item: str) -> bool:
-    """True for ``<dataset>#<source index>`` ids (images of an in-memory data set, not files)."""
-    return bool(_MEMORY_ID.fullmatch(item))
+__all__ = ["cmd_search", "tie_ranks", "search_results", "print_results"]
 
 
 def tie_ranks(counts: np.ndarray, distance: int) -> Tuple[int, int]:

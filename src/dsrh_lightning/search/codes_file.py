@@ -49,12 +49,14 @@ from ..errors import FileError
 from ..files import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "CodesIndex", "CodesFileError", "write_codes", "read_codes", "check_labels",
-           "check_packed", "packed_checksum"]
+           "check_packed", "packed_checksum", "is_memory_id", "MEMORY_ID"]
 
 FORMAT = "dsrh-codes"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "packed", "bits", "ids", "checkpoint", "weights_hash")
 EXPECTED = "a codes file written by `dsrh index`, or an .npz with arrays 'codes' and 'labels'"
+#: Ids of images of an in-memory data set: ``<dataset>#<source index>``.
+MEMORY_ID = re.compile(r"[\w.-]+#\d+")
 # Class ids beyond this are not class ids (a float 1e20 would silently become a huge int64).
 MAX_CLASS_ID = 2 ** 31 - 1
 
@@ -285,8 +287,13 @@ def read_codes(path, require_labels: bool = False) -> CodesIndex:
                       str(data.get("source", "")))
 
 
+def is_memory_id(item: str) -> bool:
+    """True for ``<dataset>#<source index>`` ids (images of an in-memory data set, not files)."""
+    return bool(MEMORY_ID.fullmatch(item))
+
+
 def _resolve_id(item: str, base: Path) -> str:
     """Relative image paths are relative to the codes file; ``<dataset>#<i>`` ids stay as they are."""
-    if re.fullmatch(r"[\w.-]+#\d+", item) or Path(item).is_absolute():
+    if item.startswith("/") or is_memory_id(item) or Path(item).is_absolute():
         return item
     return str((base / item).resolve())
