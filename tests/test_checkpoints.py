@@ -137,13 +137,15 @@ def test_last_checkpoint_every_minutes_and_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.time, "monotonic", lambda: clock[0])
     saved = []
     trainer = types.SimpleNamespace(global_step=0, world_size=1, lightning_module=torch.nn.Linear(1, 1),
-                                    save_checkpoint=lambda p: saved.append(trainer.global_step))
+                                    save_checkpoint=lambda p: saved.append(trainer.global_step),
+                                    max_steps=13, max_epochs=-1, current_epoch=0, num_training_batches=100)
     cb = ck.LastCheckpoint(tmp_path, every_n_steps=10, every_minutes=2)
     cb._last_time = 0.0
-    for step, t in [(1, 30), (2, 119), (3, 120), (4, 200), (10, 201), (11, 330)]:
+    for step, t in [(1, 30), (2, 119), (3, 120), (4, 200), (10, 201), (11, 330), (12, 331), (13, 332)]:
         trainer.global_step, clock[0] = step, float(t)
-        cb.on_train_batch_end(trainer, None, None, None, 0)
-    assert saved == [3, 10, 11]  # 2 min after start, step 10, 2 min after the step-10 save
+        cb.on_train_batch_end(trainer, None, None, None, step - 1)
+    # 2 min after start, step 10, 2 min after the step-10 save, and the last step (max_steps)
+    assert saved == [3, 10, 11, 13]
 
 
 def test_resume_from_a_checkpoint_written_before_newer_keys(tmp_path):

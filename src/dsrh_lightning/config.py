@@ -272,6 +272,8 @@ class Config:
     output_dir: str = "runs"
     # Continue a run: a checkpoint path, or "auto" = <output_dir>/<name>/checkpoints/last.ckpt when it exists.
     resume: str = ""
+    # A fresh run never reuses a folder that holds a run; true deletes that run first (see README, Promises).
+    overwrite: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -689,10 +691,12 @@ def parse_devices(value: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def save_config(cfg: DictConfig, path: Path) -> None:
-    """Write the resolved configuration as YAML."""
+def save_config(cfg: DictConfig, path: Path, header: str = "") -> None:
+    """Write the resolved configuration as YAML (atomically), after ``header`` (``#`` comment lines)."""
+    from .files import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(path, header + OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -5,7 +5,8 @@ Every error a user can fix derives from :class:`DsrhError`; the command line pri
 is a bug. The project's user errors:
 
 * :class:`FileError` (``<file>: <message>``): :class:`~dsrh_lightning.runs.checkpoints.CheckpointError`,
-  :class:`~dsrh_lightning.search.codes_file.CodesFileError`;
+  :class:`~dsrh_lightning.search.codes_file.CodesFileError`, :class:`~dsrh_lightning.files.WriteError`
+  (disk full, a size limit, read-only: the previous file is kept);
 * :class:`~dsrh_lightning.config.ConfigError` (and the sweep's ``SweepError``): a configuration key;
 * :class:`~dsrh_lightning.data.sources.DataNotFoundError`: a data set is not where the config says;
 * :class:`~dsrh_lightning.data.image_list.ImageListError` (and ``ImageDecodeError``): an image list;

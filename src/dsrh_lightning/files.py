@@ -9,18 +9,81 @@ temporary file and leaves the target as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import secrets
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, Optional, Union
 
-__all__ = ["TMP_MARK", "atomic_write", "write_bytes", "write_text", "save_npz", "tmp_path_for"]
+from .errors import FileError
+
+__all__ = ["TMP_MARK", "WriteError", "atomic_write", "check_writable", "write_bytes", "write_text", "save_npz",
+           "tmp_path_for", "tmp_owner_alive"]
 
 #: Marks temporary files (``.<name>.tmp-<pid>-<random>``) so they can be recognised and cleaned up.
 TMP_MARK = ".tmp-"
 
 PathLike = Union[str, os.PathLike]
+
+
+class WriteError(FileError):
+    """A file cannot be written (disk full, a file-size limit, read-only or not permitted); the previous
+    version of the file, if any, is kept."""
+
+
+# Errors that say where the output goes cannot take it; anything else from a write is a bug.
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def output_os_error(exc: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind a failed write (``exc`` itself or what it was raised while handling, e.g. the
+    ``RuntimeError`` torch.save raises after an ``OSError``), when it is about the output place; else None."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def check_writable(path: PathLike, what: str = "output") -> None:
+    """Raise :class:`WriteError` now, before any work, when ``path`` cannot be written: it is a folder,
+    its folder is missing or not a folder, or a file cannot be created there."""
+    target = Path(path)
+    if target.is_dir():
+        raise WriteError(target, f"is a folder; give a file path for the {what}")
+    if not target.parent.is_dir():
+        raise WriteError(target, f"folder {target.parent} does not exist (create it first)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise WriteError(target, f"the {what} file is not writable")
+    probe = tmp_path_for(target)
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as exc:
+        raise WriteError(target, f"cannot write the {what} in {target.parent} ({exc.strerror})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def tmp_owner_alive(tmp: Path) -> bool:
+    """Whether the process that made temporary file ``tmp`` (``.<name>.tmp-<pid>-...``) still runs.
+    Unknown names count as alive (never delete what is not understood)."""
+    try:
+        pid = int(tmp.name.split(TMP_MARK, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def tmp_path_for(path: PathLike) -> Path:
@@ -58,17 +121,26 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str = "utf-8") -> I
     if not target.parent.is_dir():
         raise FileNotFoundError(f"{target.parent}: folder does not exist (needed to write {target.name})")
     tmp = tmp_path_for(target)
-    f = open(tmp, mode, encoding=None if "b" in mode else encoding)
+    try:
+        f = open(tmp, mode, encoding=None if "b" in mode else encoding)
+    except OSError as exc:
+        if output_os_error(exc) is None:
+            raise
+        raise WriteError(target, f"cannot write ({exc.strerror})") from None
     try:
         with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
+        cause = output_os_error(exc)
+        if cause is None:
+            raise
+        kept = "the previous version is kept" if target.exists() else "nothing was written"
+        raise WriteError(target, f"cannot write ({cause.strerror}); {kept}") from None
     _fsync_dir(target.parent)
 
 

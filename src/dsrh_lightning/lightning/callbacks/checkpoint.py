@@ -26,11 +26,12 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from ...files import TMP_MARK, atomic_write, tmp_owner_alive
+
 
 __all__ = ["AtomicCheckpointIO", "FiniteModelCheckpoint", "LastCheckpoint", "TrainingInterrupted",
            "assert_finite_parameters", "atomic_torch_save", "is_final_batch"]
 
-TMP_MARK = ".tmp-"
 
 
 def assert_finite_parameters(module: torch.nn.Module) -> None:
@@ -42,14 +43,11 @@ def assert_finite_parameters(module: torch.nn.Module) -> None:
                 "(the previous checkpoint is kept). Lower optim.lr or set trainer.gradient_clip_val.")
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-
-
 def _remove_orphans(folder: Path, keep: Path) -> None:
-    """Temporary files left by killed saves in ``folder`` (any target), except ``keep``."""
+    """Temporary files left in ``folder`` by killed saves (any target), except ``keep`` and those of
+    processes still running (another run's save in progress is never touched)."""
     for p in folder.glob(f".*{TMP_MARK}*"):
-        if p != keep:
+        if p != keep and not tmp_owner_alive(p):
             try:
                 p.unlink()
             except OSError:
@@ -57,30 +55,13 @@ def _remove_orphans(folder: Path, keep: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: temp file beside it, fsync, rename."""
+    """``torch.save`` that never leaves a partial file at ``path``: temp file beside it, fsync, rename
+    (:func:`~dsrh_lightning.files.atomic_write`). A full disk or a size limit raises
+    :class:`~dsrh_lightning.files.WriteError` naming the file, and the previous checkpoint stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
     _remove_orphans(path.parent, keep=path)
 
 
