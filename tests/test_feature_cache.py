@@ -241,3 +241,27 @@ def test_ctrl_c_during_extraction_ends_dsrh_train_with_one_line(feature_override
     assert stop.value.message.startswith("feature extraction interrupted: 0 of 1 chunks kept in ")
     assert stop.value.message.endswith(".npz.parts; run the same command again to continue")
     assert not (tmp_path / "runs" / "smoke").exists()  # a failed start leaves no run folder
+
+
+def test_extraction_finished_by_another_process_is_read(tmp_path, monkeypatch):
+    """Two DDP ranks extract the same cache without coordination: the one whose chunks vanish (the other
+    finished, wrote the cache and removed them) reads the finished cache instead of failing."""
+    images = np.random.default_rng(4).integers(0, 255, (12, 4, 4, 3), dtype=np.uint8)
+    tf = lambda im: torch.as_tensor(im, dtype=torch.float32).flatten()
+    net = nn.Linear(48, 3)
+    path = tmp_path / "d.npz"
+    kw = dict(batch_size=4, progress=False, chunk_size=4)
+    other, _ = features_mod.load_or_extract_features(tmp_path / "other.npz", np.arange(12), lambda: net, images,
+                                                     tf, {}, **kw)
+
+    class OtherRankFinishes(nn.Module):
+        def forward(self, x):  # while this rank extracts its first batch, the other rank completes the cache
+            import shutil
+            shutil.copy(tmp_path / "other.npz", path)
+            shutil.rmtree(tmp_path / "d.npz.parts")
+            return torch.zeros(len(x), 3)
+
+    feats, idx = features_mod.load_or_extract_features(path, np.arange(12), lambda: OtherRankFinishes(), images,
+                                                       tf, {}, **kw)
+    np.testing.assert_array_equal(feats, other)  # the other rank's cache, not this rank's zeros
+    np.testing.assert_array_equal(idx, np.arange(12))

@@ -177,6 +177,20 @@ def _read_chunk(path: Path, rows: int, mmap: bool = False) -> Optional[np.ndarra
     return arr if arr.ndim >= 2 and len(arr) == rows else None
 
 
+def _cache_hit(path: Path, needed: np.ndarray, say_missing: bool = False) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(features, indices)`` of the finished cache at ``path`` when it covers ``needed``, else None."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        idx, feats = data["indices"], data["features"]
+    if np.isin(needed, idx).all():
+        log.info("feature cache hit: %s (%s)", path, " x ".join(map(str, feats.shape)))
+        return feats, idx
+    if say_missing:
+        log.info("feature cache %s lacks %d images; extracting all needed", path, int((~np.isin(needed, idx)).sum()))
+    return None
+
+
 def _join_chunks(parts: Path, rows: List[int]) -> np.ndarray:
     """The chunks of ``parts/`` (``rows[i]`` rows each) in one float32 array, filled chunk by chunk."""
     if not rows:
@@ -223,13 +237,9 @@ def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Call
     """
     needed = np.unique(np.asarray(needed, dtype=np.int64))
     path = Path(path)
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            idx, feats = data["indices"], data["features"]
-        if np.isin(needed, idx).all():
-            log.info("feature cache hit: %s (%s)", path, " x ".join(map(str, feats.shape)))
-            return feats, idx
-        log.info("feature cache %s lacks %d images; extracting all needed", path, int((~np.isin(needed, idx)).sum()))
+    hit = _cache_hit(path, needed, say_missing=True)
+    if hit is not None:
+        return hit
     from tqdm.auto import tqdm
 
     batch_size = int(batch_size)
@@ -255,8 +265,15 @@ def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Call
                 continue
             feats = extract_features(backbone, images, needed[s:s + chunk], transform, batch_size, progress,
                                      batch_transform=batch_transform, bar=bar)
-            with atomic_write(_chunk_file(parts, i)) as f:
-                np.save(f, feats.astype(np.float32), allow_pickle=False)
+            try:
+                with atomic_write(_chunk_file(parts, i)) as f:
+                    np.save(f, feats.astype(np.float32), allow_pickle=False)
+            except FileNotFoundError:  # parts/ is gone: another process (a DDP rank) finished the cache
+                hit = _cache_hit(path, needed)
+                if hit is None:
+                    raise
+                bar.close()
+                return hit
             finished += 1
     except KeyboardInterrupt:
         bar.close()
@@ -266,7 +283,13 @@ def load_or_extract_features(path: Path, needed: np.ndarray, make_backbone: Call
         raise ExtractionInterrupted(msg) from None
     bar.close()
     seconds = time.perf_counter() - t0
-    feats = _join_chunks(parts, [len(needed[s:s + chunk]) for s in starts])
+    try:
+        feats = _join_chunks(parts, [len(needed[s:s + chunk]) for s in starts])
+    except ValueError:
+        hit = _cache_hit(path, needed)  # another process finished first and removed the chunks
+        if hit is None:
+            raise
+        return hit
     meta = dict(meta, seconds=round(seconds, 1), images=int(todo),
                 images_per_second=round(todo / max(seconds, 1e-9), 2))
     with atomic_write(path) as f:  # streamed into the file: no second in-memory copy of a large cache
