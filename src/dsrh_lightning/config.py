@@ -239,6 +239,8 @@ class TrainerConfig:
 class EvalConfig:
     # Binarisation threshold on the sigmoid outputs: b = 1 iff h > threshold.
     threshold: float = 0.5
+    # radius, topk, precision_at, ndcg_k, acg_k, wmap_topk: the options of the metric specs
+    # (metrics/specs.py), passed to retrieval_metrics by name; a new metric's option gets a key here.
     radius: int = 2
     # MAP over the top K of the ranking (0 = whole database).
     topk: int = 0
