@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from dsrh_lightning.files import WriteError
 from dsrh_lightning.search import CodesFileError, read_codes, write_codes
 from dsrh_lightning.search.codes_file import packed_checksum
 
@@ -80,17 +82,20 @@ def test_file_without_checksum_is_read_but_padding_is_still_checked(twelve_bit_f
 def test_failed_write_half_way_leaves_old_file_and_no_temp(twelve_bit_file, monkeypatch):
     path, codes = twelve_bit_file
     before = path.read_bytes()
-    real_savez = np.savez
+    real_write_array = np.lib.format.write_array
+    written = []
 
-    def savez_then_fail(fh, **arrays):
-        real_savez(fh, **arrays)
-        fh.truncate(fh.tell() // 2)  # half the archive is on disk when the "disk" fills up
-        raise OSError(27, "File too large")
+    def write_then_fill_the_disk(fh, arr, **kw):
+        if len(written) == 3:  # three arrays are in the new file when the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(arr.shape)
+        real_write_array(fh, arr, **kw)
 
-    monkeypatch.setattr(np, "savez", savez_then_fail)
-    with pytest.raises(OSError, match="too large"):
+    monkeypatch.setattr(np.lib.format, "write_array", write_then_fill_the_disk)
+    with pytest.raises(WriteError, match="No space left on device.*the previous version is kept"):
         write_codes(path, np.ones((500, 12), np.uint8), [f"y#{i}" for i in range(500)])
     monkeypatch.undo()
+    assert len(written) == 3
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["db.npz"]
     np.testing.assert_array_equal(read_codes(path).unpacked(), codes)
@@ -107,14 +112,16 @@ def test_file_size_limit_during_write_keeps_the_old_file(twelve_bit_file):
         from dsrh_lightning.search import write_codes
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG as an OSError, not a kill
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        from dsrh_lightning.files import WriteError
         try:
             write_codes({str(path)!r}, np.ones((20_000, 48), np.uint8), [f"/images/{{i:08d}}.png" for i in range(20_000)])
-        except OSError as exc:
-            print("failed:", exc.errno)
+        except WriteError as exc:
+            print("failed:", exc)
             sys.exit(0)
         sys.exit("the write should have failed")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "failed: 27" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "File too large" in out.stdout, out.stdout + out.stderr
+    assert out.stderr == "", out.stderr  # no "Exception ignored" from a half-written archive
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["db.npz"]

@@ -159,9 +159,18 @@ def write_codes(path, codes, ids: Sequence[str], labels=None, checkpoint: str = 
         arrays["labels"] = index.labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as fh:  # a file handle: np.savez would append .npz to other suffixes
-        np.savez(fh, **arrays)
+    with atomic_write(path, "wb") as fh:
+        _savez(fh, arrays)
     return index
+
+
+def _savez(fh, arrays: dict) -> None:
+    """``np.savez`` into the open file ``fh`` (uncompressed, any suffix), closing the archive even when a
+    write fails half-way (np.savez leaves it to the garbage collector, which then writes to a closed file)."""
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
 
 
 def packed_checksum(packed: np.ndarray, bits: int) -> str:
