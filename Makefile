@@ -27,7 +27,7 @@ TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
 .PHONY: help venv train test bench bench-eval bench-tune bench-results bench-report bench-train-speed bench-scales \
-	bench-throughput bench-head bench-mining bench-finetune clean clean-runs sweep agent sweep-local wandb-login-check
+	bench-throughput bench-head bench-mining bench-finetune bench-finetune-speed clean clean-runs sweep agent sweep-local wandb-login-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -124,6 +124,9 @@ bench-head: venv ## head training speed on cached features [BENCH_ARGS="--experi
 
 bench-mining: venv ## in-batch triplet mining: pairwise-distance hinge vs gathered triplets
 	$(PY) -m benchmarks.bench_mining
+
+bench-finetune-speed: venv ## partial fine-tuning: ms per step, project loop vs plain PyTorch loop (tiny unless BENCH_ARGS=..)
+	$(PY) -m benchmarks.finetune_speed $(BENCH_ARGS)
 
 bench: bench-eval bench-train-speed bench-tune bench-results bench-scales ## all benchmarks
 

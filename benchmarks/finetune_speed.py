@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default="balanced")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--backbone-lr-mult", type=float, default=1.0)
-    p.add_argument("--tuned", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"),
-                   help="protocol: tune_cpu.py's JSON ('' = the experiment config as it is)")
+    p.add_argument("--tuned", default=str(REPO / "benchmarks" / "results" / "finetune_cpu_recipe.json"),
+                   help="protocol: the recipe file make bench-finetune uses ('' = the experiment config as it is)")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "finetune_speed"))
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides")
     p.add_argument("--results", default="", help="append each row as a JSON line to this file")
