@@ -99,7 +99,11 @@ def _engines():
 
 
 @pytest.mark.parametrize("engine", _engines())
-def test_sharded_search_equals_single_file_and_brute_force(tmp_path, engine):
+@pytest.mark.parametrize("coalesce", [1, 50, 1 << 22])  # each shard alone, three shards a block, all in one
+def test_sharded_search_equals_single_file_and_brute_force(tmp_path, engine, coalesce, monkeypatch):
+    from dsrh_lightning.search import engines
+
+    monkeypatch.setattr(engines, "COALESCE_ROWS", coalesce)
     rng = np.random.default_rng(11)
     bits = 12
     db = clustered(rng, 230, bits, centres=3, flips=2)  # tie groups span shard boundaries
@@ -138,13 +142,26 @@ def test_auto_engine_is_numba_and_bad_inputs_are_refused(tmp_path):
         search_numba(db[:2], np.packbits(db[:, :8], axis=1), 3)
 
 
-def test_memory_grows_with_the_index_not_with_index_times_queries(tmp_path):
+def test_coalesce_joins_consecutive_blocks_only():
+    from dsrh_lightning.search.engines import _coalesce
+
+    a, b, c, d = (np.full((n, 1), n, np.uint8) for n in (3, 4, 5, 6))
+    got = [(o, p[:, 0].tolist()) for o, p in _coalesce([(0, a), (3, b), (7, c), (20, d)], 8)]
+    assert got == [(0, [3] * 3 + [4] * 4 + [5] * 5), (20, [6] * 6)]
+    got = [(o, len(p)) for o, p in _coalesce([(0, a), (3, b), (10, c)], 100)]
+    assert got == [(0, 7), (10, 5)]  # a gap: what came before is passed on alone
+
+
+def test_memory_grows_with_the_index_not_with_index_times_queries(tmp_path, monkeypatch):
     """2,000 queries x 40,000 codes: a distance matrix would be 80 M entries; the search holds the
     codes, the queries' top k and one shard's words."""
     rng = np.random.default_rng(3)
     nq, nd, bits = 2000, 40_000, 64
     db = rng.integers(0, 2, (nd, bits), dtype=np.uint8)
     sharded = write_sharded(tmp_path / "ix", db, [str(j) for j in range(nd)], shard_size=10_000)
+    from dsrh_lightning.search import engines
+
+    monkeypatch.setattr(engines, "COALESCE_ROWS", 10_000)  # one shard a block, as for a large index
     q = rng.integers(0, 2, (nq, bits), dtype=np.uint8)
     search(q[:1], sharded, 5)  # compile outside the measurement
     tracemalloc.start()

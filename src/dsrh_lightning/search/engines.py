@@ -44,6 +44,9 @@ EMPTY_KEY = np.iinfo(np.int64).max
 SCAN_BLOCK = 1 << 15
 #: Below this many (query, item) distances a block is scanned by one thread: starting threads costs more.
 PARALLEL_MIN_WORK = 1 << 18
+#: Shards of a sharded index are joined into blocks of at least this many codes before a scan (32 MiB of
+#: words at 64 bits): the threads share large blocks, and memory stays one block plus the results.
+COALESCE_ROWS = 1 << 22
 
 # faiss multi-index hashing pays off only for large databases of long codes.
 MULTIHASH_MIN_DATABASE = 2_000_000
@@ -505,6 +508,25 @@ def search_with_ties(q_bits, index: AnyIndex, k: int = 10, engine: str = "auto"
     return _search_blocks(q_bits, index, k, engine, count=True)
 
 
+def _coalesce(blocks, min_rows: int):
+    """Consecutive ``(offset, packed)`` blocks joined until each holds at least ``min_rows`` codes (the
+    last may hold fewer), so that small shards are scanned by every thread, not one shard at a time."""
+    pending, start, rows = [], 0, 0
+    for offset, packed in blocks:
+        if pending and offset != start + rows:  # not consecutive: pass on what is gathered so far
+            yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+            pending, rows = [], 0
+        if not pending:
+            start = offset
+        pending.append(packed)
+        rows += len(packed)
+        if rows >= min_rows:
+            yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+            pending, rows = [], 0
+    if pending:
+        yield start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+
 def _search_blocks(q_bits, index: AnyIndex, k: int, engine: str, count: bool):
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -528,7 +550,8 @@ def _search_blocks(q_bits, index: AnyIndex, k: int, engine: str, count: bool):
     q_packed = np.packbits(q_bits, axis=1)
     counts = np.zeros((len(q_bits), index.bits + 1), dtype=np.int64) if count else None
     top = _NumbaTopK(q_packed, k) if engine == "numba" else _MergeTopK(len(q_bits), k)
-    for offset, packed in index.blocks():
+    blocks = index.blocks() if isinstance(index, CodesIndex) else _coalesce(index.blocks(), COALESCE_ROWS)
+    for offset, packed in blocks:
         if engine == "numba":
             top.add(offset, _block_words(index, packed))
         else:
