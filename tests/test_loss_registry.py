@@ -70,7 +70,8 @@ def toy_registered(tmp_path, monkeypatch):
 
 
 def test_registry_names_are_the_config_choices():
-    assert registry.ranking_names() == ("triplet", "weighted", "dpsh", "dtsh", "hashnet", "csq")
+    assert registry.ranking_names() == ("triplet", "weighted", "dpsh", "dtsh", "hashnet", "csq", "greedyhash",
+                                        "orthohash", "dsh", "dhn")
     for name in registry.ranking_names():
         cls = registry.get_ranking_loss(name)
         assert issubclass(cls, RankingLoss) and cls.consumes in ("codes", "code_logits")

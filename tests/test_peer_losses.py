@@ -155,7 +155,10 @@ def test_losses_are_lowest_for_codes_that_respect_labels():
     assert quantization_penalty(torch.ones(3, 4)) == 0
 
 
-@pytest.mark.parametrize("method", ["dpsh", "dtsh", "hashnet", "csq"])
+PEERS = ["dpsh", "dtsh", "hashnet", "csq", "greedyhash", "orthohash", "dsh", "dhn"]
+
+
+@pytest.mark.parametrize("method", PEERS)
 def test_peer_experiment_configs_load(method):
     cfg = load_config(["dataset=synthetic", f"experiment={method}"])
     assert cfg.loss.ranking == method and cfg.loss.cls_weight == 0 and not cfg.model.classifier
@@ -163,7 +166,7 @@ def test_peer_experiment_configs_load(method):
         load_config(["dataset=synthetic", "loss.ranking=dpshh"])
 
 
-@pytest.mark.parametrize("method", ["dpsh", "dtsh", "hashnet", "csq"])
+@pytest.mark.parametrize("method", PEERS)
 @pytest.mark.parametrize("sampling", ["triplets", "balanced"])
 def test_module_trains_peer_loss_on_features(method, sampling):
     """Through HashingModule.training_step (no Trainer): finite loss, gradients reach the hash head,

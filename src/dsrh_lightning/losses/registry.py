@@ -20,6 +20,10 @@ RANKING_LOSSES: Dict[str, Union[str, type]] = {
     "dtsh": "dsrh_lightning.losses.peers:DTSH",
     "hashnet": "dsrh_lightning.losses.peers:HashNet",
     "csq": "dsrh_lightning.losses.peers:CSQ",
+    "greedyhash": "dsrh_lightning.losses.greedyhash:GreedyHash",  # Su et al. 2018
+    "orthohash": "dsrh_lightning.losses.orthohash:OrthoHash",     # Hoe et al. 2021
+    "dsh": "dsrh_lightning.losses.dsh:DSH",                       # Liu et al. 2016
+    "dhn": "dsrh_lightning.losses.dhn:DHN",                       # Zhu et al. 2016
 }
 
 
