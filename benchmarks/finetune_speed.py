@@ -117,6 +117,7 @@ def plain_round(cfg, dm, steps: int) -> List[float]:
         warnings.simplefilter("ignore")  # self.log outside a Trainer
         while len(ends) < steps:
             for i, batch in enumerate(loader):
+                batch = dm.on_after_batch_transfer(batch, 0)  # uint8 images -> augmented floats, as Lightning does
                 loss = module.training_step(batch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

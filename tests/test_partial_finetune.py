@@ -136,6 +136,12 @@ def test_finetune_speed_benchmark_runs_tiny(tmp_path):
     assert row["mode"] == "step" and row["train_blocks"] == 2 and row["cache_features"] is True
     assert row["lightning_step_ms"] > 0 and row["plain_step_ms"] > 0
     assert row["ratio"] == pytest.approx(row["lightning_step_ms"] / row["plain_step_ms"], rel=1e-2)
+    # Training on images (the frozen blocks run every step): the plain loop finishes device-path batches too.
+    out.unlink()
+    finetune_speed.main(["--no-cache", "--rounds", "1", "--warmup", "1", "--steps", "2", "--batch-size", "16",
+                         "--results", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["cache_features"] is False and row["plain_step_ms"] > 0
     cfg = load_config(finetune_speed.step_overrides(finetune_speed.parse_args(
         ["--backbone", "efficientnet_lite0", "--image-size", "96", "--train-blocks", "3", "--dataset", "cifar10"])))
     assert cfg.model.train_blocks == 3 and cfg.data.image_size == 96 and cfg.data.cache_features
