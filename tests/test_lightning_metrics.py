@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from torch.utils.data import DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _metric_refs import ref_metrics  # noqa: E402
 
+from dsrh_lightning.lightning.callbacks.retrieval import CodeCollector  # noqa: E402
 from dsrh_lightning.lightning.metrics import (  # noqa: E402
     HammingACG,
     HammingMAP,
@@ -125,15 +127,19 @@ def _ddp_worker(rank: int, world: int, init: str, case: dict, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         metrics = [HammingRetrieval(**OPTIONS)] + [m for m, _ in _named()]
-        for role in ("query", "database"):
+        collector = CodeCollector(0.5)  # what the plot callback gathers, through the same metric state
+        for loader_idx, role in enumerate(("query", "database")):
             codes, labels = np.asarray(case[f"{role}_codes"]), np.asarray(case[f"{role}_labels"])
             idx = np.array(list(DistributedSampler(range(len(codes)), num_replicas=world, rank=rank, shuffle=True,
                                                    seed=1)))
             for b in np.array_split(idx, 2):
                 for m in metrics:
                     m.update(torch.as_tensor(codes[b]), torch.as_tensor(labels[b]), torch.as_tensor(b), role=role)
+                collector.add(torch.as_tensor(codes[b]), (None, torch.as_tensor(labels[b]), b), loader_idx)
+        trainer = SimpleNamespace(world_size=world)
         values = {"all": {k: float(v) for k, v in metrics[0].compute().items()},
-                  "named": [float(m.compute()) for m in metrics[1:]], "details": metrics[0].details}
+                  "named": [float(m.compute()) for m in metrics[1:]], "details": metrics[0].details,
+                  "collected": [[t.tolist() for t in collector.gathered(trainer, i)] for i in (0, 1)]}
         Path(out, f"rank{rank}.json").write_text(json.dumps(values))
     finally:
         dist.destroy_process_group()
@@ -155,6 +161,7 @@ def test_two_processes_give_the_values_of_one(tmp_path):
         assert got["all"] == want  # exactly: the same items in the same order reach the same engine
         assert got["named"] == [float(m.compute()) for m, _ in named]
         assert got["details"]["num_queries"] == 11 and got["details"]["num_database"] == 57
+        assert got["collected"] == [[qc.tolist(), ql.tolist()], [dc.tolist(), dl.tolist()]]  # each item once, in order
 
 
 def _readme_example() -> str:

@@ -24,57 +24,37 @@ import torch
 from omegaconf import DictConfig
 
 from ...config import ConfigError
-from ...metrics import binarize
 from ...metrics.specs import metric_options, options_from
 from ..metrics import HammingRetrieval, dedupe_by_position
 
-__all__ = ["CodeCollector", "RetrievalEvaluation", "all_gather_cat", "dedupe_by_position"]
+__all__ = ["CodeCollector", "RetrievalEvaluation", "dedupe_by_position"]
 
-
-def all_gather_cat(trainer: pl.Trainer, x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (rows may differ per rank) over all ranks, rank 0 first; ``x`` itself on one process."""
-    world = trainer.world_size
-    if world == 1:
-        return x
-    strategy = trainer.strategy
-    sizes = strategy.all_gather(torch.tensor([x.shape[0]], device=strategy.root_device)).view(-1).tolist()
-    longest = max(int(n) for n in sizes)
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=strategy.root_device)
-    padded[: x.shape[0]] = x.to(strategy.root_device)
-    gathered = strategy.all_gather(padded).view(world, longest, *x.shape[1:])
-    return torch.cat([gathered[r, : int(sizes[r])] for r in range(world)]).cpu()
+_ROLES = ("query", "database")  # the evaluation loader pair, by dataloader index
 
 
 class CodeCollector:
-    """Binarised codes, labels and item positions of an evaluation loader pair (0 = queries, 1 = database),
-    gathered over all ranks with the distributed padding dropped (used by the evaluation and plot callbacks)."""
+    """Codes (binarised), labels and item positions (``batch[2]``) of an evaluation loader pair (0 = queries,
+    1 = database), kept by a :class:`HammingRetrieval` metric on the module's device (used by the evaluation
+    and plot callbacks)."""
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.reset()
+    def __init__(self, threshold: float = 0.5, metric: Optional[HammingRetrieval] = None) -> None:
+        self.metric = metric if metric is not None else HammingRetrieval(threshold=threshold)
 
     def reset(self) -> None:
-        self._codes: List[List[torch.Tensor]] = [[], []]
-        self._labels: List[List[torch.Tensor]] = [[], []]
-        self._positions: List[List[torch.Tensor]] = [[], []]
+        self.metric.reset()
 
     def add(self, outputs: torch.Tensor, batch, loader_idx: int) -> None:
-        self._codes[loader_idx].append(binarize(outputs.detach().float(), self.threshold).cpu())
-        self._labels[loader_idx].append(batch[1].detach().cpu())
-        self._positions[loader_idx].append(torch.as_tensor(batch[2]).detach().cpu().long())
+        self.metric.update(outputs, batch[1], torch.as_tensor(batch[2]), role=_ROLES[loader_idx])
 
     def complete(self) -> bool:
         """True when both queries and database were seen."""
-        return bool(self._codes[0]) and bool(self._codes[1])
+        return bool(self.metric.query_codes) and bool(self.metric.database_codes)
 
     def gathered(self, trainer: pl.Trainer, loader_idx: int) -> Sequence[torch.Tensor]:
-        """``(codes, labels)`` of every item once, in dataset order (every rank must call this)."""
-        codes, labels = torch.cat(self._codes[loader_idx]), torch.cat(self._labels[loader_idx])
-        positions = torch.cat(self._positions[loader_idx])
-        if trainer.world_size > 1:
-            codes, labels, positions = (all_gather_cat(trainer, t) for t in (codes, labels, positions))
-        _, codes, labels = dedupe_by_position(positions, codes, labels)
-        return codes, labels
+        """``(codes, labels)`` of every item once, in dataset order, on the CPU (every rank must call this)."""
+        with self.metric.sync_context(should_sync=trainer.world_size > 1):
+            codes, labels = self.metric.gathered(_ROLES[loader_idx])
+        return codes.cpu(), labels.cpu()
 
 
 class RetrievalEvaluation(pl.Callback):
@@ -93,14 +73,11 @@ class RetrievalEvaluation(pl.Callback):
         self.metric = HammingRetrieval(threshold=eval_cfg.threshold, ties=eval_cfg.ties,
                                        empty_queries=eval_cfg.empty_queries,
                                        **options_from(lambda name: eval_cfg.get(name)))
+        self.collector = CodeCollector(metric=self.metric)
         self._loaded_step = None
 
-    def _complete(self) -> bool:
-        """True when both queries and database were seen."""
-        return bool(self.metric.query_codes) and bool(self.metric.database_codes)
-
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.sanity_checking or not self._complete():
+        if trainer.sanity_checking or not self.collector.complete():
             self.metric.reset()
             return
         self.metric.compute()  # gathers all ranks' items (every rank must call this), then retrieval_metrics
@@ -129,9 +106,6 @@ class RetrievalEvaluation(pl.Callback):
         self.metric.reset()
         self.metric.to(pl_module.device)
 
-    def _add(self, outputs, batch, dataloader_idx: int) -> None:
-        self.metric.update(outputs, batch[1], torch.as_tensor(batch[2]), role=("query", "database")[dataloader_idx])
-
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._start(pl_module)
 
@@ -139,10 +113,10 @@ class RetrievalEvaluation(pl.Callback):
         self._start(pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._add(outputs, batch, dataloader_idx)
+        self.collector.add(outputs, batch, dataloader_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._add(outputs, batch, dataloader_idx)
+        self.collector.add(outputs, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module, "val")
