@@ -13,7 +13,8 @@ hits both alike):
 
 Each round times ``--steps`` steps after ``--warmup`` steps, as the interval between consecutive batch
 ends (data loading included); the median step of each loop and their ratio (goal: <= 1.3) are printed
-and, with ``--results``, appended as a JSON line.
+and, with ``--results``, appended as a JSON line. ``--accelerator gpu`` runs both loops on a GPU (each
+step's end waits for the GPU), ``--precision bf16-mixed`` both in bf16 autocast.
 
 Protocol mode (``--protocol``): benchmarks/finetune_cpu.py's run (CIFAR-10, the paper protocol,
 ``dsrh train`` with validation-based model selection) with ``data.cache_features=true
@@ -49,7 +50,7 @@ def step_overrides(args) -> List[str]:
             f"data.cache_features={str(args.cache).lower()}", f"data.feature_dir={args.feature_dir}",
             f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}", "data.sampling=balanced",
             f"data.images_per_class={args.images_per_class}", "data.num_workers=0", "data.download=false",
-            "logger.name=none", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+            "logger.name=none", "trainer.progress_bar=false", f"trainer.accelerator={args.accelerator}", "trainer.devices=1",
             f"trainer.precision={args.precision}", f"trainer.num_threads={args.threads}",
             # no validation inside the timed fit (only Lightning's one-batch sanity check before it)
             f"trainer.max_steps={args.warmup + args.steps}", "trainer.val_check_interval=1000000",
@@ -60,6 +61,14 @@ def step_overrides(args) -> List[str]:
         over += ["data.synthetic_per_class=40", "data.protocol.query_per_class=5", "data.protocol.train_per_class=20",
                  "data.protocol.val_per_class=5"]
     return over + list(args.override)
+
+
+def _sync(accelerator: str) -> None:
+    """Wait for the GPU's queued work, so a step's end time is when it finished."""
+    if accelerator == "gpu":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _median_step(ends: List[float], warmup: int) -> float:
@@ -83,6 +92,7 @@ def lightning_round(cfg, dm, run_dir: Path) -> List[float]:
 
     class Clock(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            _sync(str(cfg.trainer.accelerator))
             ends.append(time.perf_counter())
 
     torch.manual_seed(int(cfg.seed))
@@ -96,8 +106,12 @@ def lightning_round(cfg, dm, run_dir: Path) -> List[float]:
 
 
 def plain_round(cfg, dm, steps: int) -> List[float]:
-    """Batch-end times of a plain PyTorch loop: the same module's training_step, SGD, the same loader."""
+    """Batch-end times of a plain PyTorch loop: the same module's training_step, SGD, the same loader, on
+    the same device and precision (bf16 autocast for ``bf16-mixed``)."""
+    import contextlib
+
     import torch
+    from lightning_fabric.utilities.apply_func import move_data_to_device
 
     from dsrh_lightning.config import to_dict
     from dsrh_lightning.lightning.module import HashingModule
@@ -105,7 +119,11 @@ def plain_round(cfg, dm, steps: int) -> List[float]:
     torch.manual_seed(int(cfg.seed))
     module = HashingModule(to_dict(cfg), num_classes=dm.num_classes, multilabel=dm.multilabel,
                            feature_dim=dm.feature_dim, feature_stats=dm.feature_stats)
-    module.train()
+    accelerator = str(cfg.trainer.accelerator)
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    module.to(device).train()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if str(cfg.trainer.precision) == "bf16-mixed"
+                else contextlib.nullcontext())
     o = cfg.optim
     opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay)
@@ -117,11 +135,14 @@ def plain_round(cfg, dm, steps: int) -> List[float]:
         warnings.simplefilter("ignore")  # self.log outside a Trainer
         while len(ends) < steps:
             for i, batch in enumerate(loader):
+                batch = move_data_to_device(batch, device)
                 batch = dm.on_after_batch_transfer(batch, 0)  # uint8 images -> augmented floats, as Lightning does
-                loss = module.training_step(batch, i)
+                with autocast:
+                    loss = module.training_step(batch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                _sync(accelerator)
                 ends.append(time.perf_counter())
                 if len(ends) >= steps:
                     break
@@ -150,6 +171,7 @@ def step_mode(args) -> Dict:
     row = dict(mode="step", backbone=args.backbone, weights=args.weights, dataset=args.dataset,
                image_size=args.image_size, bits=args.bits[0], train_blocks=args.train_blocks, cache_features=args.cache,
                batch_size=args.batch_size, precision=str(cfg.trainer.precision), threads=int(cfg.trainer.num_threads),
+               accelerator=args.accelerator,
                steps=args.steps, rounds=args.rounds, lightning_step_ms=round(lit * 1e3, 2),
                plain_step_ms=round(plain * 1e3, 2), ratio=round(lit / plain, 3),
                rounds_ms={k: [round(v * 1e3, 2) for v in vs] for k, vs in times.items()},
@@ -197,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="dsrh", help="step mode: the experiment config")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--images-per-class", type=int, default=8)
-    p.add_argument("--precision", default="32-true")
+    p.add_argument("--precision", default="32-true", help="32-true or bf16-mixed (both loops)")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"], help="step mode: where both loops run")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: as a run chooses)")
     p.add_argument("--warmup", type=int, default=3, help="step mode: untimed steps per round")
     p.add_argument("--steps", type=int, default=None,
