@@ -46,8 +46,8 @@ def test_packed_words_pad_with_zeros_and_keep_distances():
 
 @pytest.mark.parametrize("bits", [6, 12, 48, 64, 100])
 # (queries, threads): one part / several parts of the database, parts with a group of four queries and
-# two more, many queries in groups of four
-@pytest.mark.parametrize("nq,threads", [(1, 1), (1, 4), (3, 3), (6, 4), (40, 2)])
+# two more, many queries in groups of four (with one left over)
+@pytest.mark.parametrize("nq,threads", [(1, 1), (1, 4), (3, 3), (6, 4), (40, 2), (17, 2)])
 def test_numba_equals_brute_force_with_ties(bits, nq, threads):
     rng = np.random.default_rng(bits * 100 + nq)
     db = clustered(rng, 601, bits)
@@ -68,7 +68,7 @@ def test_numba_many_queries_over_several_blocks(monkeypatch):
     db = clustered(rng, 1000, 48, centres=3)
     q = clustered(rng, 30, 48, centres=3, flips=4)
     ref_d, ref_i = brute_topk(q, db, 25)
-    d, i = search_numba(q, np.packbits(db, axis=1), 25, threads=2)  # 30 >= 2 x 2 threads: by queries
+    d, i = search_numba(q, np.packbits(db, axis=1), 25, threads=2)  # 8 groups of four >= 2 x 2 threads
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_array_equal(d, ref_d)
 

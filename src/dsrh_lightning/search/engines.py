@@ -358,7 +358,7 @@ class _NumbaTopK:
         self.qw = packed_words(q_packed)
         threads = threads or get_num_threads()
         nq = len(self.qw)
-        self.by_queries = nq >= 2 * threads
+        self.by_queries = -(-nq // 4) >= 2 * threads  # enough groups of four queries to keep threads busy
         parts = 1 if self.by_queries else threads
         self.heaps = np.full((parts, nq, k), EMPTY_KEY, dtype=np.int64)
 
