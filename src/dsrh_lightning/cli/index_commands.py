@@ -73,8 +73,9 @@ def cmd_index(args, extra: Sequence[str]) -> int:
                            log=lambda m: print(m, file=sys.stderr))
     if res.get("rank", 0) == 0:
         what = f"split={split}" if split else "images: " + ", ".join(paths)
-        print(f"wrote {res['count']} codes of {res['bits']} bits ({what}) to {args.out}"
-              + (f" ({res['shards']} shards)" if Path(args.out).suffix.lower() != ".npz" else ""), file=sys.stderr)
+        n = res["shards"]
+        shards = f" ({n} shard{'s' if n != 1 else ''})" if Path(args.out).suffix.lower() != ".npz" else ""
+        print(f"wrote {res['count']} codes of {res['bits']} bits ({what}) to {args.out}{shards}", file=sys.stderr)
     return 0
 
 

@@ -183,7 +183,12 @@ class _Data(pl.LightningDataModule):
         trainer = self.trainer
         todo = trainer.strategy.broadcast(self.todo, src=0)  # every process deals the same list
         mine = todo[trainer.global_rank::trainer.world_size]
+        # A process with no shard (fewer shards than processes) encodes item 0 once and discards it:
+        # Lightning refuses a process without batches.
+        self.idle = not mine
         sampler = _Batches(self.plan, mine, self.batch_size)
+        if self.idle:
+            sampler.batches = [[0]]
         if self.batched:
             return DataLoader(BatchedFetch(self.dataset), batch_sampler=sampler, num_workers=self.workers,
                               collate_fn=unbatched, worker_init_fn=worker_init)
@@ -216,6 +221,8 @@ class _ShardWriter(pl.Callback):
         self.written: List[int] = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if getattr(trainer.datamodule, "idle", False):
+            return
         rows, codes = outputs
         self.rows.append(rows.numpy())
         self.codes.append(codes.numpy())
