@@ -46,6 +46,12 @@ def test_round_trip_whole_and_by_shard(tmp_path):
     np.testing.assert_array_equal(got_labels, labels[pick])
     with pytest.raises(IndexError):
         ix.take([25])
+    np.testing.assert_array_equal(ix.packed_at([24, 3]), np.packbits(codes[[24, 3]], axis=1))
+    # finding items by id (absolute paths, as dsrh search spells a query file), first occurrence
+    wanted = [str((tmp_path / "ix" / ids[j]).resolve()) for j in (13, 2)] + ["/not/there.png"]
+    assert ix.find(wanted) == {wanted[0]: 13, wanted[1]: 2}
+    assert whole.find(wanted) == {wanted[0]: 13, wanted[1]: 2}
+    np.testing.assert_array_equal(whole.packed_at([24, 3]), ix.packed_at([24, 3]))
     # open_codes: a folder opens lazily, a file is read
     assert isinstance(open_codes(tmp_path / "ix"), ShardedCodes)
     write_codes(tmp_path / "one.npz", codes, ids)

@@ -99,11 +99,12 @@ class CodesIndex:
 
     def find(self, ids: Sequence[str]) -> dict:
         """``{id: item number}`` (first occurrence) for each of ``ids`` that is in the index."""
-        out = {}
-        for i in ids:
-            hit = np.flatnonzero(self.ids == str(i))
-            if len(hit):
-                out[str(i)] = int(hit[0])
+        wanted = [str(i) for i in ids]
+        out: dict = {}
+        if not wanted or not len(self.ids):
+            return out
+        for j in np.flatnonzero(np.isin(self.ids, wanted)):  # one pass over the ids, in index order
+            out.setdefault(str(self.ids[j]), int(j))
         return out
 
 
