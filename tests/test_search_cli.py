@@ -57,7 +57,6 @@ def indexed(tiny_ckpt, tmp_path_factory):
     """A split index, the same as a sharded folder, and an image-folder index with duplicate pictures."""
     from PIL import Image
 
-    from dsrh_lightning.config import load_config  # noqa: F401  (the checkpoint's config is used below)
     from dsrh_lightning.data.datamodule import load_source, make_split
 
     ckpt, cfg = tiny_ckpt
