@@ -5,8 +5,8 @@
 >>> result.ids[0], result.distances[0]
 
 Results are exact and ranked by ``(Hamming distance, index position)``, the rule of the metrics and of
-``dsrh search``. A sharded index is searched one shard at a time (memory holds one shard's codes and the
-running top ``k``), merging each shard's top ``k`` by the same rule.
+``dsrh search`` (:func:`dsrh_lightning.search.engines.search`, which reads a sharded index a block at a
+time).
 """
 
 from __future__ import annotations
@@ -49,15 +49,6 @@ def as_bits(codes, bits: int) -> np.ndarray:
                      f"{bits}-bit index; got {arr.dtype} {arr.shape}")
 
 
-def _merge(best_d, best_i, d, i, k: int):
-    """Keep the ``k`` smallest by (distance, index) of two candidate sets, per row."""
-    if best_d is None:
-        return d, i
-    dd, ii = np.concatenate([best_d, d], 1), np.concatenate([best_i, i], 1)
-    order = np.lexsort((ii, dd), axis=1)[:, :k]
-    return np.take_along_axis(dd, order, 1), np.take_along_axis(ii, order, 1)
-
-
 class Index:
     """An opened codes index (``dsrh index`` output); :meth:`search` finds the nearest codes."""
 
@@ -89,13 +80,6 @@ class Index:
         from .engines import search
 
         q = as_bits(codes, self.bits)
-        if isinstance(self.codes, CodesIndex):
-            d, i, _ = search(q, self.codes, k, engine)
-        else:
-            d = i = None
-            for offset, packed in self.codes.blocks():
-                part = CodesIndex(packed, self.bits, np.empty(len(packed), dtype=str))
-                pd, pi, _ = search(q, part, k, engine)
-                d, i = _merge(d, i, pd, pi + offset, k)
+        d, i, _ = search(q, self.codes, k, engine)  # a sharded index is read a block at a time
         ids, labels = self.lookup(i)
         return SearchResult(np.asarray(d, dtype=np.int64), np.asarray(i, dtype=np.int64), ids, labels)
