@@ -223,3 +223,20 @@ def test_an_old_checkpoint_with_triplet_weight_loads_and_resumes(tiny_overrides,
     assert run.cfg.loss.ranking_weight == 0.75
     assert run.module.cfg.loss.ranking_weight == 0.75
     check_resume_compatible(load_config(over + ["resume=auto"]), old, read_checkpoint(old))
+
+
+def test_train_refuses_bad_loss_settings_before_reading_data(tiny_overrides, tmp_path, monkeypatch):
+    from dsrh_lightning.data import datamodule
+    from dsrh_lightning.runs.train import train
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the loss settings were checked")
+
+    monkeypatch.setattr(datamodule.HashingDataModule, "setup", no_data)
+    with pytest.raises(ConfigError, match=r"loss.params.bogus: loss.ranking=dtsh \(DTSH\) has no setting 'bogus'"):
+        train(load_config(tiny_overrides + ["experiment=dtsh", "loss.params.bogus=1"]))
+    cfg = load_config(tiny_overrides + ["experiment=dtsh"])
+    cfg.loss.triplet_mining = "hard"  # explicit triplets cannot be mined (set after validation)
+    with pytest.raises(ConfigError, match="loss.triplet_mining=hard mines triplets inside each batch"):
+        train(cfg)
+    assert not (Path(cfg.output_dir) / "smoke").exists()  # no run folder was claimed

@@ -101,6 +101,13 @@ class RankingLoss(nn.Module):
         """The method's term; ``out``, ``labels`` and ``triplets`` as in :meth:`forward` (checked)."""
         raise NotImplementedError
 
+    @staticmethod
+    def relaxed_codes(out: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The ``(b, k)`` codes in (0, 1) of ``out``: ``codes``, or ``sigmoid(code_logits)`` when only the
+        pre-activation was given (a plain loop)."""
+        codes = out.get("codes")
+        return torch.sigmoid(out["code_logits"]) if codes is None else codes
+
     def result(self, loss: torch.Tensor, codes: torch.Tensor, labels: torch.Tensor, **extras) -> RankingResult:
         """A result whose orthogonality penalty runs over all codes of the batch as one matrix."""
         return RankingResult(loss, [codes], codes, labels, extras)
@@ -125,3 +132,15 @@ def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or int(value) != value or int(value) <= 0:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
     return int(value)
+
+
+def pairwise_inputs(name: str, u: torch.Tensor, labels: torch.Tensor):
+    """``(u, sim, off)`` for a loss over the ordered pairs ``i != j`` of a batch: the codes ``(b, k)`` as float32,
+    the ``(b, b)`` float relevance of :mod:`dsrh_lightning.relevance` and the ``(b, b)`` bool off-diagonal mask;
+    ``ValueError`` naming the loss ``name`` unless ``u`` is ``(b >= 2, k)``."""
+    from ..relevance import relevance_matrix
+
+    if u.ndim != 2 or u.shape[0] < 2:
+        raise ValueError(f"{name} needs (b >= 2, k) codes, got {tuple(u.shape)}")
+    off = ~torch.eye(u.shape[0], dtype=torch.bool, device=u.device)
+    return u.float(), relevance_matrix(labels, labels).float(), off

@@ -21,6 +21,10 @@ equal on fixed inputs otherwise (``tests/test_field_losses.py``):
   that ``b x N`` grid: with the bank holding only the batch, this module's pairwise term times ``(b - 1) / b``
   plus the self-pairs' ``mean_i [log(1 + exp(<z_i, z_i>)) - <z_i, z_i>] / b``;
 * its quantisation term is ``lambda * mean | |u| - 1 |`` (the L1 form log cosh smooths, averaged over bits).
+
+The authors' TensorFlow code (thulab/DeepHash, ``model/dhn/dhn.py``) differs again: it keeps the tanh, scales
+the inner product by ``alpha`` and clips it to [-15, 15], re-weights similar and dissimilar pairs to equal
+total weight (as HashNet does) and uses ``mean (|z| - 1)^2`` as its quantisation term.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..relevance import relevance_matrix
-from .base import RankingLoss, RankingResult, check_non_negative
+from .base import RankingLoss, RankingResult, check_non_negative, pairwise_inputs
 
 __all__ = ["DHN", "dhn_loss"]
 
@@ -52,13 +55,9 @@ def dhn_loss(z: torch.Tensor, labels: torch.Tensor, ip_scale: float = 1.0, quant
     Returns:
         Scalar float32 tensor.
     """
-    if z.ndim != 2 or z.shape[0] < 2:
-        raise ValueError(f"dhn_loss needs (b >= 2, k) codes, got {tuple(z.shape)}")
-    z = z.float()
-    sim = relevance_matrix(labels, labels).float()
+    z, sim, off = pairwise_inputs("dhn_loss", z, labels)
     ip = ip_scale * z @ z.T
     nll = F.softplus(ip) - sim * ip
-    off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
     return nll[off].mean() + quant_weight * _log_cosh(z.abs() - 1).sum(1).mean()
 
 
@@ -79,6 +78,4 @@ class DHN(RankingLoss):
 
     def compute(self, out, labels, triplets, step) -> RankingResult:
         loss = dhn_loss(torch.tanh(out["code_logits"].float()), labels, self.ip_scale, self.quant_weight)
-        codes = out.get("codes")
-        codes = torch.sigmoid(out["code_logits"]) if codes is None else codes
-        return self.result(loss, codes, labels)
+        return self.result(loss, self.relaxed_codes(out), labels)

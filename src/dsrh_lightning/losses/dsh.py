@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..relevance import relevance_matrix
-from .base import RankingLoss, RankingResult, check_non_negative, check_positive_int
+from .base import RankingLoss, RankingResult, check_non_negative, check_positive_int, pairwise_inputs
 
 __all__ = ["DSH", "dsh_loss"]
 
@@ -45,13 +44,9 @@ def dsh_loss(u: torch.Tensor, labels: torch.Tensor, margin: float, quant_weight:
     Returns:
         Scalar float32 tensor.
     """
-    if u.ndim != 2 or u.shape[0] < 2:
-        raise ValueError(f"dsh_loss needs (b >= 2, k) codes, got {tuple(u.shape)}")
-    u = u.float()
-    sim = relevance_matrix(labels, labels).float()
+    u, sim, off = pairwise_inputs("dsh_loss", u, labels)
     dist = (u.unsqueeze(1) - u.unsqueeze(0)).pow(2).sum(-1)
     pair = 0.5 * sim * dist + 0.5 * (1 - sim) * torch.clamp(margin - dist, min=0)
-    off = ~torch.eye(len(u), dtype=torch.bool, device=u.device)
     return pair[off].mean() + quant_weight * (u.abs() - 1).abs().sum(1).mean()
 
 
@@ -74,6 +69,4 @@ class DSH(RankingLoss):
 
     def compute(self, out, labels, triplets, step) -> RankingResult:
         loss = dsh_loss(out["code_logits"], labels, self.margin, self.quant_weight)
-        codes = out.get("codes")
-        codes = torch.sigmoid(out["code_logits"]) if codes is None else codes
-        return self.result(loss, codes, labels)
+        return self.result(loss, self.relaxed_codes(out), labels)

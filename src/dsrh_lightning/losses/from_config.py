@@ -24,7 +24,7 @@ from .miners import ExplicitTriplets, MultilevelTriplets
 from .registry import get_ranking_loss
 from .triplet import effective_margin, make_miner
 
-__all__ = ["METHOD_KEYS", "OFFERED", "build_miner", "build_ranking_loss", "loss_kwargs"]
+__all__ = ["METHOD_KEYS", "OFFERED", "build_miner", "build_ranking_loss", "check_loss_config", "loss_kwargs"]
 
 #: keyword argument -> where its value comes from (the run config offers these to every method).
 OFFERED: Dict[str, str] = {
@@ -107,8 +107,16 @@ def build_ranking_loss(cfg, num_classes: int):
         raise ConfigError(f"loss.ranking={cfg.loss.ranking} ({cls.__name__}): {exc}") from None
 
 
+def check_loss_config(cfg) -> None:
+    """Before any data is read: ``loss.params`` fit the method's signature and the sampling its triplets
+    (:func:`loss_kwargs`, :func:`build_miner`); the method's own value checks run when it is built."""
+    cls = get_ranking_loss(cfg.loss.ranking)
+    loss_kwargs(cfg, num_classes=1)
+    build_miner(cfg, cls)
+
+
 def build_miner(cfg, loss) -> Optional[Callable]:
-    """The miner feeding ``loss`` its triplets (None for a loss without triplets).
+    """The miner feeding ``loss`` (a ranking method, or its class) its triplets (None for a loss without triplets).
 
     Explicit triplets (``data.sampling=triplets``) -> :class:`~.miners.ExplicitTriplets`; in-batch sampling ->
     the ``loss.triplet_mining`` miner (capped by ``data.max_triplets``), or Zhao et al.'s multilevel triplets

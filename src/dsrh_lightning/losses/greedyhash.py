@@ -81,6 +81,4 @@ class GreedyHash(RankingLoss):
 
     def compute(self, out, labels, triplets, step) -> RankingResult:
         loss = greedyhash_loss(out["code_logits"], labels, self.fc, self.quant_weight)
-        codes = out.get("codes")
-        codes = torch.sigmoid(out["code_logits"]) if codes is None else codes
-        return self.result(loss, codes, labels)
+        return self.result(loss, self.relaxed_codes(out), labels)

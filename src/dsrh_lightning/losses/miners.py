@@ -222,14 +222,18 @@ class ExplicitTriplets:
         return Triplets(a, a + 1, a + 2, by_role=True)
 
 
-class AllTriplets:
-    """Every valid in-batch triplet (``rel(a, p)``, ``a != p``, ``not rel(a, n)``): the ``(b, b, b)`` mask, or
-    a uniformly random subset of at most ``max_triplets`` as index lists (0 = all)."""
+class _CappedMiner:
+    """A miner that keeps a uniformly random subset of at most ``max_triplets`` of its triplets (0 = all)."""
 
     def __init__(self, max_triplets: int = 0) -> None:
         if int(max_triplets) < 0:
             raise ValueError(f"max_triplets={max_triplets}: must be >= 0 (0 = all)")
         self.max_triplets = int(max_triplets)
+
+
+class AllTriplets(_CappedMiner):
+    """Every valid in-batch triplet (``rel(a, p)``, ``a != p``, ``not rel(a, n)``): the ``(b, b, b)`` mask, or
+    a uniformly random subset of at most ``max_triplets`` as index lists (0 = all)."""
 
     def __call__(self, codes: torch.Tensor, labels: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Triplets:
@@ -274,14 +278,9 @@ class HardestTriplets:
         return Triplets(a, p, n, valid=anchors)
 
 
-class MultilevelTriplets:
+class MultilevelTriplets(_CappedMiner):
     """Zhao et al. (2015)'s in-batch triplets ``(q, i, j)`` with ``r(q, i) > r(q, j)`` and their weights
     (:func:`multilevel_mask`); a random subset of at most ``max_triplets`` as index lists (0 = all)."""
-
-    def __init__(self, max_triplets: int = 0) -> None:
-        if int(max_triplets) < 0:
-            raise ValueError(f"max_triplets={max_triplets}: must be >= 0 (0 = all)")
-        self.max_triplets = int(max_triplets)
 
     def __call__(self, codes: torch.Tensor, labels: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Triplets:

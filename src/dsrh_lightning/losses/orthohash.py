@@ -95,6 +95,4 @@ class OrthoHash(RankingLoss):
     def compute(self, out, labels, triplets, step) -> RankingResult:
         loss = orthohash_loss(out["code_logits"], labels, self.codebook, self.scale, self.cos_margin,
                               self.quant_weight)
-        codes = out.get("codes")
-        codes = torch.sigmoid(out["code_logits"]) if codes is None else codes
-        return self.result(loss, codes, labels)
+        return self.result(loss, self.relaxed_codes(out), labels)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..relevance import relevance_matrix
-from .base import RankingLoss, RankingResult, check_non_negative, check_positive_int
+from .base import RankingLoss, RankingResult, check_non_negative, check_positive_int, pairwise_inputs
 
 __all__ = ["CSQ", "DPSH", "DTSH", "HashNet", "csq_centers", "csq_loss", "csq_targets", "dpsh_loss", "dtsh_loss", "hadamard",
            "hashnet_loss", "hashnet_scale", "quantization_penalty"]
@@ -58,13 +58,9 @@ def dpsh_loss(u: torch.Tensor, labels: torch.Tensor, quant_weight: float = 0.1) 
     Returns:
         Scalar float32 tensor.
     """
-    if u.ndim != 2 or u.shape[0] < 2:
-        raise ValueError(f"dpsh_loss needs (b >= 2, k) codes, got {tuple(u.shape)}")
-    u = u.float()
-    s = relevance_matrix(labels, labels).float()
+    u, s, mask = pairwise_inputs("dpsh_loss", u, labels)
     theta = 0.5 * u @ u.T
     nll = F.softplus(theta) - s * theta
-    mask = _off_diagonal(len(u), u.device)
     return nll[mask].mean() + quant_weight * quantization_penalty(u)
 
 
@@ -241,9 +237,7 @@ class HashNet(RankingLoss):
     def compute(self, out, labels, triplets, step) -> RankingResult:
         beta = hashnet_scale(step, self.gamma, self.power)
         loss = hashnet_loss(torch.tanh(beta * out["code_logits"].float()), labels, self.alpha)
-        codes = out.get("codes")
-        codes = torch.sigmoid(out["code_logits"]) if codes is None else codes
-        return self.result(loss, codes, labels, hashnet_beta=beta)
+        return self.result(loss, self.relaxed_codes(out), labels, hashnet_beta=beta)
 
 
 class CSQ(RankingLoss):

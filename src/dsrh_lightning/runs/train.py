@@ -23,6 +23,7 @@ from ..lightning.callbacks.wandb_best import WandbBest
 from ..lightning.loggers import build_logger
 from ..lightning.module import HashingModule
 from ..lightning.resources import resolve_trainer
+from ..losses.from_config import check_loss_config
 from ..models import build_backbone
 from .checkpoints import check_resume_compatible, open_resume
 from .folders import resolve_run, write_wandb_id
@@ -76,6 +77,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     ``wandb_run_id``. ``resume=PATH|auto`` continues a run (see :func:`resolve_run`).
     Returns the metrics dict.
     """
+    check_loss_config(cfg)  # loss.params and the sampling, before a folder is claimed or data read
     pl.seed_everything(cfg.seed, workers=True)
     resolve_trainer(cfg)  # precision=auto, num_threads=0 -> the values used (recorded in config.yaml)
     resolve_weights(cfg)
