@@ -183,3 +183,25 @@ def test_torch_engine_unchanged_for_callers():
     if faiss_available():
         d, i = search_faiss(db[:4], np.packbits(db, axis=1), 20, 12, multihash=False)
         np.testing.assert_array_equal(i, ref_i)
+
+
+def test_keep_codes_reads_the_shards_once(tmp_path):
+    from dsrh_lightning.search import CodesFileError, open_codes
+
+    rng = np.random.default_rng(12)
+    db = clustered(rng, 90, 48, centres=3)
+    q = db[[0, 45, 89]]
+    write_sharded(tmp_path / "ix", db, [str(j) for j in range(90)], shard_size=20)
+    ref_d, ref_i = brute_topk(q, db, 30)
+    kept, plain = open_codes(tmp_path / "ix", keep_codes=True), open_codes(tmp_path / "ix")
+    for index in (kept, plain):
+        d, i, _ = search(q, index, 30)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_array_equal(d, ref_d)
+    (tmp_path / "ix" / "shard-00002.npz").unlink()  # the codes are in memory now, or must be read again
+    for _ in range(2):
+        d, i, _ = search(q, kept, 30)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_array_equal(d, ref_d)
+    with pytest.raises(CodesFileError, match="shard-00002.npz"):
+        search(q, plain, 30)

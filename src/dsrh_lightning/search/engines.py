@@ -438,9 +438,9 @@ def search_numba(q_bits, db: np.ndarray, k: int, threads: Optional[int] = None) 
 
 
 def _block_words(index, packed: np.ndarray) -> np.ndarray:
-    """uint64 words of a block; a codes file read into memory keeps them, so repeated searches of one
-    :class:`CodesIndex` pad its codes once (a sharded index reads its shards anew each search)."""
-    if not isinstance(index, CodesIndex):
+    """uint64 words of a block; an index whose codes stay in memory (a :class:`CodesIndex`, a
+    :class:`ShardedCodes` with ``keep_codes``) keeps them too, so repeated searches pad its codes once."""
+    if not (isinstance(index, CodesIndex) or getattr(index, "keep_codes", False)):
         return packed_words(packed)
     cached = index.__dict__.get("_words")
     if cached is None or cached[0] is not packed:

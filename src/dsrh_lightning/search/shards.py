@@ -74,14 +74,17 @@ class ShardedCodes:
     """A sharded index opened from its manifest; shards are read when needed."""
 
     def __init__(self, folder: Path, bits: int, shards: List[ShardInfo], checkpoint: str = "",
-                 weights_hash: str = "", source: str = "") -> None:
+                 weights_hash: str = "", source: str = "", keep_codes: bool = False) -> None:
         self.folder = folder
         self.bits = bits
         self.shards = shards
         self.checkpoint = checkpoint
         self.weights_hash = weights_hash
         self.source = source
-        self._labels: Optional[bool] = None
+        #: Keep every shard's codes (checked once) in memory after the first pass, as one block; ids and
+        #: labels are still read from the shards when asked for. For repeated searches of one index.
+        self.keep_codes = keep_codes
+        self._kept: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return sum(s.count for s in self.shards)
@@ -107,10 +110,20 @@ class ShardedCodes:
         return packed
 
     def blocks(self) -> Iterator[Tuple[int, np.ndarray]]:
-        """``(offset, packed)`` per shard in index order; ``packed`` is ``(count, ceil(bits/8))`` uint8."""
+        """``(offset, packed)`` per shard in index order; ``packed`` is ``(count, ceil(bits/8))`` uint8.
+        With ``keep_codes``, after the first complete pass: one block ``(0, every code)`` from memory."""
+        if self._kept is not None:
+            yield 0, self._kept
+            return
+        parts = []
         for s in self.shards:
             data = _load_keys(s.path, ("format", "version", "packed", "bits", "checksum", "weights_hash"))
-            yield s.offset, self._check_shard(s, data)
+            packed = self._check_shard(s, data)
+            if self.keep_codes:
+                parts.append(packed)
+            yield s.offset, packed
+        if self.keep_codes:
+            self._kept = parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _shard_of(self, indices: np.ndarray) -> np.ndarray:
         offsets = np.asarray([s.offset for s in self.shards], dtype=np.int64)
@@ -215,8 +228,11 @@ class ShardedCodes:
                           self.source)
 
 
-def open_sharded(path) -> ShardedCodes:
-    """Open the sharded index in folder ``path`` (or its ``manifest.json``) and check the manifest."""
+def open_sharded(path, keep_codes: bool = False) -> ShardedCodes:
+    """Open the sharded index in folder ``path`` (or its ``manifest.json``) and check the manifest.
+
+    ``keep_codes``: keep the codes in memory after the first pass over the shards (see
+    :class:`ShardedCodes`); without it every pass reads the shards again and memory holds one shard."""
     p = Path(path)
     folder = p.parent if p.name == MANIFEST and not p.is_dir() else p
     mpath = folder / MANIFEST
@@ -261,12 +277,13 @@ def open_sharded(path) -> ShardedCodes:
     meta = {k: m.get(k, "") for k in ("checkpoint", "weights_hash", "source")}
     if not all(isinstance(v, str) for v in meta.values()):
         raise CodesFileError(mpath, f"'checkpoint', 'weights_hash' and 'source' must be strings, got {meta}")
-    return ShardedCodes(folder, bits, infos, **meta)
+    return ShardedCodes(folder, bits, infos, keep_codes=keep_codes, **meta)
 
 
-def open_codes(path) -> Union[CodesIndex, ShardedCodes]:
-    """A codes file read whole (:class:`CodesIndex`) or a sharded folder opened (:class:`ShardedCodes`)."""
-    return open_sharded(path) if is_sharded(path) else read_codes(path)
+def open_codes(path, keep_codes: bool = False) -> Union[CodesIndex, ShardedCodes]:
+    """A codes file read whole (:class:`CodesIndex`) or a sharded folder opened (:class:`ShardedCodes`;
+    ``keep_codes`` for repeated searches, see :func:`open_sharded`)."""
+    return open_sharded(path, keep_codes=keep_codes) if is_sharded(path) else read_codes(path)
 
 
 def read_index(path, require_labels: bool = False) -> CodesIndex:
