@@ -18,15 +18,15 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import Config, ConfigError, normalise_overrides, to_dict, upgrade_legacy_config, validate
 from ..errors import FileError
 
-__all__ = ["Run", "CheckpointError", "check_resume_compatible", "load_run", "newest_readable_checkpoint",
-           "open_resume", "read_checkpoint"]
+__all__ = ["Run", "CheckpointError", "check_resume_compatible", "incompatible_keys", "load_run",
+           "newest_readable_checkpoint", "open_resume", "read_checkpoint"]
 
 
 class CheckpointError(FileError):
@@ -174,6 +174,17 @@ def _with_defaults(stored: Dict[str, Any]) -> Dict[str, Any]:
     return merge(to_dict(OmegaConf.structured(Config)), stored)
 
 
+def incompatible_keys(cfg: DictConfig, stored: Dict[str, Any]) -> List[str]:
+    """``key: checkpoint X, now Y`` for every key whose change makes a run saved with config ``stored``
+    impossible to continue with ``cfg`` (see ``_COMPAT_*``); empty when it can continue."""
+    # A key the checkpoint's version did not have yet (e.g. data.feature_norm) counts as today's default.
+    old, new = _flat(_with_defaults(upgrade_legacy_config(stored))), _flat(to_dict(cfg))
+    keys = sorted(k for k in set(old) | set(new)
+                  if (k.split(".")[0] in _COMPAT_SECTIONS or k in _COMPAT_KEYS) and k not in _COMPAT_IGNORE)
+    return [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
+            for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
+
+
 def check_resume_compatible(cfg: DictConfig, ckpt_path: Path, ckpt: Dict[str, Any]) -> None:
     """Raise ``ConfigError`` naming every key that differs between ``cfg`` and the config stored in
     ``ckpt`` (the contents of ``ckpt_path``, from :func:`open_resume`) and makes resuming impossible
@@ -182,12 +193,7 @@ def check_resume_compatible(cfg: DictConfig, ckpt_path: Path, ckpt: Dict[str, An
     if not isinstance(stored, dict):
         raise ConfigError(f"resume={cfg.resume}: {ckpt_path} stores no run configuration "
                           "(hyper_parameters.config); it was not written by dsrh train")
-    # A key the checkpoint's version did not have yet (e.g. data.feature_norm) counts as today's default.
-    old, new = _flat(_with_defaults(upgrade_legacy_config(stored))), _flat(to_dict(cfg))
-    keys = sorted(k for k in set(old) | set(new)
-                  if (k.split(".")[0] in _COMPAT_SECTIONS or k in _COMPAT_KEYS) and k not in _COMPAT_IGNORE)
-    diff = [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
-            for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    diff = incompatible_keys(cfg, stored)
     if diff:
         raise ConfigError(f"resume={cfg.resume}: {ckpt_path} cannot continue with this configuration; "
                           f"differing keys: {'; '.join(diff)}. Use the checkpoint's values, or start a new run "

@@ -11,10 +11,12 @@ from typing import Any, Dict, Optional
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ..config import parse_devices, save_config, to_dict
 from ..data.datamodule import HashingDataModule
-from ..errors import DivergedError
+from ..errors import DivergedError, RunFolderError
+from ..files import write_text
 from ..lightning.callbacks import RetrievalEvaluation, RetrievalPlots
 from ..lightning.callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelCheckpoint, LastCheckpoint,
                                               TrainingInterrupted, assert_finite_parameters)
@@ -26,7 +28,7 @@ from ..lightning.resources import resolve_trainer
 from ..losses.from_config import check_loss_config
 from ..models import build_backbone
 from .checkpoints import check_resume_compatible, open_resume
-from .folders import resolve_run, write_wandb_id
+from .folders import claim_run_folder, resolve_run, write_wandb_id
 
 __all__ = ["build_trainer", "resolve_weights", "train"]
 
@@ -81,6 +83,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     resolve_trainer(cfg)  # precision=auto, num_threads=0 -> the values used (recorded in config.yaml)
     resolve_weights(cfg)
+    lock, created, header = None, False, ""
     if os.environ.get(_RUN_DIR_ENV):  # a process started by Lightning's DDP launcher
         run_dir, resume = Path(os.environ[_RUN_DIR_ENV]), (Path(os.environ[_RESUME_ENV]) if os.environ.get(_RESUME_ENV) else None)
     else:
@@ -88,17 +91,49 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         if resume is not None:  # before anything is written; Lightning reads it once more in fit()
             resume, ckpt = open_resume(cfg, resume)
             check_resume_compatible(cfg, resume, ckpt)
+            header = _threads_history(cfg, run_dir, ckpt)
+        if rank_zero_only.rank == 0:  # one process claims the folder (torchrun ranks share it)
+            lock, created = claim_run_folder(cfg, run_dir, resume)
         os.environ[_RUN_DIR_ENV], os.environ[_RESUME_ENV] = str(run_dir), str(resume or "")
     try:
-        return _train(cfg, run_dir, resume)
+        return _train(cfg, run_dir, resume, created, header)
     finally:
         os.environ.pop(_RUN_DIR_ENV, None)
         os.environ.pop(_RESUME_ENV, None)
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, Any]:
+_THREADS_LINE = "# trainer.num_threads="
+
+
+def _threads_history(cfg: DictConfig, run_dir: Path, ckpt: Dict[str, Any]) -> str:
+    """``config.yaml``'s header when a resumed run uses another ``trainer.num_threads`` than its checkpoint:
+    one comment line per earlier count and the steps it ran (the YAML below holds the count used now).
+    Says so on stdout: float sums then round differently, so results differ slightly from a run that
+    kept one count."""
+    stored = (((ckpt.get("hyper_parameters") or {}).get("config") or {}).get("trainer") or {}).get("num_threads")
+    step = int(ckpt.get("global_step", 0))
+    try:
+        old = (run_dir / "config.yaml").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        old = []
+    lines = [ln for ln in old if ln.startswith(_THREADS_LINE)]
+    now = int(cfg.trainer.num_threads)
+    if stored is not None and int(stored) != now:
+        start = lines[-1].rsplit("-", 1)[-1] if lines else "0"
+        lines.append(f"{_THREADS_LINE}{int(stored)} ran steps {start}-{step}")
+        print(f"NOTE: resuming step {step} with trainer.num_threads={now}; the checkpoint's steps ran with "
+              f"{int(stored)}. Results differ slightly (float rounding) from a run with one count; "
+              "config.yaml records both", flush=True)
+    if not lines:
+        return ""
+    return ("# This run was resumed with another trainer.num_threads; the value below is used from the last "
+            "step listed on.\n" + "\n".join(lines) + "\n")
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path], created: bool, header: str) -> Dict[str, Any]:
     name = run_dir.name
-    created = not run_dir.exists()
     if resume is not None:
         print(f"resuming {run_dir} from {resume}", flush=True)
     dm = HashingDataModule(cfg, split_copy=run_dir / "split.npz", backbone_factory=build_backbone)
@@ -109,7 +144,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
         if created and run_dir.is_dir():  # a failed start leaves no runs/<name>/ behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml", header=header)
     print(f"data: {cfg.data.dataset} {dm.split.summary()}; image size {dm.image_size}", flush=True)
     module = HashingModule(to_dict(cfg), num_classes=dm.num_classes, multilabel=dm.multilabel,
                            feature_dim=dm.feature_dim, feature_stats=dm.feature_stats)
@@ -124,7 +159,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
     # LastCheckpoint is the only writer of last.ckpt (N steps, M minutes, validations, SIGINT/SIGTERM);
     # it comes after `checkpoint` so last.ckpt records the best model so far.
     last_writer = LastCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps,
-                                 every_minutes=cfg.trainer.checkpoint_every_minutes)
+                                 every_minutes=cfg.trainer.checkpoint_every_minutes, guard=run_dir / "config.yaml")
     callbacks = [evaluation, checkpoint, last_writer, RetrievalPlots(cfg.eval, out_dir=run_dir / "plots", run_cfg=cfg),
                  ValidateAtEnd(), RunTimeEstimate()]
     if cfg.trainer.progress_bar:
@@ -159,5 +194,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> Dict[str, 
         trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
         results.update(evaluation.last.get("test", {}))
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        if not (run_dir / "config.yaml").is_file():
+            raise RunFolderError(f"{run_dir / 'config.yaml'} is gone: the run folder was deleted or emptied while "
+                                 f"training; metrics.json was not written. Results: {json.dumps(results)}")
+        write_text(run_dir / "metrics.json", json.dumps(results, indent=2))
     return results

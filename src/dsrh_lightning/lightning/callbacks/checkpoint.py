@@ -26,6 +26,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from ...errors import RunFolderError
 from ...files import TMP_MARK, atomic_write, tmp_owner_alive
 
 
@@ -101,12 +102,22 @@ class TrainingInterrupted(SystemExit):
     A ``SystemExit`` with the shell's code for the signal (130 / 143): the process ends without a
     traceback; ``message`` names the checkpoint and how to continue."""
 
-    def __init__(self, signum: int, path: Path, step: int) -> None:
+    def __init__(self, signum: int, path: Path, step: Optional[int], again: bool = False) -> None:
         super().__init__(128 + int(signum))
         self.signum, self.path, self.step = int(signum), path, step
-        self.message = (f"{signal.Signals(signum).name} received: training stopped at step {step}; "
-                        f"the state is saved in {path}. Continue with resume=auto (same name and output_dir) "
-                        f"or resume={path}")
+        name = signal.Signals(signum).name
+        run = Path(path).parent.parent
+        hint = f"Continue with name={run.name} resume=auto (output_dir={run.parent}) or resume={path}"
+        if not again:
+            self.message = f"{name} received: training stopped at step {step}; the state is saved in {path}. {hint}"
+        elif step is not None:
+            self.message = (f"{name} received again: training stopped at once, without saving the current step; "
+                            f"{path} holds step {step}. {hint}")
+        elif Path(path).is_file():
+            self.message = (f"{name} received again: training stopped at once, without saving; {path} holds the "
+                            f"state this run started from. {hint}")
+        else:
+            self.message = f"{name} received again: training stopped at once; no checkpoint was written yet."
 
 
 class LastCheckpoint(Callback):
@@ -115,11 +126,13 @@ class LastCheckpoint(Callback):
     Saves after every ``every_n_steps``-th optimiser step (0 = off), when ``every_minutes`` have passed
     since the last save (0 = off), after each validation and at the end of fit. While training, SIGINT
     and SIGTERM are caught: the current step finishes, ``last.ckpt`` is written, and
-    :class:`TrainingInterrupted` ends the fit (a second signal interrupts at once).
+    :class:`TrainingInterrupted` ends the fit (a second signal stops at once and names the checkpoint that remains).
     """
 
-    def __init__(self, dirpath, every_n_steps: int = 0, every_minutes: float = 0.0) -> None:
+    def __init__(self, dirpath, every_n_steps: int = 0, every_minutes: float = 0.0,
+                 guard: Optional[Path] = None) -> None:
         self.path = Path(dirpath) / "last.ckpt"
+        self.guard = Path(guard) if guard is not None else None  # a file of the run that must still exist
         self.every_n_steps, self.every_minutes = int(every_n_steps), float(every_minutes)
         self._last_time = time.monotonic()
         self._signal: Optional[int] = None
@@ -131,9 +144,9 @@ class LastCheckpoint(Callback):
 
     # -- signals -----------------------------------------------------------------------------------
     def _handler(self, signum, frame) -> None:
-        if self._signal is not None:  # second signal: stop now
+        if self._signal is not None:  # second signal: stop now, naming what is on disk
             self._restore_handlers()
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(signum, self.path, self.saved_step, again=True)
         self._signal = signum
         print(f"\n{signal.Signals(signum).name} received: finishing this step and writing {self.path} ...",
               flush=True)
@@ -170,6 +183,9 @@ class LastCheckpoint(Callback):
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, trainer: pl.Trainer) -> None:
+        if self.guard is not None and not self.guard.is_file():
+            raise RunFolderError(f"{self.guard} is gone: the run folder was deleted or emptied while training; "
+                                 f"stopped at step {trainer.global_step} without writing into it")
         assert_finite_parameters(trainer.lightning_module)
         trainer.save_checkpoint(str(self.path))
         self._last_time = time.monotonic()
