@@ -9,6 +9,7 @@ from sweeps import schema_violations_from_proposed_config
 
 from conftest import REPO
 from dsrh_lightning.config import load_config
+from dsrh_lightning.losses.from_config import check_loss_config
 from dsrh_lightning.runs.sweep_local import (SweepError, load_sweep, run_overrides, run_sweep_local, sample_values)
 
 SWEEP_FILES = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
@@ -29,10 +30,11 @@ def test_sweep_file_is_valid_for_wandb_and_our_schema(path):
     # The metric checkpoint selection uses (the run's best validation MAP), not the last val/map.
     assert sweep["metric"] == {"name": "best_val_map", "goal": "maximize"}
     assert sweep["command"][:3] == ["${env}", "dsrh", "train"]  # dsrh from PATH (make agent puts .venv/bin there)
-    # Every swept value, passed the way an agent passes it, must load into the typed config.
+    # Every swept value, passed the way an agent passes it, must load into the typed config, and its loss
+    # settings (loss.params included) must fit the ranking method's keyword arguments.
     for key, spec in sweep["parameters"].items():
         for value in sample_values(spec):
-            load_config(run_overrides(sweep, {key: value}))
+            check_loss_config(load_config(run_overrides(sweep, {key: value})))
 
 
 def test_schema_check_catches_a_broken_file(tmp_path):
