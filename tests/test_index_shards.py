@@ -104,8 +104,11 @@ def test_a_crashed_run_continues_to_the_same_files(tiny_ckpt, tmp_path, monkeypa
 
     monkeypatch.setattr(index_mod, "write_shard", counting)
     capsys.readouterr()
-    assert cli.main([str(crashed) if a is None else a for a in argv]) == 0
-    assert "3 of 7 shards already written" in capsys.readouterr().err
+    with_bar = [a for a in argv if a != "--no-progress"]
+    assert cli.main([str(crashed) if a is None else a for a in with_bar]) == 0
+    err = capsys.readouterr().err
+    assert "3 of 7 shards already written" in err
+    assert "120/270" in err and "270/270" in err  # one bar for the whole collection, from the shards done
     assert rewritten == [3, 4, 5, 6]  # the finished shards are skipped
     _assert_same(_shard_arrays(straight), _shard_arrays(crashed))
     # Once complete, the same command writes nothing.

@@ -85,9 +85,10 @@ def check_output(out: Path) -> Path:
         raise InputError(f"--out {out}: is a file; a sharded index is a folder (or end the name in .npz for one "
                          "codes file)")
     folder = out.with_name(f".{out.name}.parts") if single else out
+    where = out.parent if single else out  # the parts folder is made when encoding starts
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tmp_path_for(folder / "probe")
+        where.mkdir(parents=True, exist_ok=True)
+        probe = tmp_path_for(where / "probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -316,6 +317,7 @@ def index_collection(ckpt: Path, out: Path, split: Optional[str] = None, files: 
     plan = IndexPlan(len(ids), int(shard_size), int(cfg.model.bits), run.weights_hash, str(Path(ckpt).resolve()),
                      source, ids_digest(ids))
     rank0 = rank_zero_only.rank == 0
+    folder.mkdir(exist_ok=True)
     _open_plan(folder, plan, write=rank0)
     if rank0:
         _remove_stale_tmp(folder)
