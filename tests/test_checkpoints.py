@@ -137,7 +137,7 @@ def test_last_checkpoint_every_minutes_and_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.time, "monotonic", lambda: clock[0])
     saved = []
     trainer = types.SimpleNamespace(global_step=0, world_size=1, lightning_module=torch.nn.Linear(1, 1),
-                                    save_checkpoint=lambda p: saved.append(trainer.global_step),
+                                    save_checkpoint=lambda p, weights_only=None: saved.append(trainer.global_step),
                                     max_steps=13, max_epochs=-1, current_epoch=0, num_training_batches=100)
     cb = ck.LastCheckpoint(tmp_path, every_n_steps=10, every_minutes=2)
     cb._last_time = 0.0

@@ -2,6 +2,7 @@
 recorded, W&B summary of the best val/map and the best checkpoint as an artifact, results vs thread count."""
 
 import csv
+import os
 import glob
 import struct
 import warnings
@@ -228,3 +229,41 @@ def test_training_metrics_reach_the_logger_on_every_log_step(tiny_overrides, tmp
         for key in ("train/loss", "train/ranking", "train/orth", "train/cls", "train/bit_balance"):
             assert r.get(key) not in (None, ""), (key, r["step"])
         assert float(r["train/loss"]) > 0
+
+
+def test_the_terminal_shows_no_tips_and_no_misleading_save_message(tmp_path):
+    """Lightning's litlogger tip and the "`weights_only` was not set" line of each save stay off the terminal;
+    the run's own lines and Lightning's useful ones still show."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = ["dataset=synthetic", "model.backbone=small_cnn", "model.weights=none", "logger.name=none",
+            "data.synthetic_per_class=20", "data.protocol.query_per_class=2", "data.protocol.train_per_class=8",
+            "data.protocol.val_per_class=2", "data.batch_size=16", "data.num_workers=0", "trainer.max_steps=3",
+            "trainer.val_check_interval=2", "trainer.progress_bar=false", "trainer.test_after_fit=false",
+            f"output_dir={tmp_path}", "name=quiet"]
+    proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "train", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "litlogger" not in out and "weights_only` was not set" not in out, out
+    assert "data: synthetic" in out and "`Trainer.fit` stopped: `max_steps=3` reached" in out
+
+
+def test_the_sweep_engine_imports_without_its_pydantic_warnings():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import warnings; from dsrh_lightning.runs.sweep_local import _sweeps; _sweeps(); "
+            "warnings.warn('a useful warning', UserWarning)")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "pydantic" not in proc.stderr and "Valid config keys" not in proc.stderr, proc.stderr
+    assert "a useful warning" in proc.stderr

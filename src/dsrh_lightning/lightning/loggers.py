@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -9,7 +10,22 @@ from typing import Union
 
 from omegaconf import DictConfig
 
-__all__ = ["build_logger", "wandb_key_available"]
+__all__ = ["build_logger", "quiet_lightning_tips", "wandb_key_available"]
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing litlogger"); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("💡 Tip")
+
+
+def quiet_lightning_tips() -> None:
+    """Keep Lightning's product tips off the terminal (its warnings and infos are untouched). Idempotent."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in log.filters):
+            log.addFilter(_DropTips())
 
 
 def wandb_key_available() -> bool:

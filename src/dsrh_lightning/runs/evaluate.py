@@ -48,6 +48,9 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = (), plots_dir: Op
     callbacks = [evaluation] + ([RetrievalPlots(cfg.eval, out_dir=plots_dir, fmt=plots_format, run_cfg=cfg,
                                                 step=step)]
                                 if plots_dir else [])
+    from ..lightning.loggers import quiet_lightning_tips
+
+    quiet_lightning_tips()
     trainer = pl.Trainer(accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
                          logger=False, callbacks=callbacks, enable_progress_bar=t.progress_bar,
                          precision=resolve_precision(t), use_distributed_sampler=False)

@@ -54,9 +54,21 @@ def resolve_sweep_path(name: str | Path) -> Path:
     raise SweepError(f"sweep file {name} not found (also looked in {default_sweep_dir()}: {available})")
 
 
+def _sweeps():
+    """W&B's sweep engine (``sweeps``), imported without the pydantic warnings its v1-style models raise
+    under pydantic 2 (they concern its code, not the sweep; other warnings still show)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Valid config keys have changed in V2", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Support for class-based `config` is deprecated")
+        import sweeps
+    return sweeps
+
+
 def load_sweep(path: str | Path) -> Dict[str, Any]:
     """Load a sweep file and validate it against W&B's sweep schema."""
-    from sweeps import schema_violations_from_proposed_config
+    schema_violations_from_proposed_config = _sweeps().schema_violations_from_proposed_config
 
     path = Path(path)
     try:
@@ -172,7 +184,7 @@ def _metric_value(summary: Optional[Dict[str, Any]], metric: Optional[str]) -> O
 
 
 def _sweep_run(record: Dict[str, Any]):
-    from sweeps import RunState, SweepRun
+    RunState, SweepRun = _sweeps().RunState, _sweeps().SweepRun
 
     return SweepRun(name=record["name"], state=RunState(record["state"]), config=record["config"],
                     summary_metrics=record.get("summary") or {}, history=record.get("history") or [])
@@ -203,7 +215,7 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
     ``state`` (finished / failed), ``returncode``, ``summary`` (the run's metrics.json) and
     ``history`` (``[{metric: best value}]``, what the bayes engine reads).
     """
-    from sweeps import next_run
+    next_run = _sweeps().next_run
 
     path = resolve_sweep_path(sweep_file)
     sweep = load_sweep(path)

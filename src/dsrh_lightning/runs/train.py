@@ -22,7 +22,7 @@ from ..lightning.callbacks.checkpoint import (AtomicCheckpointIO, FiniteModelChe
                                               TrainingInterrupted, assert_finite_parameters)
 from ..lightning.callbacks.progress import RunProgressBar, RunTimeEstimate, ValidateAtEnd
 from ..lightning.callbacks.wandb_best import WandbBest
-from ..lightning.loggers import build_logger
+from ..lightning.loggers import build_logger, quiet_lightning_tips
 from ..lightning.module import HashingModule
 from ..lightning.resources import resolve_trainer
 from ..losses.from_config import check_loss_config
@@ -39,6 +39,7 @@ _RUN_DIR_ENV, _RESUME_ENV = "DSRH_RUN_DIR", "DSRH_RESUME_CKPT"
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Trainer:
     t = cfg.trainer
     by_steps = t.val_check_interval > 0
+    quiet_lightning_tips()
     return pl.Trainer(
         default_root_dir=str(run_dir),
         max_steps=t.max_steps, max_epochs=t.max_epochs,
@@ -183,7 +184,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path], created: bool
     # with a larger max_steps is exact. Written here only when the loop ended otherwise.
     if last_writer.saved_step != trainer.global_step and not (resume is not None and resume == last):
         assert_finite_parameters(module)
-        trainer.save_checkpoint(str(last))
+        trainer.save_checkpoint(str(last), weights_only=False)
     results: Dict[str, Any] = {"run_dir": str(run_dir), "best_checkpoint": checkpoint.best_model_path or None,
                                "last_checkpoint": str(last), "global_step": trainer.global_step}
     results.update(evaluation.last.get("val", {}))

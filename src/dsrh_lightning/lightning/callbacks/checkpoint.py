@@ -187,7 +187,7 @@ class LastCheckpoint(Callback):
             raise RunFolderError(f"{self.guard} is gone: the run folder was deleted or emptied while training; "
                                  f"stopped at step {trainer.global_step} without writing into it")
         assert_finite_parameters(trainer.lightning_module)
-        trainer.save_checkpoint(str(self.path))
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state (said, not defaulted)
         self._last_time = time.monotonic()
         self.saved_step = trainer.global_step
 
