@@ -153,7 +153,7 @@ def test_orthohash_codebook_is_a_seeded_buffer():
 # ---------------------------------------------------------------- DSH
 
 def _dsh_loop(u, labels, m, alpha):
-    """Paper (Eq. 5) over ordered pairs i != j: 1/2 s d + 1/2 (1 - s) max(m - d, 0), averaged; regulariser
+    """Paper over ordered pairs i != j: 1/2 s d + 1/2 (1 - s) max(m - d, 0), averaged; regulariser
     alpha * || |b_i| - 1 ||_1 averaged over images."""
     u = u.double()
     b = len(u)
@@ -194,7 +194,7 @@ def test_dsh_matches_the_reference_implementation():
 # ---------------------------------------------------------------- DHN
 
 def _dhn_loop(z, labels, scale, lam):
-    """Paper (Eq. 4, 7) over ordered pairs i != j, averaged: log(1 + e^<z_i,z_j>) - s <z_i,z_j>; quantisation
+    """Paper over ordered pairs i != j, averaged: log(1 + e^<z_i,z_j>) - s <z_i,z_j>; quantisation
     lambda * sum_k log cosh(|z_ik| - 1), averaged over images."""
     z = z.double()
     b = len(z)

@@ -1,7 +1,9 @@
-"""DHN (Zhu, Long, Wang & Cao, AAAI 2016): pairwise cross-entropy plus a quantisation loss.
+"""DHN: pairwise cross-entropy plus a quantisation loss.
+
+Zhu, Long, Wang & Cao, "Deep Hashing Network for Efficient Similarity Retrieval", AAAI 2016.
 
 DHN's hash layer has a tanh activation, ``z = tanh(u)``; similar pairs should have a large inner product
-(the paper's Eq. 4 and its smooth quantisation loss, Eq. 6-7):
+(the paper's pairwise likelihood and its smooth, log-cosh quantisation loss):
 
     L = sum_{i,j} [log(1 + exp(<z_i, z_j>)) - s_ij <z_i, z_j>] + lambda sum_i sum_k log cosh(|z_ik| - 1)
 

@@ -1,7 +1,9 @@
-"""DSH (Liu, Wang, Shan & Chen, CVPR 2016): contrastive loss on real-valued codes with margin 2k.
+"""DSH: contrastive loss on real-valued codes with margin 2k.
+
+Liu, Wang, Shan & Chen, "Deep Supervised Hashing for Fast Image Retrieval", CVPR 2016.
 
 For a pair of images with codes ``b_i, b_j`` in ``R^k`` and ``y_ij = 0`` when they are similar, 1 when not
-(the paper's Eq. 5, with its regulariser):
+(the paper's relaxed objective with its regulariser):
 
     L_ij = 1/2 (1 - y_ij) ||b_i - b_j||^2 + 1/2 y_ij max(m - ||b_i - b_j||^2, 0)
            + alpha (|| |b_i| - 1 ||_1 + || |b_j| - 1 ||_1),      m = 2k

@@ -1,8 +1,10 @@
-"""GreedyHash (Su, Zhang, Zhang & Tian, NeurIPS 2018): sign in the forward pass, straight-through gradient.
+"""GreedyHash: sign in the forward pass, straight-through gradient.
 
-The paper's supervised objective (Sec. 3, Eq. 7 with the classification loss of Sec. 4):
+Su, Zhang, Han & Tian, "Greedy Hash: Towards Fast Optimization for Accurate Hash Coding in CNN", NeurIPS 2018.
 
-    b = sgn(u) in the forward pass, dL/du = dL/db in the backward pass (Eq. 6, the "greedy" step),
+The paper's supervised objective (the greedy sign step with a classification loss on the codes):
+
+    b = sgn(u) in the forward pass, dL/du = dL/db in the backward pass (the "greedy" step),
     L = CE(W^T b, y) + alpha * || |u| - 1 ||_3^3
 
 with ``u`` the hash layer's output, ``W`` a bias-free linear classifier on the binary codes and the cubic

@@ -1,14 +1,17 @@
-"""OrthoHash (Hoe, Ng, Gu, Nguyen, Chan & Mu, NeurIPS 2021): one loss, cosine similarity to orthogonal codes.
+"""OrthoHash: one loss, cosine similarity to orthogonal target codes.
+
+Hoe, Ng, Zhang, Chan, Song & Xiang, "One Loss for All: Deep Hashing with a Single Cosine Similarity based
+Learning Objective", NeurIPS 2021.
 
 Every class ``j`` gets a fixed target code ``c_j`` in ``{-1, +1}^k`` drawn i.i.d. Bernoulli(1/2) (nearly
 orthogonal for large ``k``). The hash layer's output ``v`` is scored by its cosine similarity to each code and
-trained with a cosine-margin softmax cross-entropy (the paper's Eq. 9-11, CosFace-style margin ``m``, scale
+trained with a cosine-margin softmax cross-entropy (the paper's CosFace-style margin ``m`` and scale
 ``s``), plus the cosine quantisation term:
 
     logit_j = s * (cos(v, c_j) - m * [j is a label of the image])
     L = CE(logit, y) + lambda * mean_i (1 - cos(v_i, sgn(v_i)))
 
-For multi-hot labels (the paper's multi-label form, the reference's default ``label_smoothing``): the margin
+For multi-hot labels (the multi-label form the authors' code uses by default, ``label_smoothing``): the margin
 is subtracted at every label and the cross-entropy's target is the labels divided by their count.
 
 Here ``v`` is the hash layer's pre-activation (``code_logits``); the codebook is a buffer of the loss
