@@ -117,6 +117,37 @@ def test_a_crashed_run_continues_to_the_same_files(tiny_ckpt, tmp_path, monkeypa
     assert rewritten == []
 
 
+def test_ctrl_c_keeps_the_written_shards_and_says_how_to_continue(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from dsrh_lightning.runs import index as index_mod
+
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "idx"
+    argv = ["index", "--ckpt", str(ckpt), "--out", str(out), "split=database", "--shard-size", "40", "--no-progress"]
+    real_write = index_mod.write_shard
+    calls = []
+
+    def ctrl_c_after_two(folder, number, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(number)
+        return real_write(folder, number, *args, **kwargs)
+
+    monkeypatch.setattr(index_mod, "write_shard", ctrl_c_after_two)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert f"stopped (Ctrl-C): 2 of 7 shards are written in {out}; run the same command again" in err
+    monkeypatch.setattr(index_mod, "write_shard", real_write)
+    assert cli.main(argv) == 0 and len(open_sharded(out)) == 270
+
+
 def test_output_is_checked_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch):
     from dsrh_lightning.runs import checkpoints
 

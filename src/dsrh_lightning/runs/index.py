@@ -220,6 +220,7 @@ class _ShardWriter(pl.Callback):
         self.rows: list = []
         self.codes: list = []
         self.written: List[int] = []
+        self.interrupted = False
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if getattr(trainer.datamodule, "idle", False):
@@ -238,6 +239,15 @@ class _ShardWriter(pl.Callback):
                         checkpoint=self.plan.checkpoint, weights_hash=self.plan.weights_hash, source=self.plan.source)
             self.written.append(shard)
             self.rows, self.codes = [], []
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Say what is kept: the shards written so far stay, and the same command continues from them."""
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
+        if trainer.is_global_zero:
+            done = sum((self.folder / shard_name(s)).is_file() for s in range(self.plan.num_shards))
+            why = "Ctrl-C" if self.interrupted else type(exception).__name__
+            print(f"dsrh index stopped ({why}): {done} of {self.plan.num_shards} shards are written in "
+                  f"{self.folder}; run the same command again to encode the rest", file=sys.stderr, flush=True)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         trainer.strategy.barrier("dsrh-index-shards-written")
@@ -346,7 +356,12 @@ def index_collection(ckpt: Path, out: Path, split: Optional[str] = None, files: 
     data = _Data(dataset, plan, todo, bs, int(workers), batched, finish)
     callbacks = [writer, _Progress(plan.count, sum(plan.bounds(s)[1] - plan.bounds(s)[0] for s in done), progress)]
     trainer = _trainer(cfg, callbacks, folder)
-    trainer.predict(_Encoder(net, cfg.eval.threshold), datamodule=data, return_predictions=False)
+    try:
+        trainer.predict(_Encoder(net, cfg.eval.threshold), datamodule=data, return_predictions=False)
+    except SystemExit:
+        if writer.interrupted:  # Lightning turns Ctrl-C into exit code 1; a stopped index says 130
+            raise SystemExit(130) from None
+        raise
     return {"count": plan.count, "bits": plan.bits, "shards": plan.num_shards, "skipped": len(done), "out": str(out),
             "rank": trainer.global_rank}
 
