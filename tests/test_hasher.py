@@ -206,3 +206,31 @@ def test_index_searches_a_codes_file_and_a_sharded_folder_alike(tmp_path):
                 assert res.distances[r].tolist() == [dist[j] for j in order]
                 assert res.ids[r].tolist() == [ids[j] for j in order]
                 assert res.labels[r].tolist() == [int(labels[j]) for j in order]
+
+
+def test_cifar10_pngs_get_the_input_of_the_cached_path(tmp_path):
+    """The issue's case on real CIFAR-10 images: a run on cached features at 128 px. PNG files of test
+    images, read back, get exactly the batch transform's input (what the feature cache was extracted
+    from); the former image-file path (torchvision's uint8 resize) gives other pixels for most of them."""
+    from PIL import Image
+
+    from conftest import shared_data_dir
+    from dsrh_lightning.data.sources import load_cifar10
+    from dsrh_lightning.data.transforms import BatchTransform, build_transform
+
+    root = shared_data_dir() / "cifar10"
+    cfg = load_config(["dataset=cifar10", f"data.root={root}", "data.cache_features=true", "data.image_size=128",
+                       "model.backbone=small_cnn", "model.weights=none"])
+    pre = EvalPreprocess(cfg)
+    assert (pre.size, pre.path) == (128, "batch")
+    pics = load_cifar10(root, download=False).images[:30]
+    loaded = []
+    for n, pic in enumerate(pics):
+        Image.fromarray(pic).save(tmp_path / f"{n}.png")
+        loaded.append(load_image(tmp_path / f"{n}.png"))
+    np.testing.assert_array_equal(np.stack(loaded), pics)  # PNG is lossless
+    cached_input = BatchTransform(128, 32, False, False)(torch.from_numpy(pics))
+    torch.testing.assert_close(pre.batch(loaded), cached_input, rtol=0, atol=0)
+    former = build_transform(128, 32, False, False)
+    differ = sum(not torch.equal(former(p), cached_input[i]) for i, p in enumerate(loaded))
+    assert differ >= 15, differ
