@@ -362,3 +362,27 @@ def test_cli_train_with_a_corrupt_image_exits_2_or_skips(tmp_path):
     proc = subprocess.run(args + ["data.on_bad=skip"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{lists['train']}:1: image " in proc.stderr and "in its place" in proc.stderr
+
+
+def test_paths_spelled_differently_are_one_image(tmp_path):
+    """Every path is normalised once (resolved, relative to the root) before repeat and overlap checks."""
+    _touch_images(tmp_path, ["c0/2.png", "c1/3.png"])
+    (tmp_path / "alias").symlink_to(tmp_path / "c0")
+    for spelling in ["./c0/2.png", "c0/../c1/../c0/2.png", "c0//2.png", "alias/2.png", str(tmp_path / "c0/2.png")]:
+        f = _write(tmp_path, f"c0/2.png 0\n{spelling} 0\n")
+        with pytest.raises(ImageListError, match=r":2: .*repeats line 1 \(both are c0/2.png\)"):
+            read_image_list(f, tmp_path)
+    assert read_image_list(_write(tmp_path, "./c0/2.png 0\nc1/./3.png 1\n"), tmp_path).paths == ["c0/2.png", "c1/3.png"]
+    with pytest.raises(ImageListError, match="escapes the data root"):
+        read_image_list(_write(tmp_path, "c0/../../outside.png 0\n"), tmp_path)
+
+
+def test_a_query_spelled_with_dot_slash_still_overlaps_the_database(tmp_path):
+    write_synthetic_list_dataset(tmp_path, num_labels=4, n=40, query=10, train=10)
+    extra = (tmp_path / "test.txt").read_text().splitlines()[0]
+    with open(tmp_path / "database.txt", "a") as fh:
+        fh.write("./" + extra + "\n")
+    cfg = _custom_cfg(tmp_path)
+    source, part = load_source(cfg.data, seed=0)
+    with pytest.raises(ValueError, match="1 image\\(s\\) are both queries and database"):
+        make_split(source, part, cfg.data)

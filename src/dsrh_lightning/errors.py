@@ -10,6 +10,7 @@ is a bug. The project's user errors:
 * :class:`~dsrh_lightning.config.ConfigError` (and the sweep's ``SweepError``): a configuration key;
 * :class:`~dsrh_lightning.data.sources.DataNotFoundError`: a data set is not where the config says;
 * :class:`~dsrh_lightning.data.image_list.ImageListError` (and ``ImageDecodeError``): an image list;
+* :class:`~dsrh_lightning.data.protocol.SplitError`: the protocol split cannot be made from the data;
 * :class:`~dsrh_lightning.search.images.ImageInputError`: a query or index image;
 * :class:`~dsrh_lightning.models.errors.WeightsUnavailableError`: pretrained weights cannot be had;
 * :class:`InputError`: a command-line argument;

@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
+from ..config import ConfigError
+
 __all__ = ["EpochBatchSampler", "ResumableBatches", "ResumableDataLoader"]
 
 
@@ -67,7 +69,7 @@ class EpochBatchSampler(ResumableBatches):
         self.start_batch = 0
         self.num_batches = self.n // (self.batch_size * self.world_size)
         if self.num_batches == 0:
-            raise ValueError(f"{self.n} training items are fewer than one batch of {self.batch_size} per process "
+            raise ConfigError(f"{self.n} training items are fewer than one batch of {self.batch_size} per process "
                              f"({self.world_size} processes); lower data.batch_size")
 
     def batches(self) -> List[List[int]]:

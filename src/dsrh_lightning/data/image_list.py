@@ -56,22 +56,15 @@ class ImageList:
 _MAX_ID_SLACK, _MAX_ID_FACTOR = 1000, 10
 
 
-def _inside(root: Path, rel: str) -> Optional[str]:
-    """``rel`` as a path relative to ``root`` (absolute paths inside the root are accepted), or None."""
-    p = Path(rel)
-    if p.is_absolute():
-        for base in (root.absolute(), root.resolve()):
-            try:
-                return p.relative_to(base).as_posix()
-            except ValueError:
-                pass
-        try:
-            return p.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            return None
-    base = root.resolve()
-    target = (root / rel).resolve()
-    return rel if target == base or base in target.parents else None
+def _inside(root: Path, rel: str, base: Optional[Path] = None) -> Optional[str]:
+    """``rel`` normalised once: the resolved path relative to the resolved ``root`` (``./a``, ``b/../a``,
+    a symlink to ``a`` and an absolute path inside the root all give ``a``), or None when it lies outside.
+    ``base`` is ``root.resolve()``, passed in when many paths share one root."""
+    base = root.resolve() if base is None else base
+    try:
+        return (root / rel).resolve().relative_to(base).as_posix()
+    except ValueError:
+        return None
 
 
 def _is_int(v: str) -> bool:
@@ -150,13 +143,14 @@ def read_image_list(file: Path, root: Path, num_labels: Optional[int] = None, on
     rows: List[List[int]] = []
     lines: List[int] = []
     seen: Dict[str, int] = {}
+    base = Path(root).resolve()
     for lineno, parts in entries:
         rel, values = parts[0], parts[1:]
-        inside = _inside(root, rel)
+        inside = _inside(root, rel, base)
         if inside is None:
             raise ImageListError(f"{file}:{lineno}: path {rel} escapes the data root {root}")
         if inside in seen:
-            raise ImageListError(f"{file}:{lineno}: path {rel} repeats line {seen[inside]}")
+            raise ImageListError(f"{file}:{lineno}: path {rel} repeats line {seen[inside]} (both are {inside})")
         if not values:
             bad(lineno, f"{rel} has no label (expected a class id or {width or 'c'} 0/1 values)")
             continue

@@ -18,12 +18,20 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..errors import DsrhError
+from ..files import save_npz
+
 __all__ = [
+    "SplitError",
     "Split", "SPLIT_KEYS", "make_single_label_split", "make_multilabel_split", "split_from_lists",
     "split_fingerprint", "load_or_make_split",
 ]
 
 SPLIT_KEYS = ("query", "database", "train", "val", "val_database")
+
+
+class SplitError(DsrhError, ValueError):
+    """The protocol split cannot be made: too few images per class, overlapping lists, a bad split file."""
 
 
 @dataclass
@@ -55,7 +63,7 @@ def _per_class_draw(pool: np.ndarray, labels: np.ndarray, per_class: int, rng: n
     for c in range(len(class_names)):
         members = pool[labels[pool] == c]
         if len(members) < per_class:
-            raise ValueError(
+            raise SplitError(
                 f"{what}: class {c} ({class_names[c]}) has {len(members)} images available, "
                 f"{per_class} needed; lower the per-class count in data.protocol"
             )
@@ -82,7 +90,7 @@ def make_single_label_split(labels: np.ndarray, class_names, query_per_class: in
     counts = np.bincount(labels, minlength=len(class_names))
     empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
     if empty:
-        raise ValueError(f"classes with no image: {empty}; every class needs images for the per-class protocol")
+        raise SplitError(f"classes with no image: {empty}; every class needs images for the per-class protocol")
     return _draw_split(_per_class_draw, labels, class_names, query_per_class, train_per_class, val_per_class,
                        val_database_size, seed)
 
@@ -95,7 +103,7 @@ def _per_concept_draw(pool: np.ndarray, labels: np.ndarray, per_concept: int, rn
     for c in range(labels.shape[1]):
         members = pool[(labels[pool, c] == 1) & ~taken[pool]]
         if len(members) < per_concept:
-            raise ValueError(
+            raise SplitError(
                 f"{what}: concept {c} ({class_names[c]}) has {len(members)} images left, {per_concept} needed; "
                 "lower the per-class count in data.protocol"
             )
@@ -163,7 +171,7 @@ def make_multilabel_split(labels: np.ndarray, class_names, query_per_class: int,
         raise ValueError(f"multi-label split needs (n, c) multi-hot labels, got shape {labels.shape}")
     unlabelled = np.flatnonzero(labels.sum(1) == 0)
     if len(unlabelled):
-        raise ValueError(f"{len(unlabelled)} image(s) have no label (first: row {unlabelled[0]}); "
+        raise SplitError(f"{len(unlabelled)} image(s) have no label (first: row {unlabelled[0]}); "
                          "remove them before splitting")
     return _draw_split(_per_concept_draw, labels, class_names, query_per_class, train_per_class, val_per_class,
                        val_database_size, seed)
@@ -178,10 +186,10 @@ def split_from_lists(query: np.ndarray, database: np.ndarray, train: np.ndarray,
     """
     overlap = np.intersect1d(query, database)
     if len(overlap):
-        raise ValueError(f"{len(overlap)} image(s) are both queries and database items; the query list and the "
+        raise SplitError(f"{len(overlap)} image(s) are both queries and database items; the query list and the "
                          "database list must be disjoint")
     if len(np.intersect1d(query, train)):
-        raise ValueError("some training images are also queries; the train and query lists must be disjoint")
+        raise SplitError("some training images are also queries; the train and query lists must be disjoint")
     rng = np.random.default_rng(seed)
     val, val_database = _val_sets(database, train, labels, class_names, val_per_class, val_database_size, rng)
     return shuffle_databases(Split(np.sort(query), np.sort(database), np.sort(train), val, val_database), seed)
@@ -208,7 +216,7 @@ def load_or_make_split(make, dataset: str, labels: np.ndarray, params: dict, spl
         with np.load(path) as data:
             missing = [k for k in SPLIT_KEYS if k not in data.files]
             if missing:
-                raise ValueError(f"{path}: split file lacks {missing}; delete it to regenerate")
+                raise SplitError(f"{path}: split file lacks {missing}; delete it to regenerate")
             return Split(**{k: data[k].astype(np.int64) for k in SPLIT_KEYS})
     split = make()
     if path is not None:
@@ -217,7 +225,6 @@ def load_or_make_split(make, dataset: str, labels: np.ndarray, params: dict, spl
 
 
 def save_split(split: Split, path: Path, params: Optional[dict] = None) -> None:
+    """Write the split to ``path`` atomically (a failed write leaves the previous file as it was)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, params=json.dumps(params or {}, sort_keys=True), **split.as_dict())
-    tmp.replace(path)
+    save_npz(path, compressed=True, params=json.dumps(params or {}, sort_keys=True), **split.as_dict())
