@@ -143,7 +143,7 @@ def _open_plan(folder: Path, plan: IndexPlan, write: bool) -> None:
             if "ids_sha1" in diff:
                 what = (what + "; " if what else "") + "other items"
             raise InputError(f"--out {folder}: holds another index ({what}). Give another --out, or delete the "
-                             "folder to start over (same command again: it continues)")
+                             "folder to start over")
         return
     if any(folder.glob("shard-*.npz")) or (folder / MANIFEST).exists():
         raise InputError(f"--out {folder}: holds an index written without a plan (another tool or an older "
