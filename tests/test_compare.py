@@ -136,3 +136,20 @@ def test_baseline_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["baseline", "kmeans", "--bits", "12"])
     assert "invalid choice: 'kmeans'" in capsys.readouterr().err
+
+
+def test_baseline_from_a_run_never_writes_into_that_run(runs, capsys):
+    """--run without name= gets a folder of its own; name= of a folder holding a run is refused."""
+    out, deep = runs
+    run_dir = Path(deep["run_dir"])
+    before = {p: (run_dir / p).read_bytes() for p in ("config.yaml", "metrics.json")}
+    assert cli.main(["baseline", "pcah", "--bits", "8", "--run", str(run_dir), "--no-plots"]) == 0
+    made = [p for p in out.iterdir() if p.name.startswith("synthetic-pcah-8b-s")]
+    assert len(made) == 1, f"expected one new pcah run folder under {out}, found {made}"
+    assert json.loads((made[0] / "metrics.json").read_text())["method"] == "pcah"
+    assert {p: (run_dir / p).read_bytes() for p in before} == before, "the deep run's files were rewritten"
+    capsys.readouterr()
+    assert cli.main(["baseline", "pcah", "--bits", "8", "--run", str(run_dir), "--no-plots", "name=deep"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir}: already holds a run" in err and "Traceback" not in err
+    assert {p: (run_dir / p).read_bytes() for p in before} == before

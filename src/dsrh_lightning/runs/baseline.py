@@ -40,6 +40,11 @@ def baseline_config(method: str, bits: int, overrides: Sequence[str] = (), run_d
                       config_files=files, config_dir=config_dir)
     cfg.experiment = method
     cfg.resume = ""
+    given = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "name" not in given:
+        cfg.name = ""  # a deep run's own name would make its folder the baseline's: a fresh name instead
+    if "overwrite" not in given:
+        cfg.overwrite = False  # a deep run's overwrite=true must not delete a run the baseline's name points at
     return cfg
 
 
@@ -59,13 +64,24 @@ def run_baseline(cfg, plots: bool = True, fmt: str = "png") -> Dict[str, Any]:
     metrics (as written to ``metrics.json``)."""
     import torch
 
-    from ..data.datamodule import HashingDataModule
-    from ..lightning.callbacks.plots import image_getter
-    from ..models import build_backbone
-    from .folders import resolve_run
+    from .folders import claim_run_folder, resolve_run
 
     torch.manual_seed(int(cfg.seed))
     run_dir, _ = resolve_run(cfg)
+    # Like dsrh train: refuse a folder that holds a run (overwrite=true replaces it) or that another process
+    # writes, before anything is written; the lock is held until the folder is complete.
+    lock, _ = claim_run_folder(cfg, run_dir, None)
+    try:
+        return _run(cfg, run_dir, plots, fmt)
+    finally:
+        lock.release()
+
+
+def _run(cfg, run_dir: Path, plots: bool, fmt: str) -> Dict[str, Any]:
+    from ..data.datamodule import HashingDataModule
+    from ..lightning.callbacks.plots import image_getter
+    from ..models import build_backbone
+
     dm = HashingDataModule(cfg, backbone_factory=build_backbone)
     dm.prepare_data()
     dm.setup("fit")
