@@ -208,3 +208,21 @@ def test_list_data_set_ids_are_resolved_against_data_root(tiny_ckpt, tmp_path):
     ids = read_codes(elsewhere / "db.npz").ids
     assert len(ids) == 50 and all(Path(i).is_absolute() and Path(i).is_file() for i in ids)
     assert all(Path(i).is_relative_to(root.resolve()) for i in ids)
+
+
+def test_a_failed_write_keeps_the_existing_codes_file(tiny_ckpt, tmp_path, capsys):
+    """Issue 22 item 2: `dsrh index --out keep.npz` again under a file-size limit below the file's size: the
+    write fails part-way, the command exits 2 with the reason, and the earlier keep.npz is intact."""
+    ckpt, _ = tiny_ckpt
+    keep = tmp_path / "keep.npz"
+    argv = ["index", "--ckpt", str(ckpt), "--out", str(keep), "split=database", "--shard-size", "40", "--no-progress"]
+    assert cli.main(argv) == 0
+    before = keep.read_bytes()
+    limit = len(before) // 2
+    code = (f"import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            f"from dsrh_lightning.cli import main; sys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
+    assert keep.read_bytes() == before
