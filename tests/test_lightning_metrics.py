@@ -202,3 +202,25 @@ def test_eval_config_cutoffs_are_checked_when_the_callback_is_built():
     bad = OmegaConf.merge(OmegaConf.to_container(cfg), {"acg_k": -3})  # an eval section that skipped validation
     with pytest.raises(ConfigError, match=r"eval\.acg_k=-3"):
         RetrievalEvaluation(bad)
+
+
+def test_batch_local_indexes_are_refused_naming_the_role_and_index():
+    """arange(b) in every batch would keep only the first batch's items: refused, where padding
+    (the same item repeated, identical codes and labels) is still dropped silently."""
+    qc, dc, ql, dl = _case(3, nq=20, nd=40, multilabel=False)
+    metric = HammingMAP()
+    for role, codes, labels in (("query", qc, ql), ("database", dc, dl)):
+        for start in range(0, len(codes), 10):
+            b = slice(start, start + 10)
+            metric.update(torch.as_tensor(codes[b]), torch.as_tensor(labels[b]), torch.arange(10), role=role)
+    with pytest.raises(ValueError, match=r"query index \d+ is given twice with different (codes|labels)") as info:
+        metric.compute()
+    # the first clashing index: the smallest of 0..9 whose rows 0-9 and 10-19 differ in codes or labels
+    clash = [i for i in range(10) if (qc[i] != qc[10 + i]).any() or ql[i] != ql[10 + i]]
+    assert f"query index {clash[0]} " in str(info.value)
+    # a database-only clash names the database
+    metric = HammingMAP()
+    metric.update(torch.as_tensor(qc), torch.as_tensor(ql), torch.arange(len(qc)), role="query")
+    metric.update(torch.as_tensor(dc[:2]), torch.tensor([0, 1]), torch.tensor([5, 5]), role="database")
+    with pytest.raises(ValueError, match=r"database index 5 is given twice with different"):
+        metric.compute()

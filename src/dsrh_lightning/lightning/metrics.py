@@ -31,11 +31,14 @@ __all__ = ["HammingRetrieval", "HammingMAP", "PrecisionWithinRadius", "Precision
 _ROLES = ("query", "database")
 
 
-def dedupe_by_position(positions: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def dedupe_by_position(positions: torch.Tensor, *tensors: torch.Tensor, names: Sequence[str] = (),
+                       role: str = "item") -> Tuple[torch.Tensor, ...]:
     """Keep the first row of each position and sort rows by position.
 
-    Removes the items a distributed sampler repeats to pad the ranks' shares, and
-    restores the dataset order. Returns ``(positions, *tensors)`` reindexed.
+    Removes the items a distributed sampler repeats to pad the ranks' shares (the same item: identical
+    rows), and restores the dataset order. Returns ``(positions, *tensors)`` reindexed. Rows that share a
+    position but differ in any tensor (e.g. batch-local indexes, ``arange(b)`` in every batch) raise
+    ``ValueError`` naming ``role``, the tensor (``names[i]``, else its number) and the first such position.
     """
     if positions.ndim != 1:
         raise ValueError(f"positions must be 1-D, got shape {tuple(positions.shape)}")
@@ -46,6 +49,18 @@ def dedupe_by_position(positions: torch.Tensor, *tensors: torch.Tensor) -> Tuple
     sorted_pos = positions[order]
     keep = torch.ones_like(sorted_pos, dtype=torch.bool)
     keep[1:] = sorted_pos[1:] != sorted_pos[:-1]
+    repeat = ~keep[1:]
+    if bool(repeat.any()):
+        later, earlier = order[1:][repeat], order[:-1][repeat]
+        for i, t in enumerate(tensors):
+            differ = (t[later] != t[earlier]).reshape(later.shape[0], -1).any(1)
+            if bool(differ.any()):
+                name = names[i] if i < len(names) else f"tensor {i}"
+                first = int(positions[later[differ]].min())
+                raise ValueError(
+                    f"{role} index {first} is given twice with different {name}: each {role} item needs its own "
+                    "index in its set (e.g. its dataset position, not its position in the batch); only "
+                    "identical repeats (a distributed sampler's padding) are dropped")
     sel = order[keep]
     return (positions[sel],) + tuple(t[sel] for t in tensors)
 
@@ -112,7 +127,7 @@ class HammingRetrieval(Metric):
         if isinstance(codes, list) and not codes:
             raise ValueError(f"{type(self).__name__}: no {role} items were given to update()")
         codes, labels, indexes = (dim_zero_cat(getattr(self, f"{role}_{p}")) for p in ("codes", "labels", "indexes"))
-        _, codes, labels = dedupe_by_position(indexes, codes, labels)
+        _, codes, labels = dedupe_by_position(indexes, codes, labels, names=("codes", "labels"), role=role)
         return codes, labels
 
     def _results(self) -> Dict[str, Any]:
