@@ -234,3 +234,18 @@ def test_cifar10_pngs_get_the_input_of_the_cached_path(tmp_path):
     former = build_transform(128, 32, False, False)
     differ = sum(not torch.equal(former(p), cached_input[i]) for i, p in enumerate(loaded))
     assert differ >= 15, differ
+
+
+@pytest.mark.parametrize("overrides,size,path", [
+    (["dataset=cifar10_multilabel", "model.weights=none"], 64, "batch"),  # 2 x 2 tiles of 32 px
+    (["dataset=cifar10_multilabel", "model.weights=none", "data.mosaic_grid=3"], 96, "batch"),
+    (["dataset=cifar10", "model.weights=none"], 32, "batch"),
+    (["dataset=cifar10", "model.weights=imagenet", "model.backbone=vgg19"], 224, "batch"),
+    (["dataset=cifar10", "model.weights=none", "data.augment_on=worker"], 32, "per-image"),
+    (["dataset=nuswide", "model.weights=none", "model.backbone=small_cnn"], 224, "resize+batch"),
+])
+def test_input_size_and_path_from_the_config_alone(overrides, size, path):
+    """The preprocessing is decided from the saved config, without loading the data set: the input size of
+    in-memory data sets is their native size (mosaics: grid x 32) unless resized for ImageNet weights."""
+    pre = EvalPreprocess(load_config(overrides))
+    assert (pre.size, pre.path) == (size, path)
