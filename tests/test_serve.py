@@ -252,3 +252,36 @@ def test_an_index_of_image_files_serves_its_files_and_has_no_ap_view(tiny_ckpt, 
     assert r.status_code == 200 and r.data.count(b'data-relevant="None"') == 3 and b"the query itself" in r.data
     r = client.get("/worst")
     assert r.status_code == 400 and b"no labels" in r.data
+
+
+def _bare_service(n: int = 3):
+    """What the home page and the id lookup read of a SearchService, without a checkpoint."""
+    from types import SimpleNamespace
+
+    from dsrh_lightning.serve.app import SearchService
+
+    service = SimpleNamespace(ids=[f"cifar10#{i}" for i in range(n)], run=SimpleNamespace(path="tiny.ckpt"),
+                              index=SimpleNamespace(bits=8, source="db.npz"))
+    service.position = {i: p for p, i in enumerate(service.ids)}
+    service.find = lambda text: SearchService.find(service, text)
+    return service
+
+
+def test_requests_for_other_host_names_are_refused():
+    """DNS rebinding: a Host header other than a loopback name (any port) or the --host given is refused."""
+    from dsrh_lightning.serve.app import create_app
+
+    client = create_app(_bare_service()).test_client()
+    for name in ("localhost", "localhost:8765", "127.0.0.1:8765", "[::1]:8765", "[::1]", "LOCALHOST:1"):
+        r = client.get("/", headers={"Host": name})
+        assert r.status_code == 200 and b"Hamming search" in r.data, f"Host {name}: got {r.status_code}"
+    for name in ("evil.example:8765", "evil.example", "127.0.0.2:8765", "localhost.evil.example", "[::2]:80"):
+        r = client.get("/", headers={"Host": name})
+        assert r.status_code == 421, f"Host {name}: expected 421, got {r.status_code}"
+        assert b"answers only requests for" in r.data and b"Hamming search" not in r.data
+    # a --host given (a loopback address other than the usual names) is served as well
+    client = create_app(_bare_service(), host="127.0.0.2").test_client()
+    assert client.get("/", headers={"Host": "127.0.0.2:8765"}).status_code == 200
+    assert client.get("/", headers={"Host": "evil.example"}).status_code == 421
+    client = create_app(_bare_service(), host="::1").test_client()
+    assert client.get("/", headers={"Host": "[::1]:9"}).status_code == 200

@@ -8,7 +8,10 @@
 * ``/image/<position>`` -- the picture of an index item (a thumbnail; in-memory data sets included).
 
 Only items of the index are ever read from disk (by position, never by a path from the request). Bad input
-(an unknown id, a file that is not an image) is answered with a message and a 4xx status.
+(an unknown id, a file that is not an image) is answered with a message and a 4xx status. A request whose
+``Host`` header is not a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``, any port) or the ``--host``
+given is refused (421): a web page elsewhere cannot reach the server through a name it re-points at 127.0.0.1
+(DNS rebinding).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..errors import DsrhError, InputError
 from .ids import IdLookup, label_text, png_bytes, parse_id
 from .ranking import hamming_row, leave_one_out_ap, rank, relevant, tie_groups
 
-__all__ = ["SearchService", "create_app", "serve", "check_loopback", "THUMB"]
+__all__ = ["SearchService", "create_app", "serve", "check_loopback", "allowed_hosts", "host_of", "THUMB"]
 
 THUMB = 128  # longest side of a served picture
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes
@@ -43,6 +46,28 @@ def check_loopback(host: str) -> str:
         pass
     raise InputError(f"--host {host}: the search page binds only to loopback addresses (127.0.0.1, ::1, "
                      "localhost); it has no authentication")
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def allowed_hosts(host: Optional[str] = None) -> frozenset:
+    """The ``Host`` header names served: the loopback names, and ``host`` (the ``--host`` given) when set;
+    an IPv6 address in brackets, as a ``Host`` header writes it."""
+    names = set(LOOPBACK_HOSTS)
+    if host:
+        host = host.strip().lower()
+        names.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    return frozenset(names)
+
+
+def host_of(header: str) -> str:
+    """The name of a ``Host`` header without its port, lower case: ``[::1]:8765`` -> ``[::1]``."""
+    header = (header or "").strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[: end + 1] if end > 0 else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class SearchService:
@@ -167,8 +192,9 @@ _WORST = """<h2>Queries by average precision, worst first</h2>
 <td><a href="{{ url_for('query', id=id) }}">{{ id }}</a></td><td>{{ label }}</td></tr>{% endfor %}</table>"""
 
 
-def create_app(service: SearchService):
-    """The Flask application of ``service``."""
+def create_app(service: SearchService, host: Optional[str] = None):
+    """The Flask application of ``service``; requests are answered only for the ``Host`` names of
+    :func:`allowed_hosts` (``host``: the address the server was told to bind, when given)."""
     from flask import Flask, Response, render_template_string, request
     from werkzeug.exceptions import HTTPException
 
@@ -183,6 +209,17 @@ def create_app(service: SearchService):
         idx = service.index
         return page(_HOME, message=message, status=status, n=len(service.ids), bits=idx.bits,
                     index_source=idx.source or "the index", ckpt=Path(str(service.run.path)).name, example=service.ids[0] if service.ids else "")
+
+    hosts = allowed_hosts(host)
+
+    @app.before_request
+    def check_host():
+        name = host_of(request.headers.get("Host", ""))
+        if name not in hosts:
+            text = (f"421 Misdirected Request: this search page answers only requests for "
+                    f"{', '.join(sorted(hosts))} (any port), not Host {name[:100]!r}")
+            return Response(text, status=421, mimetype="text/plain")
+        return None
 
     @app.errorhandler(DsrhError)
     def user_error(exc):
@@ -261,7 +298,8 @@ def serve(ckpt, index_path, host: str = "127.0.0.1", port: int = 8765, k: int = 
     from werkzeug.serving import make_server
 
     check_loopback(host)
-    server = make_server(host, port, create_app(make_service(ckpt, index_path, k)), threaded=True)
+    server = make_server(host, port, create_app(make_service(ckpt, index_path, k), host=host),
+                         threaded=True)
     print(f"search page: http://{host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
