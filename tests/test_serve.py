@@ -285,3 +285,18 @@ def test_requests_for_other_host_names_are_refused():
     assert client.get("/", headers={"Host": "evil.example"}).status_code == 421
     client = create_app(_bare_service(), host="::1").test_client()
     assert client.get("/", headers={"Host": "[::1]:9"}).status_code == 200
+
+
+def test_an_id_of_digits_that_int_cannot_read_is_an_unknown_id_not_a_500():
+    from dsrh_lightning.errors import InputError
+    from dsrh_lightning.serve.app import create_app
+
+    service = _bare_service(3)
+    assert [service.find(t) for t in ("0", "2", " 1 ", "cifar10#2")] == [0, 2, 1, 2]
+    for text in ("²", "١", "3", "-1", "1.0", ""):
+        with pytest.raises(InputError, match="unknown id"):
+            service.find(text)
+    client = create_app(service).test_client()
+    for text in ("²", "٣", "𝟙"):
+        r = client.get("/query", query_string={"id": text})
+        assert r.status_code == 404 and b"unknown id" in r.data, f"id={text!r}: got {r.status_code}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -105,7 +106,7 @@ class SearchService:
         text = (text or "").strip()
         if text in self.position:
             return self.position[text]
-        if text.isdigit() and int(text) < len(self.ids):
+        if re.fullmatch(r"[0-9]+", text) and int(text) < len(self.ids):  # str.isdigit() accepts '²'; int() does not
             return int(text)
         raise InputError(f"unknown id {text[:200]!r}: not an id of this index, nor a position 0..{len(self.ids) - 1}")
 
