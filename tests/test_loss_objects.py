@@ -266,3 +266,16 @@ def test_train_refuses_bad_loss_settings_before_reading_data(tiny_overrides, tmp
     with pytest.raises(ConfigError, match="loss.triplet_mining=hard mines triplets inside each batch"):
         train(cfg)
     assert not (Path(cfg.output_dir) / "smoke").exists()  # no run folder was claimed
+
+
+def test_a_config_saved_before_newer_loss_keys_still_builds():
+    """A checkpoint's config lacks keys added since (loss.params, triplet_mining, triplet_average): a method
+    that does not name them builds, and in-batch mining falls back to every triplet."""
+    from dsrh_lightning.lightning.module import HashingModule
+
+    old = to_dict(_cfg("experiment=dtsh", "data.sampling=balanced", "data.batch_size=16",
+                       "data.images_per_class=4"))
+    for key in ("params", "triplet_mining", "triplet_average", "margin_scaling"):
+        del old["loss"][key]
+    module = HashingModule(old, num_classes=4, feature_dim=10)
+    assert isinstance(module.ranking, DTSH) and isinstance(module.miner, AllTriplets)

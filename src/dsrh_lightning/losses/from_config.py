@@ -19,6 +19,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from omegaconf import OmegaConf
+
 from ..config import ConfigError
 from .miners import ExplicitTriplets, MultilevelTriplets
 from .registry import get_ranking_loss
@@ -59,14 +61,15 @@ def loss_kwargs(cfg, num_classes: int) -> Dict[str, Any]:
     cls = get_ranking_loss(name)
     named, var_kw = _signature(cls)
     loss = cfg.loss
-    offered = {"bits": int(cfg.model.bits), "num_classes": int(num_classes), "margin": float(loss.margin),
-               "margin_scaling": str(loss.margin_scaling), "average": str(loss.triplet_average),
-               "quant_weight": float(loss.quant_weight)}
+    # Read only the keys the method names (a config saved before a key existed still builds the others).
+    readers = {"bits": lambda: int(cfg.model.bits), "num_classes": lambda: int(num_classes),
+               "margin": lambda: float(loss.margin), "margin_scaling": lambda: str(loss.margin_scaling),
+               "average": lambda: str(loss.triplet_average), "quant_weight": lambda: float(loss.quant_weight)}
     sources = dict(OFFERED)
     for kw, (key, convert) in METHOD_KEYS.get(name, {}).items():
-        offered[kw] = convert(loss[key])
+        readers[kw] = lambda key=key, convert=convert: convert(loss[key])
         sources[kw] = f"loss.{key}"
-    kwargs = {k: v for k, v in offered.items() if k in named}
+    kwargs = {k: read() for k, read in readers.items() if k in named}
     params = loss.get("params") or {}
     own = sorted(k for k in named if k not in sources)
     for key, value in params.items():
@@ -86,14 +89,7 @@ def loss_kwargs(cfg, num_classes: int) -> Dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers as plain lists / dicts (a loss never sees config objects)."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def build_ranking_loss(cfg, num_classes: int):
@@ -125,7 +121,8 @@ def build_miner(cfg, loss) -> Optional[Callable]:
     kind = getattr(loss, "triplets", None)
     if kind is None:
         return None
-    name, mining = cfg.loss.ranking, cfg.loss.triplet_mining
+    # A config saved before loss.triplet_mining existed mined every triplet.
+    name, mining = cfg.loss.ranking, cfg.loss.get("triplet_mining", "all")
     if cfg.data.sampling == "triplets":
         if kind == "multilevel":
             raise ConfigError(f"loss.ranking={name} mines multilevel triplets inside each batch: set "
@@ -137,7 +134,8 @@ def build_miner(cfg, loss) -> Optional[Callable]:
     max_triplets = int(cfg.data.max_triplets)
     if kind == "multilevel":
         return MultilevelTriplets(max_triplets)
-    margin = effective_margin(cfg.loss.margin, int(cfg.model.bits), cfg.loss.margin_scaling)
+    margin = effective_margin(cfg.loss.margin, int(cfg.model.bits), cfg.loss.margin_scaling) \
+        if mining == "semihard" else 0.0
     try:
         return make_miner(mining, margin, max_triplets)
     except ValueError as exc:
