@@ -252,3 +252,16 @@ def test_resuming_with_another_thread_count_is_said_and_recorded(tiny_overrides,
     text = (Path(first["run_dir"]) / "config.yaml").read_text()
     assert "# trainer.num_threads=1 ran steps 0-4" in text
     assert yaml.safe_load(text)["trainer"]["num_threads"] == 2
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
+    run_dir = tmp_path / "k"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    cfg = load_config(["dataset=synthetic", f"output_dir={tmp_path}", "name=k", "resume=auto"])
+    lock, created = folders.claim_run_folder(cfg, run_dir, None)  # nothing to lose: no checkpoint, no metrics
+    lock.release()
+    assert not created
+    (run_dir / "metrics.json").write_text("{}")  # a finished run is never restarted silently
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        folders.claim_run_folder(cfg, run_dir, None)

@@ -61,7 +61,8 @@ def test_grid_sweep_local_runs_every_point_and_continues(tmp_path):
     out = tmp_path / "sw"
     first = run_sweep_local("bits.yaml", 2, ["dataset=synthetic"], out, run_fn=fake)
     assert [r["config"]["model.bits"]["value"] for r in first] == [12, 24]
-    assert calls[0][-3:] == ["dataset=synthetic", f"output_dir={out}", "name=bits-000"]
+    # resume=auto: a run that a killed sweep left unfinished continues instead of being refused
+    assert calls[0][-4:] == ["dataset=synthetic", f"output_dir={out}", "name=bits-000", "resume=auto"]
     assert first[1]["history"] == [{"best_val_map": 24 / 50}]  # the best validation MAP is fed back
     rest = run_sweep_local("bits.yaml", 0, ["dataset=synthetic"], out, run_fn=fake)  # continue to the end
     assert [r["config"]["model.bits"]["value"] for r in rest] == [32, 48]

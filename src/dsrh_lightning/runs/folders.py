@@ -169,7 +169,9 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> 
         raise RunFolderError(f"{run_dir}: cannot create or write the run folder ({exc.strerror}); "
                              "set output_dir=PATH to a writable folder") from None
     try:
-        if resume is None and not created and holds_run(run_dir):
+        restart = cfg.resume == "auto" and not (run_dir / "metrics.json").exists() and \
+            not any((run_dir / "checkpoints").glob("*.ckpt"))  # killed before its first checkpoint
+        if resume is None and not created and holds_run(run_dir) and not restart:
             if not cfg.overwrite:
                 raise RunFolderError(
                     f"{run_dir}: already holds a run ({_describe(run_dir)}). Continue it with name={run_dir.name} "

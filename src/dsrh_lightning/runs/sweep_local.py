@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from ..config import ConfigError, default_config_dir
+from ..files import write_text
 
 __all__ = ["SweepError", "load_sweep", "resolve_sweep_path", "run_overrides", "run_sweep_local",
            "sample_values", "format_value", "state_path", "sweep_runs"]
@@ -238,7 +239,9 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
             break
         params = {k: v["value"] for k, v in proposal.config.items()}
         name = f"{path.stem}-{index:03d}"
-        run_args = run_overrides(sweep, params) + list(overrides) + [f"output_dir={out_dir}", f"name={name}"]
+        # resume=auto: a run a killed sweep left unfinished continues (same seed and index, same proposal).
+        run_args = run_overrides(sweep, params) + list(overrides) + [f"output_dir={out_dir}", f"name={name}",
+                                                                     "resume=auto"]
         print(f"sweep-local: run {name}: " + " ".join(f"{k}={format_value(v)}" for k, v in params.items()), flush=True)
         started = time.time()
         code, summary = run_fn(run_args, out_dir, name)
@@ -259,7 +262,7 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
                   "state": "failed" if error else "finished", "returncode": code, "error": error,
                   "summary": summary, "history": history, "seconds": round(time.time() - started, 1)}
         state["runs"].append(record)
-        state_path(out_dir).write_text(json.dumps(state, indent=2))
+        write_text(state_path(out_dir), json.dumps(state, indent=2))
         shown = f"{metric}={history[0][metric]:.4f}" if history else f"FAILED ({error}; see {out_dir}/{name}.log)"
         print(f"sweep-local: run {name}: {shown} ({record['seconds']}s)", flush=True)
         done.append(record)
