@@ -153,3 +153,33 @@ def test_baseline_from_a_run_never_writes_into_that_run(runs, capsys):
     err = capsys.readouterr().err
     assert f"{run_dir}: already holds a run" in err and "Traceback" not in err
     assert {p: (run_dir / p).read_bytes() for p in before} == before
+
+
+def _fake_run(folder: Path, metrics=None, curves=None, config=None) -> Path:
+    """A run folder holding the given files (dicts as JSON / YAML, str as written)."""
+    folder.mkdir(parents=True)
+    for name, value in (("metrics.json", metrics), ("plots/curves.json", curves), ("config.yaml", config)):
+        if value is None:
+            continue
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(value if isinstance(value, str) else json.dumps(value))
+    return folder
+
+
+@pytest.mark.parametrize("files, file, says", [
+    ({"metrics": {"test/precision_radius": 0.5}}, "metrics.json", "no test/map"),
+    ({"metrics": "{not json"}, "metrics.json", "not readable JSON"),
+    ({"metrics": "[0.5]"}, "metrics.json", "expected a JSON object"),
+    ({"metrics": {"test/map": 0.5}, "curves": "{\"step\": "}, "curves.json", "not readable JSON"),
+    ({"metrics": {"test/map": 0.5}, "config": "model: [bits: 12"}, "config.yaml", "not readable YAML"),
+    ({"metrics": {"test/map": 0.5}, "config": "just a line"}, "config.yaml", "expected a YAML mapping"),
+    ({"metrics": {"test/map": "high"}}, "", "is not a number"),
+])
+def test_compare_names_a_bad_file_without_a_traceback(tmp_path, capsys, files, file, says):
+    good = _fake_run(tmp_path / "good", metrics={"test/map": 0.4})
+    bad = _fake_run(tmp_path / "bad", **files)
+    assert cli.main(["compare", str(good), str(bad), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    named = (bad / "plots" / file) if file == "curves.json" else (bad / file) if file else bad
+    assert f"error: {named}: " in err and says in err, f"expected '{named}: ...{says}' in: {err}"
+    assert "Traceback" not in err

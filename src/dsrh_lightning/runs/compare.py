@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..errors import FileError
 from ..files import write_text
 
 __all__ = ["RunResult", "read_run", "format_table", "best_run", "write_comparison", "log_to_wandb", "COLUMNS"]
@@ -42,10 +43,27 @@ class RunResult:
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; FileError naming the file when it is unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FileError(path, f"not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise FileError(path, f"expected a JSON object (key: value), found a {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path) -> dict:
+    """The run's ``config.yaml`` as a dict; FileError naming the file when it is unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise FileError(path, f"not readable YAML ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if not isinstance(data, dict):
+        raise FileError(path, f"expected a YAML mapping (the run's configuration), found a {type(data).__name__}")
+    return data
 
 
 def _step_from_name(checkpoint: Optional[str]) -> Optional[int]:
@@ -54,8 +72,9 @@ def _step_from_name(checkpoint: Optional[str]) -> Optional[int]:
 
 
 def read_run(run_dir) -> RunResult:
-    """The test results of ``run_dir`` (a folder with ``metrics.json``); raises ValueError / FileNotFoundError
-    naming the folder and what is missing."""
+    """The test results of ``run_dir`` (a folder with ``metrics.json``); raises FileNotFoundError (no folder,
+    no ``metrics.json``) or :class:`~dsrh_lightning.errors.FileError` (an unreadable or incomplete file)
+    naming the file and what is missing: user errors, printed without a traceback."""
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
@@ -64,13 +83,9 @@ def read_run(run_dir) -> RunResult:
         raise FileNotFoundError(f"{run}: no metrics.json (the run has not finished, or is not a run folder)")
     metrics = _read_json(mpath)
     if "test/map" not in metrics:
-        raise ValueError(f"{mpath}: no test/map (run with trainer.test_after_fit=true, or dsrh eval the checkpoint)")
+        raise FileError(mpath, "no test/map (run with trainer.test_after_fit=true, or dsrh eval the checkpoint)")
     curves = _read_json(run / "plots" / "curves.json") if (run / "plots" / "curves.json").is_file() else {}
-    cfg: dict = {}
-    if (run / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    cfg: dict = _read_config(run / "config.yaml") if (run / "config.yaml").is_file() else {}
 
     def pick(curve_key: str, cfg_path: str):
         if curves.get(curve_key) is not None:
@@ -80,6 +95,14 @@ def read_run(run_dir) -> RunResult:
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
+    try:
+        return _result(run, metrics, curves, pick)
+    except (TypeError, ValueError) as exc:  # e.g. "test/map": "high", "bits": [12]
+        raise FileError(run, f"a value in metrics.json, plots/curves.json or config.yaml is not a number "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+def _result(run: Path, metrics: dict, curves: dict, pick) -> RunResult:
     step = curves.get("step") if curves.get("step") is not None else _step_from_name(metrics.get("best_checkpoint"))
     if step is None and metrics.get("global_step") is not None and not metrics.get("best_checkpoint"):
         step = int(metrics["global_step"])
