@@ -183,3 +183,34 @@ def test_compare_names_a_bad_file_without_a_traceback(tmp_path, capsys, files, f
     named = (bad / "plots" / file) if file == "curves.json" else (bad / file) if file else bad
     assert f"error: {named}: " in err and says in err, f"expected '{named}: ...{says}' in: {err}"
     assert "Traceback" not in err
+
+
+def _row(name, dataset, method, bits, map_, radius=2, p_r=0.5):
+    from dsrh_lightning.runs.compare import RunResult
+
+    return RunResult(path=f"/runs/{name}", name=name, dataset=dataset, method=method, bits=bits, seed=0, map=map_,
+                     precision_radius=p_r, radius=radius, ndcg=None, step=None)
+
+
+def test_map_vs_bits_never_pools_runs_of_different_data_sets():
+    from dsrh_lightning.runs.compare import map_series
+
+    rows = [_row("a", "cifar10", "itq", 12, 0.2), _row("b", "nuswide", "itq", 12, 0.6),
+            _row("c", "cifar10", "itq", 12, 0.3), _row("d", "nuswide", "dsrh", 24, 0.7)]
+    assert map_series(rows) == {"itq on cifar10": {12: [0.2, 0.3]}, "itq on nuswide": {12: [0.6]},
+                                "dsrh on nuswide": {24: [0.7]}}
+    # one data set: the method alone names the line, its runs (seeds) pooled per code length
+    assert map_series(rows[::2]) == {"itq": {12: [0.2, 0.3]}}
+
+
+def test_precision_column_names_each_radius_when_the_runs_differ():
+    from dsrh_lightning.runs.compare import format_table
+
+    same = format_table([_row("a", "c", "itq", 12, 0.2, radius=2, p_r=0.25), _row("b", "c", "lsh", 12, 0.1)])
+    assert same.splitlines()[0].split()[6] == "P@r<=2" and same.splitlines()[2].split()[6] == "0.2500"
+    mixed = format_table([_row("a", "c", "itq", 12, 0.2, radius=2, p_r=0.25),
+                          _row("b", "c", "lsh", 12, 0.1, radius=0, p_r=0.125),
+                          _row("e", "c", "sh", 12, 0.05, radius=None, p_r=0.5)])
+    lines = mixed.splitlines()
+    assert lines[0].split()[6] == "P@r<=r"
+    assert [ln.split()[6] for ln in lines[2:]] == ["0.2500(r=2)", "0.1250(r=0)", "0.5000(r=?)"]

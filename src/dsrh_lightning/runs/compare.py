@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence
 from ..errors import FileError
 from ..files import write_text
 
-__all__ = ["RunResult", "read_run", "format_table", "best_run", "write_comparison", "log_to_wandb", "COLUMNS"]
+__all__ = ["RunResult", "read_run", "format_table", "best_run", "map_series", "write_comparison", "log_to_wandb",
+           "COLUMNS"]
 
 # (header, attribute) of the printed table
 COLUMNS = (("run", "name"), ("dataset", "dataset"), ("method", "method"), ("bits", "bits"), ("seed", "seed"),
@@ -125,12 +126,23 @@ def _cell(v) -> str:
 
 
 def format_table(rows: Sequence[RunResult]) -> str:
-    """A fixed-width text table, best MAP first; the NDCG column only when some run has NDCG."""
-    radii = {r.radius for r in rows if r.radius is not None}
-    radius = str(radii.pop()) if len(radii) == 1 else "r"
+    """A fixed-width text table, best MAP first; the NDCG column only when some run has NDCG. When the runs
+    used one Hamming radius the precision column's header names it (``P@r<=2``); else the header is
+    ``P@r<=r`` and, where the runs' radii differ, each cell names its run's radius (``0.4123(r=2)``, ``r=?``
+    where a run does not say)."""
+    radii = {r.radius for r in rows}
+    one = len(radii) <= 1  # every run used the same radius (or none says which)
+    radius = str(next(iter(radii))) if one and None not in radii and radii else "r"
     cols = [(h.format(radius=radius), a) for h, a in COLUMNS if a != "ndcg" or any(r.ndcg is not None for r in rows)]
     ordered = sorted(rows, key=lambda r: -r.map)
-    table = [[h for h, _ in cols]] + [[_cell(getattr(r, a)) for _, a in cols] for r in ordered]
+
+    def cell(r: RunResult, a: str) -> str:
+        text = _cell(getattr(r, a))
+        if a == "precision_radius" and not one and text != "-":
+            text += f"(r={r.radius if r.radius is not None else '?'})"
+        return text
+
+    table = [[h for h, _ in cols]] + [[cell(r, a) for _, a in cols] for r in ordered]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in table]
@@ -148,6 +160,18 @@ def _label(r: RunResult) -> str:
     return f"{r.method} {r.bits}b s{r.seed if r.seed is not None else '?'} ({r.name})"
 
 
+def map_series(rows: Sequence[RunResult]) -> Dict[str, Dict[int, List[float]]]:
+    """The MAP-vs-bits lines: ``{label: {bits: [MAP of each run]}}``, one line per (data set, method), so
+    runs on different data sets are never pooled; the label is the method, with `` on <dataset>`` when the
+    runs span more than one data set."""
+    several = len({r.dataset for r in rows}) > 1
+    series: Dict[str, Dict[int, List[float]]] = {}
+    for r in sorted(rows, key=lambda r: (r.dataset, r.method)):
+        label = f"{r.method} on {r.dataset}" if several else r.method
+        series.setdefault(label, {}).setdefault(r.bits, []).append(r.map)
+    return series
+
+
 def write_comparison(rows: Sequence[RunResult], out_dir, formats: Sequence[str] = ("png", "pdf")) -> Dict[str, Path]:
     """``comparison.json`` (the table), overlaid ``pr_curves`` (runs that saved curves.json) and
     ``map_vs_bits`` in each of ``formats`` under ``out_dir``; returns the written paths by name."""
@@ -157,9 +181,7 @@ def write_comparison(rows: Sequence[RunResult], out_dir, formats: Sequence[str] 
     out.mkdir(parents=True, exist_ok=True)
     datasets = sorted({r.dataset for r in rows})
     where = " / ".join(datasets) + " / test split"
-    series: Dict[str, Dict[int, List[float]]] = {}
-    for r in rows:
-        series.setdefault(r.method, {}).setdefault(r.bits, []).append(r.map)
+    series = map_series(rows)
     written = {"table": out / "comparison.json"}
     write_text(written["table"], json.dumps([{k: v for k, v in asdict(r).items() if k != "pr_curve"}
                                              for r in sorted(rows, key=lambda r: -r.map)], indent=1))
