@@ -214,3 +214,19 @@ def test_precision_column_names_each_radius_when_the_runs_differ():
     lines = mixed.splitlines()
     assert lines[0].split()[6] == "P@r<=r"
     assert [ln.split()[6] for ln in lines[2:]] == ["0.2500(r=2)", "0.1250(r=0)", "0.5000(r=?)"]
+
+
+def test_baseline_evaluates_every_metric_option_of_the_eval_config(monkeypatch):
+    """The baseline passes every option the eval config sets (as the evaluation callback reads them)."""
+    import dsrh_lightning.metrics as metrics_pkg
+    from dsrh_lightning.metrics.specs import metric_options, options_from
+    from dsrh_lightning.runs.baseline import _evaluate, baseline_config
+
+    cfg = baseline_config("itq", 8, ["dataset=synthetic", "eval.ndcg_k=7", "eval.wmap_topk=9"])
+    seen = {}
+    monkeypatch.setattr(metrics_pkg, "retrieval_metrics",
+                        lambda *a, **kw: seen.update(kw) or {"map": 0.25, "pr_curve": {}})
+    assert _evaluate(cfg, None, None, None, None) == {"test/map": 0.25}
+    e = cfg.eval
+    assert seen == {"ties": e.ties, "empty_queries": e.empty_queries, **options_from(lambda n: e.get(n))}
+    assert set(metric_options()) <= set(seen) and (seen["ndcg_k"], seen["wmap_topk"]) == (7, 9)

@@ -335,3 +335,44 @@ def test_overlaid_curves_and_map_vs_bits_have_legends():
     with pytest.raises(ValueError, match="not an image"):
         thumbnail(np.zeros(1280, dtype=np.float32))
     assert thumbnail(np.zeros((400, 200, 3), dtype=np.uint8)).shape == (96, 48, 3)
+
+
+def test_curve_data_follows_eval_ties_for_precision_at_k():
+    """ties='average': precision@k is the expectation over random orders of equal distances (a loop here);
+    the curves by radius do not depend on ties."""
+    from dsrh_lightning.plots.figures import curve_data
+
+    rng = np.random.default_rng(3)
+    qc, dc = rng.integers(0, 2, (7, 4), dtype=np.uint8), rng.integers(0, 2, (40, 4), dtype=np.uint8)
+    ql, dl = rng.integers(0, 3, 7), rng.integers(0, 3, 40)
+    stable, average = (curve_data(qc, dc, ql, dl, ks=[1, 3, 10, 25], ties=t) for t in ("stable", "average"))
+    dist, rel = (qc[:, None] != dc[None]).sum(-1), ql[:, None] == dl[None]
+    for k, p in zip(average["ks"], average["precision_at_k"]):
+        per_q = []
+        for d, r in zip(dist, rel):
+            kth = np.sort(d)[k - 1]
+            closer, tied = d < kth, d == kth
+            per_q.append((r[closer].sum() + (k - closer.sum()) * r[tied].mean()) / k)
+        assert p == pytest.approx(np.mean(per_q), abs=1e-12), k
+    assert stable["precision_at_k"] != average["precision_at_k"]  # 4-bit codes: ties everywhere
+    assert stable["pr_curve"] == average["pr_curve"] and stable["precision_radius"] == average["precision_radius"]
+
+
+def test_plot_callback_computes_every_metric_option_of_the_eval_config(monkeypatch):
+    """Without the evaluation callback's results, the plots callback passes every option the eval config
+    sets (as options_from reads them), not a hand-written subset."""
+    from types import SimpleNamespace
+
+    import dsrh_lightning.metrics as metrics_pkg
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.lightning.callbacks.plots import RetrievalPlots
+    from dsrh_lightning.metrics.specs import metric_options, options_from
+
+    cfg = load_config(["dataset=synthetic", "eval.ndcg_k=7", "eval.acg_k=3", "eval.ties=average"]).eval
+    seen = {}
+    monkeypatch.setattr(metrics_pkg, "retrieval_metrics", lambda *a, **kw: seen.update(kw) or {"map": 0.5})
+    got = RetrievalPlots(cfg)._metrics(SimpleNamespace(callbacks=[]), None, None, None, None)
+    assert got == {"map": 0.5}
+    want = {"ties": "average", "empty_queries": cfg.empty_queries, **options_from(lambda n: cfg.get(n))}
+    assert seen == want and set(metric_options()) <= set(seen), f"passed {sorted(seen)}"
+    assert (seen["ndcg_k"], seen["acg_k"]) == (7, 3)

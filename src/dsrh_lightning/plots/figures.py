@@ -98,8 +98,11 @@ def _default_ks(nd: int) -> list:
 
 
 def curve_data(q_codes, db_codes, q_labels, db_labels, max_radius: int = 3, ks: Optional[Sequence[int]] = None,
-               empty_queries: str = "zero") -> dict:
+               empty_queries: str = "zero", ties: str = "stable") -> dict:
     """Everything the curves need, from :func:`~dsrh_lightning.metrics.retrieval_metrics`.
+
+    ``ties`` (``eval.ties``) orders equal distances for ``precision_at_k``, as in the run's metrics; the
+    curves by radius do not depend on it.
 
     Returns:
         ``pr_curve`` (micro-averaged precision/recall by radius 0..bits), ``ks`` and
@@ -110,7 +113,7 @@ def curve_data(q_codes, db_codes, q_labels, db_labels, max_radius: int = 3, ks: 
     nd = db.shape[0]
     ks = sorted(set(int(k) for k in (ks or _default_ks(nd)) if 1 <= k <= nd))
     base = retrieval_metrics(q, db, q_labels, db_labels, topk=1, radius=0, precision_at=tuple(ks), pr_curve=True,
-                             empty_queries=empty_queries)
+                             empty_queries=empty_queries, ties=ties)
     radii = list(range(0, min(max_radius, q.shape[1]) + 1))
     prec_r = [base["precision_radius"]] + [
         retrieval_metrics(q, db, q_labels, db_labels, topk=1, radius=r, empty_queries=empty_queries)["precision_radius"]
@@ -290,14 +293,15 @@ def plot_retrieval_grid(query_images: Sequence[np.ndarray], result_images: Seque
 def make_figures(q_codes, db_codes, q_labels, db_labels, max_radius: int = 3, num_queries: int = 5,
                  topn: int = 10, query_image: Optional[Callable[[int], np.ndarray]] = None,
                  db_image: Optional[Callable[[int], np.ndarray]] = None, empty_queries: str = "zero",
-                 identity: str = "", class_names: Optional[Sequence[str]] = None, details: str = "") -> dict:
+                 identity: str = "", class_names: Optional[Sequence[str]] = None, details: str = "",
+                 ties: str = "stable") -> dict:
     """All retrieval figures by name (the grid only when image getters are given), plus ``data``.
 
     ``identity`` (e.g. :func:`run_identity`) and ``details`` (e.g. :func:`run_details`) are added to
     every title; ``class_names`` label the grid's images (class ids when None). Grid images are drawn as
     thumbnails (:func:`thumbnail`); a getter that returns something other than an image raises ValueError.
     """
-    data = curve_data(q_codes, db_codes, q_labels, db_labels, max_radius, empty_queries=empty_queries)
+    data = curve_data(q_codes, db_codes, q_labels, db_labels, max_radius, empty_queries=empty_queries, ties=ties)
     figs = {"pr_curve": plot_pr_curve(data["pr_curve"], _titled("Precision-recall (Hamming ranking)", identity,
                                                                  details)),
             "precision_at_k": plot_precision_at_k(data["ks"], data["precision_at_k"],

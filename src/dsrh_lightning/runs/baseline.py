@@ -49,12 +49,14 @@ def baseline_config(method: str, bits: int, overrides: Sequence[str] = (), run_d
 
 
 def _evaluate(cfg, q, db, ql, dl) -> Dict[str, float]:
+    """Every metric the eval config asks for, with its options read the way the evaluation callback reads
+    them (``options_from``: a metric added by a ``MetricSpec`` reaches baselines too)."""
     from ..metrics import retrieval_metrics
+    from ..metrics.specs import options_from
 
     e = cfg.eval
-    m = retrieval_metrics(q, db, ql, dl, topk=e.topk or None, radius=e.radius, precision_at=tuple(e.precision_at),
-                          ties=e.ties, empty_queries=e.empty_queries, ndcg_k=e.ndcg_k or None,
-                          acg_k=e.acg_k or None, wmap_topk=e.wmap_topk or None)
+    m = retrieval_metrics(q, db, ql, dl, ties=e.ties, empty_queries=e.empty_queries,
+                          **options_from(lambda name: e.get(name)))
     return {f"test/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 
@@ -118,7 +120,8 @@ def _write_plots(cfg, dm, out: Path, q, db, ql, dl, metrics, fmt, image_getter) 
                                  save_figures)
 
     try:
-        made = make_figures(q, db, ql, dl, empty_queries=cfg.eval.empty_queries, identity=run_identity(cfg),
+        made = make_figures(q, db, ql, dl, empty_queries=cfg.eval.empty_queries, ties=cfg.eval.ties,
+                            identity=run_identity(cfg),
                             details=run_details("test", None, metrics["test/map"]),
                             class_names=getattr(dm.source, "class_names", None),
                             query_image=image_getter(dm, dm.query), db_image=image_getter(dm, dm.database))

@@ -122,9 +122,10 @@ class RetrievalPlots(pl.Callback):
             if isinstance(cb, RetrievalEvaluation) and cb.last.get("test"):
                 return {k.split("/", 1)[1]: v for k, v in cb.last["test"].items()}
         from ...metrics import retrieval_metrics
+        from ...metrics.specs import options_from
 
-        m = retrieval_metrics(qc, dc, ql, dl, topk=self.cfg.topk or None, radius=self.cfg.radius,
-                              ties=self.cfg.ties, empty_queries=self.cfg.empty_queries)
+        m = retrieval_metrics(qc, dc, ql, dl, ties=self.cfg.ties, empty_queries=self.cfg.empty_queries,
+                              **options_from(lambda name: self.cfg.get(name)))
         return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
     def _draw(self, trainer, pl_module, qc, ql, dc, dl) -> None:
@@ -143,7 +144,8 @@ class RetrievalPlots(pl.Callback):
         q_img = image_getter(dm, getattr(dm, "query", None))
         d_img = image_getter(dm, getattr(dm, "database", None))
         out = make_figures(qc, dc, ql, dl, self.max_radius, self.num_queries, self.topn, q_img, d_img,
-                           empty_queries=self.cfg.empty_queries, identity=identity, class_names=class_names,
+                           empty_queries=self.cfg.empty_queries, ties=self.cfg.ties, identity=identity,
+                           class_names=class_names,
                            details=details)
         figs, self.data = out["figures"], out["data"]
         try:
