@@ -300,3 +300,16 @@ def test_an_id_of_digits_that_int_cannot_read_is_an_unknown_id_not_a_500():
     for text in ("²", "٣", "𝟙"):
         r = client.get("/query", query_string={"id": text})
         assert r.status_code == 404 and b"unknown id" in r.data, f"id={text!r}: got {r.status_code}"
+
+
+def test_parse_id_reads_every_in_memory_id_the_codes_file_writes():
+    """One definition of an in-memory id: parse_id accepts exactly what codes_file.is_memory_id accepts."""
+    from dsrh_lightning.search.codes_file import is_memory_id
+    from dsrh_lightning.serve.ids import parse_id
+
+    assert parse_id("cifar10#53001") == ("cifar10", 53001)
+    assert parse_id(" nus-wide.v2#7 ") == ("nus-wide.v2", 7)  # '.' and '-' in a data set name
+    assert parse_id("my_set#0") == ("my_set", 0)
+    for text in ("cifar10#53001", "nus-wide.v2#7", "my_set#0", "a#b#3", "cifar10#", "#3", "c/d#3", "x.png",
+                 "cifar10#-1", "cifar10#1.5", "img#3.png"):
+        assert (parse_id(text) is not None) == is_memory_id(text), text

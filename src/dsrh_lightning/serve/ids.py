@@ -4,7 +4,6 @@ split=...`` writes them), or an image file path."""
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -12,16 +11,20 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import write_bytes
+from ..search.codes_file import is_memory_id
 
 __all__ = ["parse_id", "image_of_id", "png_bytes", "write_png", "IdLookup"]
 
-_ID = re.compile(r"^(?P<dataset>[A-Za-z0-9_]+)#(?P<index>\d+)$")
-
-
 def parse_id(text: str) -> Optional[Tuple[str, int]]:
-    """``(dataset, source index)`` of an in-memory id such as ``cifar10#53001``; None for anything else."""
-    m = _ID.match(text.strip())
-    return (m.group("dataset"), int(m.group("index"))) if m else None
+    """``(dataset, source index)`` of an in-memory id such as ``cifar10#53001``; None for anything else.
+
+    What is an in-memory id is defined once, by the codes file (:func:`~dsrh_lightning.search.codes_file.is_memory_id`),
+    so every id ``dsrh index`` writes is read back here."""
+    text = text.strip()
+    if not is_memory_id(text):
+        return None
+    dataset, index = text.rsplit("#", 1)
+    return dataset, int(index)
 
 
 def png_bytes(img: np.ndarray) -> bytes:
