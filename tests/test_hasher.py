@@ -249,3 +249,29 @@ def test_input_size_and_path_from_the_config_alone(overrides, size, path):
     in-memory data sets is their native size (mosaics: grid x 32) unless resized for ImageNet weights."""
     pre = EvalPreprocess(load_config(overrides))
     assert (pre.size, pre.path) == (size, path)
+
+
+def test_index_keeps_a_sharded_index_in_memory_between_searches(tmp_path, monkeypatch):
+    """Index(path) reads and checks the shards' codes once: later searches read only the ids they return."""
+    from dsrh_lightning.search import shards
+    from dsrh_lightning.search.index import Index
+
+    rng = np.random.default_rng(1)
+    db = rng.integers(0, 2, (300, 24)).astype(np.uint8)
+    shards.write_sharded(tmp_path / "db", db, [f"x{i}" for i in range(300)], shard_size=64)
+    reads = []
+    real = shards._load_keys
+    monkeypatch.setattr(shards, "_load_keys", lambda path, keys: reads.append(tuple(keys)) or real(path, keys))
+    index = Index(tmp_path / "db")
+    q = rng.integers(0, 2, (5, 24)).astype(np.uint8)
+    first = index.search(q, k=7)
+    code_reads = sum("packed" in k for k in reads)
+    assert code_reads == 5  # each of the 5 shards once
+    again = index.search(q, k=7)
+    assert sum("packed" in k for k in reads) == code_reads  # no shard's codes read again
+    assert np.array_equal(first.indices, again.indices) and np.array_equal(first.distances, again.distances)
+    assert [Path(s).name for s in again.ids[0]] == [f"x{i}" for i in again.indices[0]]
+    # the reference: distances by a loop, ties by position
+    d = (q[:, None, :] != db[None]).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(300), d.shape), d), axis=1)[:, :7]
+    assert np.array_equal(first.indices, order)

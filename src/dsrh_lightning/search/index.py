@@ -17,8 +17,6 @@ from typing import Optional
 
 import numpy as np
 
-from .codes_file import CodesIndex
-
 __all__ = ["Index", "SearchResult", "as_bits"]
 
 
@@ -52,11 +50,13 @@ def as_bits(codes, bits: int) -> np.ndarray:
 class Index:
     """An opened codes index (``dsrh index`` output); :meth:`search` finds the nearest codes."""
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, keep_codes: bool = True) -> None:
+        """``keep_codes``: keep a sharded index's codes in memory after the first search, so later searches
+        neither re-read nor re-check the shards (False for an index larger than memory)."""
         from .shards import open_codes
 
         self.path = Path(path)
-        self.codes = open_codes(self.path)
+        self.codes = open_codes(self.path, keep_codes=keep_codes)
         self.bits = int(self.codes.bits)
         self.weights_hash = self.codes.weights_hash
         self.checkpoint = self.codes.checkpoint
@@ -69,11 +69,7 @@ class Index:
 
     def lookup(self, indices):
         """``(ids, labels or None)`` of index positions ``indices`` (any shape)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if isinstance(self.codes, CodesIndex):
-            labels = None if self.codes.labels is None else self.codes.labels[idx]
-            return self.codes.ids[idx], labels
-        return self.codes.take(idx)
+        return self.codes.take(np.asarray(indices, dtype=np.int64))
 
     def search(self, codes, k: int = 10, engine: str = "auto") -> SearchResult:
         """Exact top ``k`` of every query code (packed or unpacked; one code or ``(nq, ...)``)."""
