@@ -205,3 +205,27 @@ def test_keep_codes_reads_the_shards_once(tmp_path):
         np.testing.assert_array_equal(d, ref_d)
     with pytest.raises(CodesFileError, match="shard-00002.npz"):
         search(q, plain, 30)
+
+
+def test_tie_counting_without_numba_keeps_its_arrays_near_16_mib(monkeypatch):
+    """The default chunk counts every array a chunk makes (byte tables and distances), not the byte table
+    alone: the int64 distances were 8x the 16 MiB table for 1-byte codes."""
+    import tracemalloc
+
+    from dsrh_lightning.search import engines
+
+    monkeypatch.setattr(engines, "HAVE_NUMBA", False)
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 2, (64, 8), dtype=np.uint8)
+    db = rng.integers(0, 2, (300_000, 8), dtype=np.uint8)
+    qp, dp = np.packbits(q, axis=1), np.packbits(db, axis=1)
+    tracemalloc.start()
+    try:
+        counts = engines._block_counts(qp, None, dp, 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 2 ** 20, f"peak {peak / 2 ** 20:.1f} MiB while counting, expected near 16 MiB"
+    for r in range(len(q)):  # a loop reference: the distance of every item, counted
+        ref = np.bincount((db != q[r]).sum(1), minlength=9)
+        np.testing.assert_array_equal(counts[r], ref)

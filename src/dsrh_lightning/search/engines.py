@@ -455,16 +455,19 @@ _POPCOUNT8 = np.asarray([bin(v).count("1") for v in range(256)], dtype=np.uint8)
 def _block_counts(q_packed: np.ndarray, index, packed: np.ndarray, bits: int, chunk: Optional[int] = None
                   ) -> np.ndarray:
     """``(nq, bits + 1)`` numbers of items of one block at each distance from each query (without
-    numba: ``chunk`` database rows at a time, by default as many as keep the byte table near 16 MiB)."""
+    numba: ``chunk`` database rows at a time, by default as many as keep the arrays of a chunk near 16 MiB:
+    the XOR and popcount byte tables, ``2 * nbytes`` per query-item pair, and the distances)."""
     nq = len(q_packed)
     if HAVE_NUMBA:
         parts = np.zeros((get_num_threads(), nq, bits + 1), dtype=np.int64)
         _count_by_parts(packed_words(q_packed), _block_words(index, packed), parts)
         return parts.sum(0)
     counts = np.zeros((nq, bits + 1), dtype=np.int64)
-    chunk = chunk or max(1, (1 << 24) // max(1, nq * packed.shape[1]))
+    dist_dtype = np.dtype(np.uint16 if bits < (1 << 16) else np.int64)  # holds every distance 0..bits
+    per_pair = 2 * packed.shape[1] + dist_dtype.itemsize
+    chunk = chunk or max(1, (1 << 24) // max(1, nq * per_pair))
     for c0 in range(0, len(packed), chunk):
-        d = _POPCOUNT8[q_packed[:, None, :] ^ packed[None, c0:c0 + chunk, :]].sum(-1, dtype=np.int64)
+        d = _POPCOUNT8[q_packed[:, None, :] ^ packed[None, c0:c0 + chunk, :]].sum(-1, dtype=dist_dtype)
         for r in range(nq):
             counts[r] += np.bincount(d[r], minlength=bits + 1)
     return counts
