@@ -224,3 +224,32 @@ def test_batch_local_indexes_are_refused_naming_the_role_and_index():
     metric.update(torch.as_tensor(dc[:2]), torch.tensor([0, 1]), torch.tensor([5, 5]), role="database")
     with pytest.raises(ValueError, match=r"database index 5 is given twice with different"):
         metric.compute()
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("topk", 2.5, "must be a positive integer"), ("ndcg_k", "ten", "must be a positive integer"),
+    ("precision_at", [10, 2.5], "eval.precision_at=[10, 2.5]"), ("radius", 1.5, "radius"),
+    ("wmap_topk", -1, "must be >= 0"),
+])
+def test_every_eval_cutoff_error_names_its_eval_key(key, value, says):
+    from omegaconf import OmegaConf
+
+    from dsrh_lightning.config import ConfigError, load_config
+    from dsrh_lightning.lightning.callbacks.retrieval import RetrievalEvaluation
+
+    cfg = OmegaConf.to_container(load_config(["dataset=synthetic"]).eval)
+    bad = OmegaConf.create({**cfg, key: value})  # an eval section that skipped validation
+    with pytest.raises(ConfigError) as info:
+        RetrievalEvaluation(bad)
+    assert str(info.value).startswith(f"eval.{key}=") and says in str(info.value), str(info.value)
+
+
+def test_wmap_with_average_ties_names_the_eval_key():
+    from omegaconf import OmegaConf
+
+    from dsrh_lightning.config import ConfigError, load_config
+    from dsrh_lightning.lightning.callbacks.retrieval import RetrievalEvaluation
+
+    cfg = OmegaConf.to_container(load_config(["dataset=synthetic"]).eval)
+    with pytest.raises(ConfigError, match=r"^eval\.wmap_topk=5: .*ties='stable'"):
+        RetrievalEvaluation(OmegaConf.create({**cfg, "wmap_topk": 5, "ties": "average"}))

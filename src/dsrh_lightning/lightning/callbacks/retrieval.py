@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from ...config import ConfigError
-from ...metrics.specs import metric_options, options_from
+from ...metrics.specs import metric_options, options_from, plan_metrics
 from ..metrics import HammingRetrieval, dedupe_by_position
 
 __all__ = ["CodeCollector", "RetrievalEvaluation", "dedupe_by_position"]
@@ -64,12 +64,19 @@ class RetrievalEvaluation(pl.Callback):
         self.last: Dict[str, Dict[str, Any]] = {}
         # Items evaluated in the last epoch (after gathering and dropping distributed padding).
         self.counts: Dict[str, int] = {}
-        # every metric option the eval config sets (0 = whole database / not computed)
+        # every metric option the eval config sets (0 = whole database / not computed), each checked alone so
+        # that any error about it names its key (eval.<name>)
         for name in metric_options():
             value = eval_cfg.get(name)
-            bad = [v for v in (value if isinstance(value, Sequence) else [value]) if v is not None and v < 0]
-            if bad:
+            values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+            if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 for v in values):
                 raise ConfigError(f"eval.{name}={value}: must be >= 0 (0 = the whole database or not computed)")
+            try:
+                plan_metrics(1 << 30, eval_cfg.ties, options_from(lambda n: value if n == name else None))
+            except (TypeError, ValueError) as exc:
+                text = str(exc)
+                text = text[len(name):].lstrip(" :") if text.startswith(name) else text
+                raise ConfigError(f"eval.{name}={value}: {text}") from None
         self.metric = HammingRetrieval(threshold=eval_cfg.threshold, ties=eval_cfg.ties,
                                        empty_queries=eval_cfg.empty_queries,
                                        **options_from(lambda name: eval_cfg.get(name)))
