@@ -114,3 +114,18 @@ def test_trains_and_reports_multilevel_metrics(tmp_path, capsys):
     for key in ("val/map", "val/ndcg", "val/acg", "val/wmap"):
         assert 0.0 <= out[key] <= max(1.0, out[key]) and saved[key] == pytest.approx(out[key])
     assert out["val/acg"] > 0  # multilevel relevance: shared-label counts, not 0/1
+
+
+def test_labels_outside_the_class_names_are_refused_up_front():
+    """A label >= len(class_names) (or < 0) was silently never used as a tile: refused, naming the range."""
+    images = np.zeros((20, 4, 4, 3), np.uint8)
+    for labels in (np.arange(20) % 3, np.where(np.arange(20) == 7, -1, np.arange(20) % 2)):
+        with pytest.raises(ValueError, match=r"class ids in \[0, 2\) \(2 class names\)") as info:
+            make_mosaics(images, labels, ("a", "b"), grid=2)
+        first = int(np.flatnonzero((labels < 0) | (labels >= 2))[0])
+        assert f"label {labels[first]} of tile {first}" in str(info.value)
+    with pytest.raises(ValueError, match=r"one class id per tile, shape \(20,\)"):
+        make_mosaics(images, np.arange(19) % 2, ("a", "b"), grid=2)
+    # in range: every tile is used once (20 tiles, 5 mosaics of 4)
+    source, tiles = make_mosaics(images, np.arange(20) % 2, ("a", "b"), grid=2, return_tiles=True)
+    assert sorted(tiles.ravel().tolist()) == list(range(20))

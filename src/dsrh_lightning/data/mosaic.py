@@ -62,6 +62,12 @@ def make_mosaics(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     c, per = len(class_names), grid * grid
     if grid < 1 or c < 2:
         raise ValueError(f"mosaics need grid >= 1 and >= 2 classes, got grid={grid}, {c} classes")
+    if labels.shape != (len(images),):
+        raise ValueError(f"mosaic labels must be one class id per tile, shape ({len(images)},); got {labels.shape}")
+    outside = np.flatnonzero((labels < 0) | (labels >= c))
+    if len(outside):
+        raise ValueError(f"mosaic labels must be class ids in [0, {c}) ({c} class names); {len(outside)} are not, "
+                         f"e.g. label {labels[outside[0]]} of tile {outside[0]}")
     most = len(images) // per
     count = most if count is None else int(count)
     if not 0 < count <= most:
@@ -85,6 +91,9 @@ def make_mosaics(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
             room = np.array([len(pools[k]) - tiles.count(k) for k in chosen], dtype=np.float64)
             if room.sum() <= 0:  # the chosen classes ran out of tiles (only near the end): add a class
                 spare = [k for k in range(c) if k not in chosen and len(pools[k]) > 0]
+                if not spare:  # every tile is counted above, so this is not expected: say so rather than crash
+                    raise ValueError(f"cifar10_multilabel: no tiles left for mosaic {m + 1} of {count}; build "
+                                     f"fewer mosaics (count=, at most {m})")
                 chosen = np.append(chosen, spare[int(rng.integers(len(spare)))])
                 tiles.append(chosen[-1])
                 continue
