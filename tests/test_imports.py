@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SRC = REPO / "src"
@@ -166,10 +168,12 @@ def test_help_and_config_error_do_not_import_torch():
 
 # The floors of the package (docs: ARCHITECTURE.md, README "Layout"): a module never imports one on a higher floor.
 # The loss registry is a torch-free name table the config validates ``loss.ranking`` against, so it sits with
-# the primitives.
+# the primitives. The root package (``dsrh_lightning``, its ``__init__``) is matched exactly; every other entry is a
+# module or package prefix, so a new top-level module or package is on no floor until it is listed here.
+ROOT = "dsrh_lightning"
 FLOORS = (
-    ("primitives", ("dsrh_lightning", "dsrh_lightning.config", "dsrh_lightning.errors", "dsrh_lightning.relevance",
-                    "dsrh_lightning.seeding", "dsrh_lightning.losses.registry")),
+    ("primitives", (ROOT, "dsrh_lightning.config", "dsrh_lightning.errors", "dsrh_lightning.files",
+                    "dsrh_lightning.relevance", "dsrh_lightning.seeding", "dsrh_lightning.losses.registry")),
     ("library", ("dsrh_lightning.data", "dsrh_lightning.models", "dsrh_lightning.losses", "dsrh_lightning.metrics",
                  "dsrh_lightning.baselines", "dsrh_lightning.search", "dsrh_lightning.plots")),
     ("lightning", ("dsrh_lightning.lightning",)),
@@ -179,11 +183,12 @@ FLOORS = (
 
 
 def _floor(module: str) -> int:
-    """The floor of ``module``: the longest prefix listed in :data:`FLOORS` decides."""
+    """The floor of ``module``: the root package exactly, else the longest prefix listed in :data:`FLOORS`."""
     best, level = -1, None
     for i, (_, prefixes) in enumerate(FLOORS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best:
+            covers = module == p if p == ROOT else (module == p or module.startswith(p + "."))
+            if covers and len(p) > best:
                 best, level = len(p), i
     assert level is not None, f"{module} is on no floor: add its package to FLOORS"
     return level
@@ -194,6 +199,20 @@ def test_floor_finder():
     assert _floor("dsrh_lightning.losses.registry") == 0 and _floor("dsrh_lightning.losses.triplet") == 1
     assert _floor("dsrh_lightning.lightning.callbacks.retrieval") == 2
     assert _floor("dsrh_lightning.runs.train") == 3 and _floor("dsrh_lightning.cli.commands") == 4
+    assert _floor(ROOT) == 0 and _floor("dsrh_lightning.files") == 0
+    for unlisted in ("dsrh_lightning.newpkg", "dsrh_lightning.newpkg.mod", "dsrh_lightning.configs"):
+        with pytest.raises(AssertionError, match="is on no floor"):
+            _floor(unlisted)
+
+
+def test_every_module_is_on_a_floor():
+    missing = []
+    for module in _modules():
+        try:
+            _floor(module)
+        except AssertionError:
+            missing.append(module)
+    assert missing == [], f"modules on no floor (add their package to FLOORS): {missing}"
 
 
 def test_no_module_imports_a_higher_floor():
