@@ -145,8 +145,7 @@ class RetrievalPlots(pl.Callback):
         d_img = image_getter(dm, getattr(dm, "database", None))
         out = make_figures(qc, dc, ql, dl, self.max_radius, self.num_queries, self.topn, q_img, d_img,
                            empty_queries=self.cfg.empty_queries, ties=self.cfg.ties, identity=identity,
-                           class_names=class_names,
-                           details=details)
+                           class_names=class_names, details=details)
         figs, self.data = out["figures"], out["data"]
         try:
             if self.out_dir is not None:
