@@ -6,7 +6,7 @@ Names are imported on first use, so ``dsrh_lightning.losses.registry`` (read by 
 import torch.
 """
 
-from importlib import import_module
+from .. import lazy_exports
 
 _EXPORTS = {
     "balance_penalty": "semantic_ranking",
@@ -38,11 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
