@@ -265,3 +265,17 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path)
     (run_dir / "metrics.json").write_text("{}")  # a finished run is never restarted silently
     with pytest.raises(RunFolderError, match="already holds a run"):
         folders.claim_run_folder(cfg, run_dir, None)
+
+
+def test_resume_path_into_another_named_folder_that_holds_a_run_is_refused(tmp_path):
+    other, target = tmp_path / "a", tmp_path / "b"
+    for d in (other, target):
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "config.yaml").write_text("seed: 0\n")
+    ckpt = other / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    cfg = load_config(["dataset=synthetic", f"output_dir={tmp_path}", "name=b", f"resume={ckpt}"])
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        folders.claim_run_folder(cfg, target, ckpt)
+    lock, _ = folders.claim_run_folder(cfg, other, ckpt)  # continuing in the checkpoint's own folder is fine
+    lock.release()

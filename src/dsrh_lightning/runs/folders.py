@@ -171,7 +171,9 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path, resume: Optional[Path]) -> 
     try:
         restart = cfg.resume == "auto" and not (run_dir / "metrics.json").exists() and \
             not any((run_dir / "checkpoints").glob("*.ckpt"))  # killed before its first checkpoint
-        if resume is None and not created and holds_run(run_dir) and not restart:
+        # A checkpoint of another folder (resume=PATH name=NEW) starts a new run there: the same rule.
+        elsewhere = resume is not None and Path(resume).resolve().parent.parent != run_dir.resolve()
+        if (resume is None or elsewhere) and not created and holds_run(run_dir) and not restart:
             if not cfg.overwrite:
                 raise RunFolderError(
                     f"{run_dir}: already holds a run ({_describe(run_dir)}). Continue it with name={run_dir.name} "
