@@ -13,6 +13,8 @@ is a bug. The project's user errors:
 * :class:`~dsrh_lightning.data.protocol.SplitError`: the protocol split cannot be made from the data;
 * :class:`~dsrh_lightning.search.images.ImageInputError`: a query or index image;
 * :class:`~dsrh_lightning.models.errors.WeightsUnavailableError`: pretrained weights cannot be had;
+* :class:`DataError`: the data cannot be used as configured (a malformed data file, too few images for
+  the sampling, a feature cache to rebuild);
 * :class:`InputError`: a command-line argument;
 * :class:`RunFolderError`: a run folder is in use, holds another run, or cannot be written;
 * :class:`DivergedError`: training produced non-finite weights (the previous checkpoint is kept).
@@ -23,7 +25,7 @@ Each also derives from the built-in type callers caught before (``ValueError``, 
 
 from __future__ import annotations
 
-__all__ = ["DsrhError", "DivergedError", "FileError", "InputError", "RunFolderError"]
+__all__ = ["DataError", "DsrhError", "DivergedError", "FileError", "InputError", "RunFolderError"]
 
 
 class DsrhError(Exception):
@@ -36,6 +38,10 @@ class FileError(DsrhError, ValueError):
     def __init__(self, path, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+
+
+class DataError(DsrhError, ValueError):
+    """The data cannot be used as configured; the message names the file or the shortfall and the fix."""
 
 
 class InputError(DsrhError, ValueError):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DataError
 from ..files import atomic_write, write_text
 
 __all__ = ["ExtractionInterrupted", "FeatureRows", "data_fingerprint", "extract_features", "feature_cache_path",
@@ -201,7 +202,7 @@ def _join_chunks(parts: Path, rows: List[int]) -> np.ndarray:
     for i, n in enumerate(rows):
         chunk = _read_chunk(_chunk_file(parts, i), n, mmap=True)
         if chunk is None or chunk.shape[1:] != out.shape[1:]:
-            raise ValueError(f"{_chunk_file(parts, i)}: chunk missing or of another shape; delete {parts} and "
+            raise DataError(f"{_chunk_file(parts, i)}: chunk missing or of another shape; delete {parts} and "
                              "run again")
         out[at:at + n] = chunk
         at += n

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import DataError
 from .sources import Source
 
 __all__ = ["NUSWIDE21_LABEL_COUNTS", "make_mosaics", "label_count_distribution"]
@@ -71,7 +72,7 @@ def make_mosaics(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     most = len(images) // per
     count = most if count is None else int(count)
     if not 0 < count <= most:
-        raise ValueError(f"cifar10_multilabel: {count} mosaics of {per} tiles need {count * per} images; "
+        raise DataError(f"cifar10_multilabel: {count} mosaics of {per} tiles need {count * per} images; "
                          f"{len(images)} are available (at most {most} mosaics)")
     rng = np.random.default_rng(seed)
     pools = [list(rng.permutation(np.flatnonzero(labels == k))) for k in range(c)]
@@ -92,7 +93,7 @@ def make_mosaics(images: np.ndarray, labels: np.ndarray, class_names: Sequence[s
             if room.sum() <= 0:  # the chosen classes ran out of tiles (only near the end): add a class
                 spare = [k for k in range(c) if k not in chosen and len(pools[k]) > 0]
                 if not spare:  # every tile is counted above, so this is not expected: say so rather than crash
-                    raise ValueError(f"cifar10_multilabel: no tiles left for mosaic {m + 1} of {count}; build "
+                    raise DataError(f"cifar10_multilabel: no tiles left for mosaic {m + 1} of {count}; build "
                                      f"fewer mosaics (count=, at most {m})")
                 chosen = np.append(chosen, spare[int(rng.integers(len(spare)))])
                 tiles.append(chosen[-1])

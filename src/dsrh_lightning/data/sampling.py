@@ -20,6 +20,7 @@ from typing import Iterator, List
 import numpy as np
 import torch
 
+from ..errors import DataError
 from ..relevance import relevance_matrix
 from .distributed import ResumableBatches
 
@@ -52,9 +53,9 @@ def sample_triplets(labels: np.ndarray, per_anchor: int, seed: int) -> np.ndarra
     np.fill_diagonal(rel, False)
     for a in range(n):
         if not rel[a].any():
-            raise ValueError(f"training image {a} shares no label with any other training image; no positive exists")
+            raise DataError(f"training image {a} shares no label with any other training image; no positive exists")
         if rel[a].sum() == n - 1:
-            raise ValueError(f"training image {a} shares a label with every other training image; no negative exists")
+            raise DataError(f"training image {a} shares a label with every other training image; no negative exists")
     for rep in range(per_anchor):
         for a in range(n):
             pos = np.flatnonzero(rel[a])
@@ -69,10 +70,10 @@ def _sample_single_label(labels: np.ndarray, per_anchor: int, rng: np.random.Gen
     n = len(labels)
     classes, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
     if len(classes) < 2:
-        raise ValueError("triplets need at least 2 classes in the training set")
+        raise DataError("triplets need at least 2 classes in the training set")
     small = classes[sizes < 2]
     if len(small):
-        raise ValueError(f"classes {small.tolist()} have 1 training image; triplets need at least 2 per class")
+        raise DataError(f"classes {small.tolist()} have 1 training image; triplets need at least 2 per class")
     order = np.argsort(inverse, kind="stable")          # images grouped by class, index order inside
     start = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each class's block begins in `order`
     rank_in_class = np.empty(n, dtype=np.int64)
@@ -112,7 +113,7 @@ class ClassBalancedBatchSampler(ResumableBatches):
         self.k = images_per_class
         self.p = batch_size // images_per_class
         if self.p > len(self.classes):
-            raise ValueError(f"{self.p} classes per batch requested but the training set has {len(self.classes)}")
+            raise DataError(f"{self.p} classes per batch requested but the training set has {len(self.classes)}")
         self.seed = seed
         self.epoch = 0
         self.rank, self.world_size = rank, world_size

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DsrhError
+from ..errors import DataError
 
 __all__ = ["Source", "DataNotFoundError", "resolve_root", "load_cifar10", "make_synthetic"]
 
@@ -93,7 +94,7 @@ def load_cifar10_npz(path: Path) -> Source:
     with np.load(path, allow_pickle=False) as data:
         missing = [k for k in NPZ_KEYS if k not in data.files]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}: missing keys {missing}; found {sorted(data.files)}. "
                 f"Expected {', '.join(NPZ_KEYS)} (uint8 images (n, 32, 32, 3), int class ids (n,))"
             )
@@ -101,9 +102,9 @@ def load_cifar10_npz(path: Path) -> Source:
         labels = np.concatenate([data["y_train"], data["y_test"]]).astype(np.int64)
         names = tuple(str(c) for c in data["classes"]) if "classes" in data.files else CIFAR10_CLASSES
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise ValueError(f"{path}: x_train/x_test must have shape (n, 32, 32, 3), got {images.shape[1:]}")
+        raise DataError(f"{path}: x_train/x_test must have shape (n, 32, 32, 3), got {images.shape[1:]}")
     if labels.min() < 0 or labels.max() >= len(names):
-        raise ValueError(f"{path}: class ids must be in [0, {len(names)}), found {labels.min()}..{labels.max()}")
+        raise DataError(f"{path}: class ids must be in [0, {len(names)}), found {labels.min()}..{labels.max()}")
     return Source(images.astype(np.uint8, copy=False), labels, names, "cifar10")
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import FileError
+from ..errors import FileError, InputError
 from ..files import write_text
 
 __all__ = ["RunResult", "read_run", "format_table", "best_run", "map_series", "write_comparison", "log_to_wandb",
@@ -152,7 +152,7 @@ def format_table(rows: Sequence[RunResult]) -> str:
 def best_run(rows: Sequence[RunResult]) -> RunResult:
     """The run with the highest test MAP (the first listed among equals)."""
     if not rows:
-        raise ValueError("no runs to compare")
+        raise InputError("no runs to compare")
     return max(rows, key=lambda r: r.map)
 
 

@@ -26,6 +26,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..metrics.codes import hamming_distance
 from ..metrics.engine_numba import HAVE_NUMBA
 from .codes_file import CodesFileError, CodesIndex
@@ -537,16 +538,16 @@ def _search_blocks(q_bits, index: AnyIndex, k: int, engine: str, count: bool):
     if nd == 0:
         raise CodesFileError(index.source or "index", "the index is empty (0 codes); nothing to search")
     if nd > MAX_ITEMS:
-        raise ValueError(f"the index has {nd} codes; search handles up to {MAX_ITEMS}")
+        raise InputError(f"the index has {nd} codes; search handles up to {MAX_ITEMS}")
     q_bits = np.asarray(q_bits, dtype=np.uint8)
     if q_bits.ndim != 2 or q_bits.shape[1] != index.bits:
         raise ValueError(f"bit widths differ: queries have {q_bits.shape[-1]} bits, the index has {index.bits}")
     if q_bits.size and not np.isin(q_bits, (0, 1)).all():
         raise ValueError("queries must be {0,1} codes")
     if engine == "faiss" and not faiss_available():
-        raise ValueError("--engine faiss: faiss is not installed (pip install faiss-cpu), use --engine numba or torch")
+        raise InputError("--engine faiss: faiss is not installed (pip install faiss-cpu), use --engine numba or torch")
     if engine == "numba" and not HAVE_NUMBA:
-        raise ValueError("--engine numba: numba is not installed (pip install numba), use --engine torch")
+        raise InputError("--engine numba: numba is not installed (pip install numba), use --engine torch")
     if engine == "auto":
         engine = "numba" if HAVE_NUMBA else ("faiss" if faiss_available() else "torch")
     k = _check_k(k, nd)
