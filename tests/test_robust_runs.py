@@ -279,3 +279,24 @@ def test_resume_path_into_another_named_folder_that_holds_a_run_is_refused(tmp_p
         folders.claim_run_folder(cfg, target, ckpt)
     lock, _ = folders.claim_run_folder(cfg, other, ckpt)  # continuing in the checkpoint's own folder is fine
     lock.release()
+
+
+def test_a_size_limit_during_training_is_one_error_line_from_dsrh_train(tmp_path):
+    """``ulimit -f`` below a checkpoint's size: exit 2, ``error: <file>: cannot write (File too large)``, no
+    traceback, no partial checkpoint (it was: an OSError, then torch's RuntimeError, exit 1)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = ["dataset=synthetic", f"output_dir={tmp_path}", "name=full", "data.synthetic_per_class=20",
+            "data.protocol.query_per_class=2", "data.protocol.val_per_class=2", "data.batch_size=16",
+            "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2", *TINY]
+    proc = subprocess.run([sys.executable, "-m", "dsrh_lightning.cli", "train", *args], capture_output=True,
+                          text=True, env=env, timeout=600, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "checkpoints/last.ckpt: cannot write (File too large)" in proc.stderr.splitlines()[-1]
+    assert not list((tmp_path / "full" / "checkpoints").glob("*.ckpt"))
+    assert not list((tmp_path / "full" / "checkpoints").glob(".*tmp-*"))
