@@ -120,9 +120,10 @@ def test_load_run_equals_lightning_load(tiny_ckpt):
 
 
 def test_no_unsafe_load_in_src():
+    # Loads only: a save states weights_only=False to write the whole state (optimizer, loops, callbacks).
     hits = [f"{p}:{n}" for p in (REPO / "src").rglob("*.py")
-            for n, line in enumerate(p.read_text().splitlines(), 1) if "weights_only=False" in line
-            or "load_from_checkpoint(" in line]
+            for n, line in enumerate(p.read_text().splitlines(), 1)
+            if ("weights_only=False" in line and "save_checkpoint(" not in line) or "load_from_checkpoint(" in line]
     assert hits == [], hits
 
 
