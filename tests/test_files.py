@@ -35,3 +35,41 @@ def test_bad_targets_are_named(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with files.atomic_write(tmp_path / "x", "a"):
             pass
+
+
+def test_check_writable_names_the_problem_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    with pytest.raises(files.WriteError, match="is a folder"):
+        files.check_writable(tmp_path)
+    with pytest.raises(files.WriteError, match="does not exist"):
+        files.check_writable(tmp_path / "missing" / "out.npz")
+    files.check_writable(tmp_path / "ok.npz")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    real_open = open
+
+    def read_only(path, *a, **k):
+        if files.TMP_MARK in str(path):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(files.WriteError, match=r"cannot write the output in .*\(Read-only file system\)"):
+        files.check_writable(tmp_path / "ro.npz")
+    with pytest.raises(files.WriteError, match=r"ro.npz: cannot write \(Read-only file system\)"):
+        files.write_text(tmp_path / "ro.npz", "x")
+
+
+def test_output_os_error_finds_the_cause_behind_torchs_error():
+    import errno
+
+    try:
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    except RuntimeError as exc:
+        found = files.output_os_error(exc)
+    assert found is not None and found.errno == errno.EFBIG
+    assert files.output_os_error(RuntimeError("a bug")) is None
+    assert files.output_os_error(OSError(errno.EBADF, "Bad file descriptor")) is None

@@ -18,8 +18,8 @@ from typing import IO, Iterator, Optional, Union
 
 from .errors import FileError
 
-__all__ = ["TMP_MARK", "WriteError", "atomic_write", "check_writable", "write_bytes", "write_text", "save_npz",
-           "tmp_path_for", "tmp_owner_alive"]
+__all__ = ["TMP_MARK", "WriteError", "atomic_write", "check_writable", "output_os_error", "write_bytes",
+           "write_text", "save_npz", "tmp_path_for", "tmp_owner_alive"]
 
 #: Marks temporary files (``.<name>.tmp-<pid>-<random>``) so they can be recognised and cleaned up.
 TMP_MARK = ".tmp-"
