@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # method -> experiment config. The ablations take DSRH's tuned settings without the ablated terms; the
 # peers (not run by default) their own tuned settings, each without its heads' lr.
-METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh", "HashNet": "hashnet", "CSQ": "csq"}
+METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh", "DPSH": "dpsh", "DTSH": "dtsh", "HashNet": "hashnet",
+           "CSQ": "csq", "GreedyHash": "greedyhash", "OrthoHash": "orthohash", "DSH": "dsh", "DHN": "dhn"}
 ABLATIONS = ["DRH", "DRH+", "DSRH"]
 BEGIN, END = "<!-- BEGIN GENERATED finetune (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED finetune -->"
 
@@ -49,7 +50,7 @@ def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[
     over = [
         f"dataset={args.dataset}", f"experiment={METHODS[method]}", *recipe,
         f"model.backbone={args.backbone}", f"model.weights={args.weights}", "model.freeze_backbone=false",
-        f"data.image_size={args.image_size}", "data.cache_features=false", "data.download=false",
+        f"data.image_size={args.image_size}", *partial_overrides(args), "data.download=false",
         f"data.sampling={args.sampling}", f"data.batch_size={args.batch_size}",
         f"data.images_per_class={args.images_per_class}", f"model.bits={bits}", f"seed={seed}",
         f"data.protocol.seed={seed}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
@@ -57,7 +58,7 @@ def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[
         f"optim.lr_decay_steps={args.lr_decay_steps}", "trainer.test_after_fit=true",
         # cifar10.npz is sorted by class: "stable" tie-breaking would rank tied items in class order
         "eval.ties=average", "logger.name=csv", "trainer.progress_bar=false",
-        f"output_dir={args.output_dir}", f"name={run_name(method, bits, seed, args.image_size)}", "resume=auto",
+        f"output_dir={args.output_dir}", f"name={run_name(method, bits, seed, args.image_size, getattr(args, 'train_blocks', -1))}", "resume=auto",
     ]
     if args.data_root:
         over.append(f"data.root={args.data_root}")
@@ -66,8 +67,18 @@ def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[
     return over + list(args.override)
 
 
-def run_name(method: str, bits: int, seed: int, image_size: int) -> str:
-    return f"finetune-{method.lower().replace('+', 'plus')}-{bits}b-{image_size}px-s{seed}"
+def partial_overrides(args) -> List[str]:
+    """Which blocks train: ``--train-blocks N`` >= 0 trains the top N blocks on a cache of the frozen lower
+    blocks' outputs (model.train_blocks, data.cache_features); -1 trains the whole network on images."""
+    blocks = getattr(args, "train_blocks", -1)
+    if blocks < 0:
+        return ["data.cache_features=false"]
+    return ["data.cache_features=true", f"model.train_blocks={blocks}", f"data.feature_dir={args.feature_dir}"]
+
+
+def run_name(method: str, bits: int, seed: int, image_size: int, train_blocks: int = -1) -> str:
+    top = "" if train_blocks < 0 else f"-top{train_blocks}"
+    return f"finetune-{method.lower().replace('+', 'plus')}-{bits}b-{image_size}px{top}-s{seed}"
 
 
 def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
@@ -80,6 +91,7 @@ def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
     result = train(cfg)
     seconds = time.perf_counter() - t0
     return dict(method=method, bits=bits, seed=seed, image_size=args.image_size, backbone=args.backbone,
+                train_blocks=getattr(args, "train_blocks", -1),
                 steps=int(result["global_step"]), batch_size=args.batch_size, sampling=args.sampling,
                 lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, map=result["test/map"],
                 precision_r2=result["test/precision_radius"], best_val_map=result.get("best_val_map"),
@@ -116,7 +128,11 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=ABLATIONS, choices=list(METHODS))
     p.add_argument("--bits", type=int, nargs="+", default=[48])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    add_data_args(p, image_size=64)
+    add_data_args(p, image_size=96)
+    p.add_argument("--train-blocks", type=int, default=3,
+                   help="model.train_blocks: the top N backbone blocks train on a cache of the lower blocks' outputs "
+                        "(-1: the whole network trains on images)")
+    p.add_argument("--feature-dir", default=str(REPO / "data" / "features"), help="where the cache is kept")
     p.add_argument("--split-dir", default=str(REPO / "data" / "splits"))
     p.add_argument("--sampling", default="balanced", help="balanced: class-balanced batches, triplets mined inside")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (balanced sampling)")
@@ -143,8 +159,9 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             for bits in args.bits:
                 for method in args.methods:
-                    done = {(r["method"], r["bits"], r["seed"], r["image_size"]) for r in load_results(results)}
-                    if (method, bits, seed, args.image_size) in done:
+                    done = {(r["method"], r["bits"], r["seed"], r["image_size"], r.get("train_blocks", -1))
+                            for r in load_results(results)}
+                    if (method, bits, seed, args.image_size, args.train_blocks) in done:
                         continue
                     row = run_one(args, method, bits, seed, tuned)
                     with results.open("a") as f:

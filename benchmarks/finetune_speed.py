@@ -185,11 +185,8 @@ def step_mode(args) -> Dict:
 def protocol_mode(args) -> List[Dict]:
     from benchmarks.finetune_cpu import run_one
 
-    args.override = ["data.cache_features=true", f"model.train_blocks={args.train_blocks}",
-                     f"data.feature_dir={args.feature_dir}", *args.override]
-    # Run folders are named by method, bits, seed and size only: one folder per split point, so a run
-    # never resumes (resume=auto) one of another train_blocks.
-    args.output_dir = str(Path(args.output_dir) / f"train_blocks{args.train_blocks}")
+    # finetune_cpu.run_overrides reads args.train_blocks / args.feature_dir (cached lower blocks, top N train);
+    # its run names carry N, so a run never resumes (resume=auto) one of another split point.
     tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else {}
     rows = []
     for seed in args.seeds:

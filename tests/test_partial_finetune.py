@@ -145,3 +145,37 @@ def test_finetune_speed_benchmark_runs_tiny(tmp_path):
     cfg = load_config(finetune_speed.step_overrides(finetune_speed.parse_args(
         ["--backbone", "efficientnet_lite0", "--image-size", "96", "--train-blocks", "3", "--dataset", "cifar10"])))
     assert cfg.model.train_blocks == 3 and cfg.data.image_size == 96 and cfg.data.cache_features
+
+
+def test_flip_half_mirrors_about_half_of_the_items_and_keeps_the_rest():
+    from dsrh_lightning.data.transforms import flip_half
+
+    x = torch.randn(64, 8, 3, 5)
+    out = flip_half(x, torch.Generator().manual_seed(0))
+    mirrored = [bool(torch.equal(out[i], x[i].flip(-1))) for i in range(64)]
+    kept = [bool(torch.equal(out[i], x[i])) for i in range(64)]
+    assert all(m or k for m, k in zip(mirrored, kept))
+    assert 16 <= sum(mirrored) <= 48 and sum(kept) >= 16
+    again = flip_half(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator decides
+
+
+@pytest.mark.parametrize("flip, training, expect_flips", [(True, True, True), (True, False, False),
+                                                          (False, True, False)])
+def test_cache_flip_applies_to_training_batches_only(partial_overrides, flip, training, expect_flips):
+    from types import SimpleNamespace
+
+    cfg = load_config(partial_overrides + [f"data.cache_flip={str(flip).lower()}"])
+    dm = HashingDataModule(cfg, backbone_factory=build_backbone)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=training)
+    maps = torch.stack([dm.train[i][0] for i in range(32)])
+    labels = torch.arange(32)
+    torch.manual_seed(1)
+    out, out_labels = dm.on_after_batch_transfer((maps, labels), 0)
+    assert torch.equal(out_labels, labels)
+    changed = [not torch.equal(out[i], maps[i]) for i in range(32)]
+    if expect_flips:
+        assert any(changed) and all(torch.equal(out[i], maps[i].flip(-1)) for i in range(32) if changed[i])
+    else:
+        assert not any(changed)

@@ -111,6 +111,10 @@ class DataConfig:
     # top N blocks train on it. Augmentation cannot apply to cached inputs: data.augment is not used.
     # Extraction is written in chunks: a stopped extraction (Ctrl-C) continues where it stopped.
     cache_features: bool = False
+    # With cache_features and model.train_blocks=N > 0 (cached lower-block feature maps): flip a random half
+    # of each training batch's feature maps left-right, a stand-in for the image flip that cached inputs
+    # cannot get (exact for the frozen part only where its kernels are mirror-symmetric, approximate otherwise).
+    cache_flip: bool = False
     feature_dir: str = "data/features"
     # With cache_features: "standardize" z-scores every feature dimension by the mean and std of the
     # training images' features (statistics from the training split only); "none" keeps them as extracted.

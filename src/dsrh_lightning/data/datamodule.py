@@ -26,7 +26,7 @@ from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
 from .mosaic import make_mosaics
 from .sources import DataNotFoundError, Source, load_cifar10, make_synthetic, resolve_root
-from .transforms import BatchTransform, build_transform, evaluation_transform
+from .transforms import BatchTransform, build_transform, evaluation_transform, flip_half
 
 __all__ = ["HashingDataModule", "load_source", "make_split"]
 
@@ -206,7 +206,16 @@ class HashingDataModule(pl.LightningDataModule):
             pixels = raw.pixels.reshape(-1, *raw.pixels.shape[-3:])
             images = tf(pixels, None if raw.params is None else raw.params.to(pixels.device))
             batch = (images.reshape(*raw.lead, *images.shape[1:]), *batch[1:])
+        elif self._flips_cached_maps():
+            batch = (flip_half(batch[0]), *batch[1:])
         return batch
+
+    def _flips_cached_maps(self) -> bool:
+        """data.cache_flip on cached lower-block maps, in a training step of a Trainer."""
+        d, m = self.cfg.data, self.cfg.model
+        trainer = self.trainer
+        return bool(d.cache_flip and d.cache_features and not m.freeze_backbone and int(m.train_blocks) > 0
+                    and trainer is not None and trainer.training)
 
     def _cached_features(self, eval_tf, eval_batch: Optional[BatchTransform]) -> FeatureRows:
         """Backbone features of every image in the split, from the on-disk cache (extracted once)."""

@@ -159,3 +159,19 @@ def _resized_crop_box(gen: torch.Generator, height: int, width: int, scale, rati
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def flip_half(maps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flip a random half (each item with probability 1/2) of a batch of feature maps left-right.
+
+    Args:
+        maps: ``(b, ..., H, W)`` float feature maps (``(b, 3, C, H, W)`` for explicit triplets: each of the
+            ``b`` rows flips as one).
+        generator: the random source (None: torch's global generator).
+
+    Returns:
+        A new tensor of the same shape: item ``i`` is ``maps[i].flip(-1)`` where its draw came up, else ``maps[i]``.
+    """
+    flip = torch.rand(maps.shape[0], generator=generator, device=maps.device if generator is None else "cpu")
+    flip = (flip < 0.5).to(maps.device).view(-1, *([1] * (maps.dim() - 1)))
+    return torch.where(flip, maps.flip(-1), maps)
