@@ -27,7 +27,7 @@ def test_every_deep_method_is_a_valid_multilabel_run_on_cached_features(tmp_path
     assert cfg.optim.lr == 0.03 and cfg.model.bits == 48 and cfg.seed == 1 and cfg.data.protocol.seed == 1
     # the protocol's NUS-WIDE conventions and tie handling, whatever the experiment file says
     assert (cfg.eval.topk, cfg.eval.ndcg_k, cfg.eval.acg_k, cfg.eval.wmap_topk) == (5000, 100, 100, 5000)
-    assert cfg.eval.ties == "average" and not cfg.trainer.test_after_fit
+    assert cfg.eval.ties == "stable" and not cfg.trainer.test_after_fit
 
 
 def test_the_two_dsrh_variants_differ_only_in_the_ranking_loss_and_its_sampling(tmp_path):
@@ -60,8 +60,9 @@ def test_report_gives_mean_and_spread_per_method_best_ndcg_first():
     rows = [_row("HashNet", 48, s, v) for s, v in enumerate([0.5, 0.6, 0.7])]
     rows += [_row("DSRH (Zhao)", 48, s, v) for s, v in enumerate([0.7, 0.8, 0.9])]
     rows += [_row("ITQ", 12, 0, 0.2, lr=None)]
-    tuned = {"HashNet": {"bits": 48, "lr": 0.01, "trials": [dict(lr=0.003, best_val_map=0.41),
-                                                            dict(lr=0.01, best_val_map=0.52)]}}
+    tuned = {"HashNet": {"bits": 48, "lr": 0.01, "trials": [dict(lr=0.01, best_val_map=0.52),
+                                                            dict(lr=0.003, best_val_map=0.41)]},
+             "CSQ": {"bits": 48, "lr": 0.03, "trials": [dict(lr=0.03, best_val_map=0.6)]}}
     block = multilabel_cpu.report(rows, tuned, "`x.jsonl`")
     assert block[0] == multilabel_cpu.BEGIN and block[-1] == multilabel_cpu.END
     text = "\n".join(block)
@@ -70,7 +71,8 @@ def test_report_gives_mean_and_spread_per_method_best_ndcg_first():
     sd = statistics.stdev([0.7, 0.8, 0.9])
     assert f"| DSRH (Zhao) | 0.01 | 3 | {0.7:.3f} ± {sd:.3f} | {0.8:.3f} ± {sd:.3f} |" in text
     assert "| ITQ | - | 1 | 0.100 | 0.200 |" in text
-    assert "| HashNet | 48 | 0.4100 | 0.5200 | 0.01 |" in text
+    assert "| method | bits | lr 0.003 | lr 0.01 | lr 0.03 | chosen |" in text  # columns by lr, whatever the order tried
+    assert "| HashNet | 48 | 0.4100 | 0.5200 | - | 0.01 |" in text and "| CSQ | 48 | - | - | 0.6000 | 0.03 |" in text
 
 
 def test_report_without_rows_says_how_to_measure():
