@@ -303,9 +303,11 @@ def index_collection(ckpt: Path, out: Path, split: Optional[str] = None, files: 
     Returns ``{"count", "bits", "shards", "skipped", "out"}`` (``skipped``: shards found already written)."""
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+    from ..lightning.loggers import quiet_lightning_tips
     from ..search.encode import encoder, image_dataset, split_dataset
     from .checkpoints import load_run
 
+    quiet_lightning_tips()
     if (split is None) == (files is None):
         raise ValueError("give either split or files")
     if isinstance(shard_size, bool) or int(shard_size) < 1:

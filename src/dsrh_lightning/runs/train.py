@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -34,6 +35,11 @@ __all__ = ["build_trainer", "resolve_weights", "train"]
 
 # Set by rank 0 for the processes Lightning's DDP launcher starts, so all ranks share one run folder.
 _RUN_DIR_ENV, _RESUME_ENV = "DSRH_RUN_DIR", "DSRH_RESUME_CKPT"
+
+
+def frozen_modules(module: pl.LightningModule) -> bool:
+    """Whether the module has parameters that never train (a frozen backbone or frozen lower blocks)."""
+    return any(not p.requires_grad for p in module.parameters())
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks) -> pl.Trainer:
@@ -171,7 +177,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Optional[Path], created: bool
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     last = ckpt_dir / "last.ckpt"
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+        with warnings.catch_warnings():
+            if frozen_modules(module):  # frozen blocks stay in eval mode on purpose (models/blocks.py)
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     except FloatingPointError as exc:
         kept = f"last good checkpoint: {last} (continue with resume=auto or resume={last})" if last.is_file() \
             else "no checkpoint had been written yet"
