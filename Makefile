@@ -27,7 +27,7 @@ TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
 .PHONY: help venv train test bench bench-eval bench-tune bench-results bench-report bench-train-speed bench-scales \
-	bench-throughput bench-head bench-mining bench-finetune bench-finetune-speed clean clean-runs sweep agent sweep-local wandb-login-check
+	bench-throughput bench-head bench-mining bench-finetune bench-finetune-speed bench-multilabel clean clean-runs sweep agent sweep-local wandb-login-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -96,19 +96,26 @@ bench-tune: venv ## CPU protocol, step 1: Bayesian search on validation per meth
 bench-results: venv ## CPU protocol, step 2: tuned methods, 3 seeds x 12/24/32/48 bits -> docs/RESULTS.md [RESULTS_ARGS=..]
 	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results $(TUNED_RESULTS) --methods $(TUNED_METHODS) $(RESULTS_ARGS)
 
-# End to end: the fine-tune runs take the recipe in $(FINETUNE_TUNED) (a validation search on frozen features without
-# the shared layer); FINETUNE_TUNED=$(TUNED) runs the frozen-feature winner instead.
+# End to end: the top 3 blocks of EfficientNet-Lite0 fine-tune at 96 px on cached lower-block outputs (mirrored
+# maps: data.cache_flip); DSRH takes the loss recipe in $(FINETUNE_TUNED) (a validation search on frozen features
+# without the shared layer), the ablations the same recipe without their terms.
 FINETUNE_TUNED ?= benchmarks/results/finetune_cpu_recipe.json
 FINETUNE_RESULTS := benchmarks/results/finetune_cpu.jsonl
-FINETUNE_LONG := benchmarks/results/finetune_cpu_dsrh_2400.jsonl
-bench-finetune: venv ## end-to-end fine-tune on CPU: DRH vs DRH+ vs DSRH, EfficientNet-Lite0 at 64 px, 48 bits [FINETUNE_ARGS=..]
+FINETUNE_METHODS ?= DRH DRH+ DSRH
+bench-finetune: venv ## end-to-end fine-tune on CPU: EfficientNet-Lite0 top 3 blocks at 96 px, 48 bits [FINETUNE_METHODS=..] [FINETUNE_ARGS=..]
 	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) --results $(FINETUNE_RESULTS) \
-		--also-report $(FINETUNE_LONG) $(FINETUNE_ARGS)
+		--methods $(FINETUNE_METHODS) --override data.cache_flip=true $(FINETUNE_ARGS)
+
+# Multi-label (CIFAR-10 mosaics): the lr search on validation, then 3 seeds x 12/48 bits -> docs/RESULTS.md
+MULTILABEL_METHODS ?= "DSRH (triplet)" "DSRH (Zhao)" HashNet DPSH CSQ
+bench-multilabel: venv ## multi-label protocol on CIFAR-10 mosaics: tune the lr on validation, then 3 seeds x 12/48 bits [MULTILABEL_ARGS=..]
+	$(PY) -m benchmarks.multilabel_cpu --tune --methods $(MULTILABEL_METHODS) $(MULTILABEL_ARGS)
+	$(PY) -m benchmarks.multilabel_cpu --methods $(MULTILABEL_METHODS) ITQ $(MULTILABEL_ARGS)
 
 bench-report: venv ## re-write docs/RESULTS.md's generated tables and plots from the canonical results files
 	$(PY) -m benchmarks.results_cpu --tuned $(TUNED) --results $(TUNED_RESULTS) --report-only
-	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) --results $(FINETUNE_RESULTS) \
-		--also-report $(FINETUNE_LONG) --report-only
+	$(PY) -m benchmarks.finetune_cpu --tuned $(FINETUNE_TUNED) --results $(FINETUNE_RESULTS) --report-only
+	$(PY) -m benchmarks.multilabel_cpu --report-only
 
 bench-train-speed: venv ## CPU training throughput: explicit triplets vs in-batch mining (images/s, triplets/s)
 	$(PY) -m benchmarks.train_speed

@@ -1,23 +1,27 @@
-"""End-to-end fine-tuning on CPU: DRH vs DRH+ vs DSRH with a trainable backbone.
+"""End-to-end fine-tuning on CPU: every method with a trainable backbone, the classification stream (DSRH)
+able to shape the features the hash stream reads.
 
-On cached (frozen) features the classification stream cannot shape what the hash stream reads, so
-DSRH = DRH+ there. Here the whole network trains: EfficientNet-Lite0 (ImageNet weights) at
-``--image-size`` px (64-96), CIFAR-10 on the paper protocol (1,000 test queries ranked against the
-whole 59,000-image database), the hash stream and, for DSRH, the classification stream. Each method
-runs through ``dsrh train`` (the project's Trainer, checkpoints, validation-based model selection);
-the test metrics are those of the best validation checkpoint.
+EfficientNet-Lite0 (ImageNet weights) at ``--image-size`` px (default 96) on CIFAR-10's paper protocol (1,000
+test queries ranked against the whole 59,000-image database). By default the top ``--train-blocks`` blocks
+(3: stage 6, stage 7 and the 1x1-conv head) train with the heads on a cache of the frozen lower blocks'
+outputs (``model.train_blocks``, ``data.cache_features``), a step costing only the top of the network;
+``--train-blocks -1`` trains every layer on augmented images. Each run goes through ``dsrh train`` (the
+project's Trainer, checkpoints, validation-based model selection); the test metrics are those of the best
+validation checkpoint.
 
-The three methods share everything but their loss terms: DSRH's validation-tuned recipe
-(``--tuned``, tune_cpu.py's JSON, tuned on frozen features) without the orthogonality term (DRH)
-or the classification term (DRH and DRH+). The heads' tuned learning rate is not used: an
-end-to-end run takes ``--lr`` for the heads and ``--lr * --backbone-lr-mult`` for the backbone.
+Methods share everything but their losses: DSRH's recipe (``--tuned``: finetune_cpu_recipe.json) without the
+orthogonality term (DRH) or the classification term (DRH and DRH+); HashNet and CSQ take their entries of
+``--tuned`` when it has them, the other peers (DPSH, DTSH, GreedyHash, OrthoHash, DSH, DHN) their experiment
+configs. The recipe's learning rate is not used: every run takes ``--lr`` for the heads and
+``--lr * --backbone-lr-mult`` for the backbone.
 
 Each (method, bits, seed) is appended to ``--results`` as one JSON line; runs keep their folders under
 ``--output-dir`` and an interrupted run continues from its last.ckpt (``resume=auto``) when the
 command is run again. Every run (``--report-only`` too) rewrites the fine-tune block of docs/RESULTS.md from
-``--results`` and the files named by ``--also-report``.
+``--results`` and the files named by ``--also-report``: a mean ± sd table per method, then every run.
 
-    python -m benchmarks.finetune_cpu                 # DRH, DRH+, DSRH at 48 bits, seed 0 (resumes)
+    python -m benchmarks.finetune_cpu --override data.cache_flip=true    # DRH, DRH+, DSRH at 48 bits, seed 0
+    python -m benchmarks.finetune_cpu --methods DSRH HashNet --bits 12 48 --seeds 0 1 2 --override data.cache_flip=true
     python -m benchmarks.finetune_cpu --report-only
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -38,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # method -> experiment config. The ablations take DSRH's tuned settings without the ablated terms; the
 # peers (not run by default) their own tuned settings, each without its heads' lr.
-METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh", "DPSH": "dpsh", "DTSH": "dtsh", "HashNet": "hashnet",
+METHODS = {"DRH": "drh", "DRH+": "drh_plus", "DSRH": "dsrh", "DSRH (paper)": "dsrh_yao", "DPSH": "dpsh", "DTSH": "dtsh", "HashNet": "hashnet",
            "CSQ": "csq", "GreedyHash": "greedyhash", "OrthoHash": "orthohash", "DSH": "dsh", "DHN": "dhn"}
 ABLATIONS = ["DRH", "DRH+", "DSRH"]
 BEGIN, END = "<!-- BEGIN GENERATED finetune (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED finetune -->"
@@ -78,7 +83,8 @@ def partial_overrides(args) -> List[str]:
 
 def run_name(method: str, bits: int, seed: int, image_size: int, train_blocks: int = -1) -> str:
     top = "" if train_blocks < 0 else f"-top{train_blocks}"
-    return f"finetune-{method.lower().replace('+', 'plus')}-{bits}b-{image_size}px{top}-s{seed}"
+    slug = method.lower().replace("+", "plus").replace(" (paper)", "-paper")
+    return f"finetune-{slug}-{bits}b-{image_size}px{top}-s{seed}"
 
 
 def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
@@ -106,7 +112,7 @@ def report(rows: List[Dict], source: str) -> List[str]:
     lines = [BEGIN]
     if not rows:
         return lines + ["No end-to-end run measured yet (`make bench-finetune`).", END]
-    lines += [
+    lines += summary(rows) + [
         f"From {source} ({len(rows)} runs; commits "
         f"{', '.join(sorted({r['commit'] for r in rows}))}; machine: {'; '.join(sorted({r['machine'] for r in rows}))}; "
         f"measured {min(r['date'] for r in rows)} .. {max(r['date'] for r in rows)}).", "",
@@ -117,13 +123,40 @@ def report(rows: List[Dict], source: str) -> List[str]:
     for r in sorted(rows, key=lambda r: (r["bits"], r["steps"], r["seed"], list(METHODS).index(r["method"])
                                          if r["method"] in METHODS else 99)):
         val = f"{r['best_val_map']:.4f}" if r.get("best_val_map") is not None else "-"
-        lines.append(f"| {r['method']} | {r['bits']} | {r['seed']} | {r['image_size']} px | {r['steps']} | "
+        size = f"{r['image_size']} px" + (f", top {r['train_blocks']}" if r.get("train_blocks", -1) >= 0 else "")
+        lines.append(f"| {r['method']} | {r['bits']} | {r['seed']} | {size} | {r['steps']} | "
                      f"{r['batch_size']} ({r['sampling']}) | {r['lr']:g} (x{r['backbone_lr_mult']:g}) | {val} | "
                      f"{r['map']:.4f} | {r['precision_r2']:.4f} | {r['database']:,} | {r['seconds'] / 60:.1f} |")
     return lines + [END]
 
 
-def main(argv=None) -> None:
+def summary(rows: List[Dict]) -> List[str]:
+    """One line per (method, bits, image size, trained blocks, steps): the mean and sample standard deviation
+    of test MAP@all over its seeds, best first within each code length; the per-run table follows it."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault((r["bits"], r["image_size"], r.get("train_blocks", -1), r["steps"], r["method"]), []).append(r)
+
+    def mean_sd(values: List[float]) -> str:
+        if len(values) < 2:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+    lines = ["| method | bits | image size | trained blocks | steps | seeds | test MAP@all | precision r<=2 | "
+             "best val MAP | minutes per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], -statistics.mean(r["map"] for r in groups[k])))
+    for key in order:
+        rs = groups[key]
+        bits, size, blocks, steps, method = key
+        vals = [r["best_val_map"] for r in rs if r.get("best_val_map") is not None]
+        lines.append(f"| {method} | {bits} | {size} px | {'all' if blocks < 0 else f'top {blocks}'} | {steps} | "
+                     f"{', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
+                     f"{mean_sd([r['map'] for r in rs])} | {mean_sd([r['precision_r2'] for r in rs])} | "
+                     f"{mean_sd(vals) if vals else '-'} | {statistics.mean(r['seconds'] for r in rs) / 60:.1f} |")
+    return lines + [""]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=ABLATIONS, choices=list(METHODS))
     p.add_argument("--bits", type=int, nargs="+", default=[48])
@@ -148,6 +181,11 @@ def main(argv=None) -> None:
     p.add_argument("--also-report", nargs="*", default=[],
                    help="other results files of this benchmark whose rows the report shows too (read only)")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
+    return p
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

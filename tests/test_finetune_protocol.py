@@ -2,6 +2,7 @@
 runs with, that the project's config accepts them, and the RESULTS.md block it writes beside report_cpu's."""
 
 import json
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,27 @@ def test_also_report_adds_rows_once_without_running(tmp_path):
 def test_report_without_runs_says_how_to_measure():
     block = finetune_cpu.report([], "x")
     assert block[0] == finetune_cpu.BEGIN and block[-1] == finetune_cpu.END and "make bench-finetune" in block[1]
+
+
+def test_partial_protocol_trains_the_top_blocks_on_a_cache(tmp_path):
+    args = _args(tmp_path, train_blocks=3, image_size=96, feature_dir=str(tmp_path / "f"))
+    cfg = load_config(finetune_cpu.run_overrides(args, "DSRH", 48, 0, TUNED))
+    assert cfg.model.train_blocks == 3 and cfg.data.cache_features and cfg.data.feature_dir == str(tmp_path / "f")
+    assert cfg.name == finetune_cpu.run_name("DSRH", 48, 0, 96, 3) != finetune_cpu.run_name("DSRH", 48, 0, 96)
+
+
+@pytest.mark.parametrize("method", list(finetune_cpu.METHODS))
+def test_every_method_is_a_valid_end_to_end_run(tmp_path, method):
+    cfg = load_config(finetune_cpu.run_overrides(_args(tmp_path, train_blocks=3, feature_dir="f"), method, 12, 2, TUNED))
+    assert cfg.experiment == finetune_cpu.METHODS[method] and cfg.model.bits == 12 and cfg.seed == 2
+
+
+def test_summary_gives_mean_and_spread_best_first_per_length():
+    rows = [dict(_row("DSRH", 0.6, v), seed=s, train_blocks=3) for s, v in enumerate([0.6, 0.7])]
+    rows += [dict(_row("HashNet", 0.6, 0.62), train_blocks=3), dict(_row("DRH", 0.5, 0.5), bits=12)]
+    lines = finetune_cpu.summary(rows)
+    body = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert [line.split("|")[1].strip() for line in body] == ["DRH", "DSRH", "HashNet"]  # 12 bits first
+    sd = statistics.stdev([0.6, 0.7])
+    assert f"| DSRH | 48 | 64 px | top 3 | 1500 | 0, 1 | {0.65:.3f} ± {sd:.3f} |" in body[1]
+    assert "| DRH | 12 | 64 px | all | 1500 | 0 | 0.500 |" in body[0] and body[0].endswith("| 25.0 |")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import finetune_cpu, report_cpu, results_cpu
+from benchmarks import finetune_cpu, multilabel_cpu, report_cpu, results_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -27,8 +27,9 @@ def test_generated_blocks_are_what_the_canonical_results_give(tmp_path):
     results_cpu.main(["--tuned", str(RESULTS_DIR / "tuned_cpu.json"), "--results",
                       str(RESULTS_DIR / "results_cpu_tuned.jsonl"), "--report-only", "--docs", str(tmp_path)])
     finetune_cpu.main(["--tuned", str(RESULTS_DIR / "finetune_cpu_recipe.json"), "--results",
-                       str(RESULTS_DIR / "finetune_cpu.jsonl"), "--also-report",
-                       str(RESULTS_DIR / "finetune_cpu_dsrh_2400.jsonl"), "--report-only", "--docs", str(tmp_path)])
+                       str(RESULTS_DIR / "finetune_cpu.jsonl"), "--report-only", "--docs", str(tmp_path)])
+    multilabel_cpu.main(["--results", str(RESULTS_DIR / "multilabel_cpu.jsonl"), "--tuned",
+                         str(RESULTS_DIR / "multilabel_tuned.json"), "--report-only", "--docs", str(tmp_path)])
     assert (tmp_path / "RESULTS.md").read_text() == DOCS.read_text()
     assert (tmp_path / "results_map_vs_bits.png").is_file() and (tmp_path / "results_pr_48bits.png").is_file()
 

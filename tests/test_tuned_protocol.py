@@ -350,3 +350,26 @@ def test_sweep_fixed_records_the_commands_own_settings_not_the_protocols():
     sweep = yaml.safe_load((REPO / "experiments/sweeps/tune_dsrh.yaml").read_text())
     assert tune_cpu.sweep_fixed(sweep["command"], tune_cpu.protocol_overrides(args, 48)) == [
         "dataset=cifar10", "experiment=dsrh", "loss.margin_scaling=per_bit", "loss.orth_norm=bits"]
+
+
+def test_shipped_dsrh_finetune_is_the_end_to_end_recipe():
+    """experiment=dsrh_finetune holds finetune_cpu_recipe.json's 48-bit DSRH loss settings (3 significant digits)
+    and the end-to-end protocol's training settings (benchmarks/finetune_cpu.py's defaults, the lr included)."""
+    import json
+
+    from benchmarks import finetune_cpu
+    from dsrh_lightning.config import load_config
+
+    recipe = json.loads((REPO / "benchmarks" / "results" / "finetune_cpu_recipe.json").read_text())["DSRH"]["48"]
+    cfg = load_config(["dataset=cifar10", "experiment=dsrh_finetune"])
+    found = dict(o.split("=", 1) for o in recipe["overrides"])
+    for key in ("experiment", "dataset", "optim.lr"):
+        found.pop(key)
+    for key, value in found.items():
+        section, name = key.split(".")
+        shipped = getattr(getattr(cfg, section), name)
+        assert (shipped == value) if isinstance(shipped, str) else float(shipped) == pytest.approx(float(value), rel=5e-3), key
+    args = finetune_cpu.build_parser().parse_args([])
+    assert (cfg.data.image_size, cfg.model.train_blocks, cfg.trainer.max_steps) == (args.image_size, args.train_blocks, args.steps)
+    assert (cfg.optim.lr, cfg.optim.lr_decay_steps, cfg.trainer.val_check_interval) == (args.lr, args.lr_decay_steps, args.val_every)
+    assert cfg.data.cache_features and cfg.data.cache_flip and cfg.model.backbone == "efficientnet_lite0"
