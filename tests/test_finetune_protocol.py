@@ -66,12 +66,12 @@ def _row(method, val, test):
                 date="2026-11-23T17:00:00", machine="test CPU, 2 cores")
 
 
-def test_report_block_rows_in_ablation_order_and_coexists_with_report_cpu(tmp_path):
+def test_report_block_rows_best_first_and_coexists_with_report_cpu(tmp_path):
     rows = [_row("DSRH", 0.61, 0.6), _row("DRH", 0.51, 0.5), _row("DRH+", 0.56, 0.55)]
     block = finetune_cpu.report(rows, "finetune.jsonl")
     body = [line for line in block if line.startswith("| DR") or line.startswith("| DS")]
-    assert [line.split("|")[1].strip() for line in body] == ["DRH", "DRH+", "DSRH"]
-    assert "| 0.6000 |" in body[2] and "59,000" in body[2] and "| 25.0 |" in body[2]
+    assert [line.split("|")[1].strip() for line in body] == ["DSRH", "DRH+", "DRH"]  # best test MAP first
+    assert "| 0.600 |" in body[0] and body[0].endswith("| 25.0 |")
     results = tmp_path / "RESULTS.md"
     begin, end = report_cpu.HEADLINE
     results.write_text("# Results\n\nintro\n\n" + begin + "\nold tables\n" + end + "\n\nend text\n")
@@ -132,3 +132,22 @@ def test_summary_gives_mean_and_spread_best_first_per_length():
     sd = statistics.stdev([0.6, 0.7])
     assert f"| DSRH | 48 | 64 px | top 3 | 1500 | 0, 1 | {0.65:.3f} ± {sd:.3f} |" in body[1]
     assert "| DRH | 12 | 64 px | all | 1500 | 0 | 0.500 |" in body[0] and body[0].endswith("| 25.0 |")
+
+
+def test_the_cpu_warning_quotes_the_measured_result_of_the_recipe_it_names():
+    """The long-run warning's recipe exists and its MAP is the mean of the canonical DSRH rows at 48 bits."""
+    import re
+    from pathlib import Path
+
+    from dsrh_lightning.lightning.callbacks.progress import CPU_RECIPE
+
+    repo = Path(__file__).resolve().parents[1]
+    experiment = re.search(r"experiment=(\w+)", CPU_RECIPE).group(1)
+    assert (repo / "experiments" / "configs" / "experiment" / f"{experiment}.yaml").is_file()
+    cfg = load_config(["dataset=cifar10", f"experiment={experiment}"])
+    quoted = float(re.search(r"(0\.\d{3}) test MAP@all at 48 bits", CPU_RECIPE).group(1))
+    rows = [r for r in (json.loads(line) for line in (repo / "benchmarks" / "results" / "finetune_cpu.jsonl")
+                        .read_text().splitlines() if line.strip())
+            if r["method"] == "DSRH" and r["bits"] == 48 and r["image_size"] == cfg.data.image_size
+            and r.get("train_blocks") == cfg.model.train_blocks and r["steps"] == cfg.trainer.max_steps]
+    assert rows and quoted == pytest.approx(statistics.mean(r["map"] for r in rows), abs=5e-4)

@@ -127,8 +127,8 @@ class RunTimeEstimate(Callback):
 
 # The CPU recipe the long-run warning names, with what docs/RESULTS.md measured for it (table 2).
 CPU_RECIPE = ("experiment=dsrh_finetune (CIFAR-10: EfficientNet-Lite0 at 96 px, its top 3 blocks fine-tuned on "
-              "cached lower-block outputs; 0.649 test MAP@all at 48 bits in 4.4 minutes plus a one-time cache "
-              "extraction of about 2 minutes on 2 cores; see docs/RESULTS.md)")
+              "cached lower-block outputs; 0.650 test MAP@all at 48 bits, 3 seeds, 4.3-4.9 minutes a run plus a "
+              "one-time cache extraction of about 3 minutes on 2 cores; see docs/RESULTS.md)")
 
 
 def _threads() -> int:
