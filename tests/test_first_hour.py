@@ -82,7 +82,7 @@ def test_run_time_estimate_from_the_first_steps(monkeypatch, device, max_steps, 
     warned = [str(w.message) for w in caught]
     if long:
         assert len(warned) == 1 and "No GPU" in warned[0]
-        assert "data.cache_features=true" in warned[0] and "DATASET=synthetic" in warned[0]
+        assert "experiment=dsrh_finetune" in warned[0] and "DATASET=synthetic" in warned[0]
     else:
         assert not any("No GPU" in w for w in warned) and "No GPU" not in cb.message
 
