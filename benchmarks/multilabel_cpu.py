@@ -39,8 +39,8 @@ from typing import Dict, List
 import torch
 
 from benchmarks.report_cpu import replace_block
-from benchmarks.results_cpu import (_features, add_protocol_args, add_report_args, base_overrides, git_commit,
-                                    load_results, machine, repo_relative)
+from benchmarks.results_cpu import (add_protocol_args, add_report_args, base_overrides, baseline_codes,
+                                    checkpoint_codes, git_commit, load_results, machine, repo_relative)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +104,6 @@ def evaluate(q_codes, db_codes, q_labels, db_labels) -> Dict:
 def run_deep(args, method: str, bits: int, seed: int, lr: float, dm, test: bool) -> Dict:
     """Train one deep method on the cached features; its best validation MAP and (``test``) test metrics."""
     from dsrh_lightning.config import load_config
-    from dsrh_lightning.metrics import binarize
-    from dsrh_lightning.runs.checkpoints import load_run
     from dsrh_lightning.runs.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,25 +112,13 @@ def run_deep(args, method: str, bits: int, seed: int, lr: float, dm, test: bool)
         result = train(cfg)
         out = dict(best_val_map=result.get("best_val_map"), train_seconds=round(time.perf_counter() - t0, 1))
         if test:
-            module = load_run(result["best_checkpoint"]).module
-            with torch.no_grad():
-                xq, yq = _features(dm, "query")
-                xdb, ydb = _features(dm, "database")
-                qc = binarize(module(xq), cfg.eval.threshold)
-                dbc = binarize(torch.cat([module(xdb[i:i + 8192]) for i in range(0, len(xdb), 8192)]),
-                               cfg.eval.threshold)
-            out.update(evaluate(qc, dbc, yq, ydb))
+            out.update(evaluate(*checkpoint_codes(result["best_checkpoint"], dm, cfg.eval.threshold)))
     return out
 
 
 def run_baseline(args, method: str, bits: int, seed: int, dm) -> Dict:
-    from dsrh_lightning.baselines import build_baseline
-
-    xtr, _ = _features(dm, "train")
-    xq, yq = _features(dm, "query")
-    xdb, ydb = _features(dm, "database")
-    model = build_baseline(BASELINES[method], bits, seed).fit(xtr.numpy())
-    return evaluate(torch.as_tensor(model.encode(xq.numpy())), torch.as_tensor(model.encode(xdb.numpy())), yq, ydb)
+    qc, dbc, yq, ydb, _ = baseline_codes(BASELINES[method], bits, seed, dm)
+    return evaluate(torch.as_tensor(qc), torch.as_tensor(dbc), yq, ydb)
 
 
 def data_module(args, bits: int, seed: int):

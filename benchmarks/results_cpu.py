@@ -103,14 +103,34 @@ def evaluate_codes(q_codes, db_codes, q_labels, db_labels, pr: bool) -> dict:
     return out
 
 
-def run_baseline(name: str, args, bits: int, seed: int, dm: HashingDataModule) -> dict:
+def baseline_codes(name: str, bits: int, seed: int, dm: HashingDataModule):
+    """A classical baseline fit on the training features: query and database codes with their labels, and
+    the fit's seconds."""
     xtr, _ = _features(dm, "train")
     xq, yq = _features(dm, "query")
     xdb, ydb = _features(dm, "database")
     t0 = time.perf_counter()
     model = build_baseline(name, bits, seed).fit(xtr.numpy())
     fit_s = time.perf_counter() - t0
-    res = evaluate_codes(model.encode(xq.numpy()), model.encode(xdb.numpy()), yq, ydb, pr=True)
+    return model.encode(xq.numpy()), model.encode(xdb.numpy()), yq, ydb, fit_s
+
+
+def checkpoint_codes(checkpoint, dm: HashingDataModule, threshold: float):
+    """A trained head's query and database codes (with their labels) on the cached features."""
+    from dsrh_lightning.runs.checkpoints import load_run
+
+    module = load_run(checkpoint).module  # weights_only load, saved feature_dim
+    with torch.no_grad():
+        xq, yq = _features(dm, "query")
+        xdb, ydb = _features(dm, "database")
+        qc = binarize(module(xq), threshold)
+        dbc = binarize(torch.cat([module(xdb[i:i + 8192]) for i in range(0, len(xdb), 8192)]), threshold)
+    return qc, dbc, yq, ydb
+
+
+def run_baseline(name: str, args, bits: int, seed: int, dm: HashingDataModule) -> dict:
+    qc, dbc, yq, ydb, fit_s = baseline_codes(name, bits, seed, dm)
+    res = evaluate_codes(qc, dbc, yq, ydb, pr=True)
     res["train_seconds"] = round(fit_s, 2)
     return res
 
@@ -137,7 +157,6 @@ def deep_overrides(name: str, args, bits: int, seed: int, tuned_settings: dict, 
 
 
 def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned_settings: dict) -> dict:
-    from dsrh_lightning.runs.checkpoints import load_run
     from dsrh_lightning.runs.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,12 +164,7 @@ def run_deep(name: str, args, bits: int, seed: int, dm: HashingDataModule, tuned
         t0 = time.perf_counter()
         result = train(cfg)
         train_s = time.perf_counter() - t0
-        module = load_run(result["best_checkpoint"]).module  # weights_only load, saved feature_dim
-        with torch.no_grad():
-            xq, yq = _features(dm, "query")
-            xdb, ydb = _features(dm, "database")
-            qc = binarize(module(xq), cfg.eval.threshold)
-            dbc = binarize(torch.cat([module(xdb[i:i + 8192]) for i in range(0, len(xdb), 8192)]), cfg.eval.threshold)
+        qc, dbc, yq, ydb = checkpoint_codes(result["best_checkpoint"], dm, cfg.eval.threshold)
     res = evaluate_codes(qc, dbc, yq, ydb, pr=True)
     res.update(train_seconds=round(train_s, 1), best_val_map=result.get("best_val_map"),
                tuned=tuned_overrides(tuned_settings, name, bits), lr=float(cfg.optim.lr))

@@ -210,11 +210,16 @@ class HashingDataModule(pl.LightningDataModule):
             batch = (flip_half(batch[0]), *batch[1:])
         return batch
 
+    def _trained_blocks_on_cache(self) -> int:
+        """How many top blocks train on the cache: model.train_blocks=N > 0 caches the frozen part under them
+        (partial fine-tuning); 0 when the cache holds whole-backbone features (or a frozen backbone)."""
+        m = self.cfg.model
+        return 0 if m.freeze_backbone else max(int(m.train_blocks), 0)
+
     def _flips_cached_maps(self) -> bool:
         """data.cache_flip on cached lower-block maps, in a training step of a Trainer."""
-        d, m = self.cfg.data, self.cfg.model
-        trainer = self.trainer
-        return bool(d.cache_flip and d.cache_features and not m.freeze_backbone and int(m.train_blocks) > 0
+        d, trainer = self.cfg.data, self.trainer
+        return bool(d.cache_flip and d.cache_features and self._trained_blocks_on_cache() > 0
                     and trainer is not None and trainer.training)
 
     def _cached_features(self, eval_tf, eval_batch: Optional[BatchTransform]) -> FeatureRows:
@@ -227,8 +232,7 @@ class HashingDataModule(pl.LightningDataModule):
         norm = "imagenet" if not d.mean else hashlib.sha1(str((list(d.mean), list(d.std))).encode()).hexdigest()[:8]
         # A randomly initialised backbone depends on the seed; pretrained weights do not.
         seed = int(self.cfg.seed) if m.weights == "none" else None
-        # model.train_blocks=N > 0: cache the frozen part under the last N blocks (partial fine-tuning).
-        below = 0 if m.freeze_backbone else max(int(m.train_blocks), 0)
+        below = self._trained_blocks_on_cache()
         path = feature_cache_path(Path(d.feature_dir), self.source.name, m.backbone, m.weights, self.image_size,
                                   fp, norm, seed, m.hash_input, below)
         needed = np.concatenate([getattr(self.split, k) for k in ("query", "database", "train", "val",

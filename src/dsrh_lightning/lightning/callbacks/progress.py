@@ -125,7 +125,7 @@ class RunTimeEstimate(Callback):
             rank_zero_info(head)
 
 
-# The CPU recipe the long-run warning names, with what docs/RESULTS.md measured for it (table 2).
+# The CPU recipe the long-run warning names, with what docs/RESULTS.md measured for it (table 1).
 CPU_RECIPE = ("experiment=dsrh_finetune (CIFAR-10: EfficientNet-Lite0 at 96 px, its top 3 blocks fine-tuned on "
               "cached lower-block outputs; 0.650 test MAP@all at 48 bits, 3 seeds, 4.3-4.9 minutes a run plus a "
               "one-time cache extraction of about 3 minutes on 2 cores; see docs/RESULTS.md)")
