@@ -15,7 +15,7 @@ from dsrh_lightning.config import ConfigError, load_config, to_dict, upgrade_leg
 from dsrh_lightning.losses.from_config import build_miner, build_ranking_loss, loss_kwargs
 from dsrh_lightning.losses.miners import (AllTriplets, ExplicitTriplets, HardestTriplets, MultilevelTriplets,
                                          SemiHardTriplets, Triplets)
-from dsrh_lightning.losses.peers import CSQ, DTSH, HashNet
+from dsrh_lightning.losses.peers import CSQ, DPSH, DTSH, HashNet, dpsh_loss, dtsh_loss
 from dsrh_lightning.losses.triplet import TripletRanking, triplet_ranking_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,17 +98,49 @@ def test_miners_pick_the_triples_a_loop_picks(mining):
     assert float(t.count()) == len(got)
 
 
+@pytest.mark.parametrize("relax", ["linear", "sigmoid"])
 @pytest.mark.parametrize("mining", ["all", "semihard", "hard"])
-def test_dtsh_consumes_any_mining(mining):
-    """DTSH on the triples of any miner equals its likelihood summed by a loop over those triples."""
+def test_dtsh_consumes_any_mining(mining, relax):
+    """DTSH on the triples of any miner equals its likelihood summed by a loop over those triples; ``u`` is the
+    pre-activation it is given (linear) or ``2h - 1`` of the sigmoid codes it is given."""
     torch.manual_seed(2)
-    codes, labels = torch.rand(8, 5, dtype=torch.float64).float(), _labels()
+    x, labels = torch.rand(8, 5, dtype=torch.float64).float(), _labels()
     miner = {"all": AllTriplets(), "semihard": SemiHardTriplets(margin=0.6), "hard": HardestTriplets()}[mining]
-    loss = DTSH(alpha=1.0, quant_weight=0.0)(codes, labels, miner(codes, labels)).loss
-    u = 2 * codes.double() - 1
+    dtsh = DTSH(alpha=1.0, quant_weight=0.0, relax=relax)
+    assert dtsh.consumes == {"linear": "code_logits", "sigmoid": "codes"}[relax]
+    loss = dtsh(x, labels, miner(x, labels)).loss
+    u = x.double() if relax == "linear" else 2 * x.double() - 1
     terms = [F.softplus(-(0.5 * u[a] @ u[p] - 0.5 * u[a] @ u[n] - 1.0))
-             for a, p, n in _loop_mined(codes, labels, mining, 0.6)]
+             for a, p, n in _loop_mined(x, labels, mining, 0.6)]
     assert terms and loss.item() == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DPSH, DTSH])
+def test_dpsh_and_dtsh_read_the_pre_activation_and_keep_a_gradient_where_sigmoids_saturate(cls):
+    """From the network's output dict, the linear form's loss is the pure function of ``code_logits`` (the
+    papers' ``u``); the sigmoid form's of ``2h - 1``. Where every code agrees and the sigmoids are saturated
+    (|z| = 8: the state DTSH collapsed to end to end), the sigmoid form passes almost no gradient back to
+    ``z`` and the linear form a full one."""
+    torch.manual_seed(4)
+    labels = _labels()
+    z = (8.0 * torch.ones(len(labels), 6) + 0.01 * torch.randn(len(labels), 6)).requires_grad_()
+    grads = {}
+    for relax in ("linear", "sigmoid"):
+        z.grad = None
+        out = {"codes": torch.sigmoid(z), "code_logits": z}
+        res = cls(relax=relax)(out, labels)
+        u = z if relax == "linear" else 2 * torch.sigmoid(z) - 1
+        if cls is DPSH:
+            want = dpsh_loss(u, labels, 0.1)
+        else:
+            want = dtsh_loss(u, *AllTriplets()(u, labels).indices(), 5.0, 0.1)
+        assert torch.allclose(res.loss, want)
+        assert torch.equal(res.codes, out["codes"])  # the orthogonality term and balance read the codes
+        res.loss.backward()
+        grads[relax] = z.grad.abs().max().item()
+    assert grads["sigmoid"] < 1e-2 and grads["linear"] > 1e-2, grads
+    with pytest.raises(ValueError, match="relax='tanh': expected one of 'linear', 'sigmoid'"):
+        cls(relax="tanh")
 
 
 def test_explicit_triplets_are_a_miner():
@@ -185,8 +217,10 @@ def test_the_adapter_refuses_params_it_cannot_place():
     with pytest.raises(ConfigError, match=r"loss.params.margin: .* from loss.margin"):
         build_ranking_loss(_cfg("loss.params.margin=1.0"), 4)
     with pytest.raises(ConfigError, match=r"loss.params.gamma: loss.ranking=dpsh \(DPSH\) has no setting 'gamma'; "
-                                          r"it accepts loss.params keys: \(none\)"):
+                                          r"it accepts loss.params keys: relax"):
         build_ranking_loss(_cfg("experiment=dpsh", "loss.params.gamma=1.0"), 4)
+    assert build_ranking_loss(_cfg("experiment=dtsh", "loss.params.relax=sigmoid"), 4).consumes == "codes"
+    assert build_ranking_loss(_cfg("experiment=dpsh"), 4).relax == "linear"
     with pytest.raises(ConfigError, match=r"loss.ranking=triplet \(TripletRanking\): bits=0"):
         cfg = _cfg()
         cfg.model.bits = 0  # set after validation (a checkpoint's config, say)

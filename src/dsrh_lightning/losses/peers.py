@@ -2,10 +2,11 @@
 
 They replace DSRH's ranking term (``loss.ranking=dpsh|dtsh|hashnet|csq``, the classes at the
 end of this file, registered in :mod:`.registry`) and run
-through the same network, data and evaluation. Codes are relaxed to ``u`` in
-(-1, 1): ``u = 2h - 1`` for the sigmoid codes ``h`` of the bags head (DPSH, DTSH,
-CSQ), ``u = tanh(beta * z)`` of the head's pre-activation ``z`` for HashNet. All
-binarise to ``u > 0``, i.e. ``h > 0.5``, as the evaluation does.
+through the same network, data and evaluation. Codes are relaxed to ``u``: the hash layer's
+pre-activation ``z`` itself for DPSH and DTSH (their papers' linear output, kept near +-1 by the
+quantisation term; ``relax="sigmoid"`` gives ``u = 2h - 1`` of the sigmoid codes ``h`` instead),
+``u = 2h - 1`` in (-1, 1) for CSQ, ``u = tanh(beta * z)`` for HashNet. All binarise to ``u > 0``,
+i.e. ``z > 0`` or ``h > 0.5``, as the evaluation does.
 
 * DPSH (Li, Wang & Kang, IJCAI 2016): pairwise likelihood
   ``mean_{i != j} [log(1 + e^theta_ij) - s_ij theta_ij]``, ``theta_ij = u_i.u_j / 2``,
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..relevance import relevance_matrix
-from .base import RankingLoss, RankingResult, check_non_negative, check_positive_int, pairwise_inputs
+from .base import RankingLoss, RankingResult, check_choice, check_non_negative, check_positive_int, pairwise_inputs
 
 __all__ = ["CSQ", "DPSH", "DTSH", "HashNet", "csq_centers", "csq_loss", "csq_targets", "dpsh_loss", "dtsh_loss", "hadamard",
            "hashnet_loss", "hashnet_scale", "quantization_penalty"]
@@ -51,7 +52,7 @@ def dpsh_loss(u: torch.Tensor, labels: torch.Tensor, quant_weight: float = 0.1) 
     """DPSH pairwise negative log-likelihood over all ordered pairs ``i != j`` of the batch.
 
     Args:
-        u: ``(b, k)`` relaxed codes in [-1, 1].
+        u: ``(b, k)`` relaxed codes (real-valued; +-1 is what the quantisation term pulls them to).
         labels: ``(b,)`` class ids or ``(b, c)`` multi-hot; ``s_ij`` = relevance.
         quant_weight: ``eta`` of the quantisation term.
 
@@ -69,7 +70,7 @@ def dtsh_loss(u: torch.Tensor, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor
     """DTSH triplet negative log-likelihood ``mean_t softplus(-(theta_ap - theta_an - alpha))``.
 
     Args:
-        u: ``(b, k)`` relaxed codes in [-1, 1].
+        u: ``(b, k)`` relaxed codes (real-valued; +-1 is what the quantisation term pulls them to).
         a, p, n: ``(t,)`` anchor / positive / negative positions in the batch.
         alpha: margin on the inner-product difference.
         quant_weight: weight of the quantisation term (over all ``b`` codes).
@@ -175,45 +176,68 @@ def csq_loss(u: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor, quant
     return center + quant_weight * (u.abs() - 1).pow(2).mean()
 
 
-class DPSH(RankingLoss):
+RELAXATIONS = ("linear", "sigmoid")
+
+
+class _LinearRelaxation(RankingLoss):
+    """A loss on ``u``: the hash layer's pre-activation (``relax="linear"``, what it consumes and mines on) or
+    ``2h - 1`` of the sigmoid codes (``relax="sigmoid"``). With the sigmoid form the quantisation term drives
+    ``|u|`` to 1, where the sigmoid's gradient vanishes: a batch whose codes agree stays there (DTSH collapsed
+    to one code end to end, docs/RESULTS.md)."""
+
+    def __init__(self, relax: str) -> None:
+        super().__init__()
+        check_choice("relax", relax, RELAXATIONS)
+        self.relax = relax
+        self.consumes = "code_logits" if relax == "linear" else "codes"
+
+    def relaxed(self, out) -> torch.Tensor:
+        """``(b, k)`` ``u`` of the network output ``out``."""
+        return out["code_logits"] if self.relax == "linear" else 2 * out["codes"] - 1
+
+
+class DPSH(_LinearRelaxation):
     """DPSH pairwise likelihood + quantisation over all rows of the batch; ``loss.ranking=dpsh``.
 
     Args:
         quant_weight: ``eta`` of the quantisation term.
+        relax: ``"linear"`` (``u`` = the hash layer's pre-activation, as in the paper) or ``"sigmoid"``
+            (``u = 2h - 1``).
     """
 
-    def __init__(self, quant_weight: float = 0.1) -> None:
-        super().__init__()
+    def __init__(self, quant_weight: float = 0.1, relax: str = "linear") -> None:
+        super().__init__(relax)
         self.quant_weight = check_non_negative("quant_weight", quant_weight)
 
     def compute(self, out, labels, triplets, step) -> RankingResult:
-        codes = out["codes"]
-        return self.result(dpsh_loss(2 * codes - 1, labels, self.quant_weight), codes, labels)
+        loss = dpsh_loss(self.relaxed(out), labels, self.quant_weight)
+        return self.result(loss, self.relaxed_codes(out), labels)
 
 
-class DTSH(RankingLoss):
+class DTSH(_LinearRelaxation):
     """DTSH triplet likelihood + quantisation; ``loss.ranking=dtsh``. Consumes triplets from any miner
     (explicit triplets, or every valid / semi-hard / batch-hard in-batch triplet).
 
     Args:
         alpha: margin on the inner-product difference (``loss.dtsh_margin``).
         quant_weight: weight of the quantisation term (over all rows of the batch).
+        relax: ``"linear"`` (``u`` = the hash layer's pre-activation, as in the paper; semi-hard and hardest
+            miners then mine on it) or ``"sigmoid"`` (``u = 2h - 1``).
     """
 
     triplets = "any"
 
-    def __init__(self, alpha: float = 5.0, quant_weight: float = 0.1) -> None:
-        super().__init__()
+    def __init__(self, alpha: float = 5.0, quant_weight: float = 0.1, relax: str = "linear") -> None:
+        super().__init__(relax)
         self.alpha = float(alpha)
         if self.alpha != self.alpha or abs(self.alpha) == float("inf"):
             raise ValueError(f"alpha={alpha!r}: must be a finite number")
         self.quant_weight = check_non_negative("quant_weight", quant_weight)
 
     def compute(self, out, labels, triplets, step) -> RankingResult:
-        codes = out["codes"]
         a, p, n = triplets.indices()
-        loss = dtsh_loss(2 * codes - 1, a, p, n, self.alpha, self.quant_weight)
-        return self.result(loss, codes, labels)
+        loss = dtsh_loss(self.relaxed(out), a, p, n, self.alpha, self.quant_weight)
+        return self.result(loss, self.relaxed_codes(out), labels)
 
 
 class HashNet(RankingLoss):
