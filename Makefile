@@ -107,7 +107,7 @@ bench-finetune: venv ## end-to-end fine-tune on CPU: EfficientNet-Lite0 top 3 bl
 		--methods $(FINETUNE_METHODS) --override data.cache_flip=true $(FINETUNE_ARGS)
 
 # Multi-label (CIFAR-10 mosaics): the lr search on validation, then 3 seeds x 12/48 bits -> docs/RESULTS.md
-MULTILABEL_METHODS ?= "DSRH (triplet)" "DSRH (Zhao)" HashNet DPSH CSQ
+MULTILABEL_METHODS ?= "DSRH (triplet)" "DSRH (Zhao)" HashNet DPSH CSQ GreedyHash OrthoHash DSH DHN
 bench-multilabel: venv ## multi-label protocol on CIFAR-10 mosaics: tune the lr on validation, then 3 seeds x 12/48 bits [MULTILABEL_ARGS=..]
 	$(PY) -m benchmarks.multilabel_cpu --tune --methods $(MULTILABEL_METHODS) $(MULTILABEL_ARGS)
 	$(PY) -m benchmarks.multilabel_cpu --methods $(MULTILABEL_METHODS) ITQ $(MULTILABEL_ARGS)
