@@ -13,6 +13,10 @@ i.e. ``z > 0`` or ``h > 0.5``, as the evaluation does.
   plus ``eta * mean_i ||u_i - b_i||^2`` with ``b = sign(u)``.
 * DTSH (Wang, Shi & Kitani, ACCV 2016): triplet likelihood
   ``mean_t log(1 + e^{-(theta_ap - theta_an - alpha)})`` plus the same quantisation term.
+
+  The quantisation term sums over the ``k`` bits (the papers' ``||b - u||^2``) and averages over images, the
+  likelihood averages over pairs / triplets. swuxyj/DeepHash-pytorch averages the quantisation term over bits
+  too, so its weight is ``k`` times smaller than the same ``quant_weight`` here (0.1 there is ``0.1 / k`` here).
 * HashNet (Cao et al., ICCV 2017): weighted pairwise cross-entropy on
   ``alpha <h_i, h_j>`` (``alpha = 10 / bits``), similar and dissimilar pairs
   re-weighted to equal total weight, ``h = tanh(beta z)`` with the continuation
