@@ -27,7 +27,7 @@ TRAIN_OVERRIDES := dataset=$(DATASET) experiment=$(EXPERIMENT) \
 	$(if $(DATA_DIR),data.root=$(DATA_DIR),) $(if $(WEIGHTS),model.weights=$(WEIGHTS),) $(ARGS)
 
 .PHONY: help venv train test bench bench-eval bench-tune bench-results bench-report bench-train-speed bench-scales \
-	bench-throughput bench-head bench-mining bench-finetune bench-finetune-speed bench-multilabel clean clean-runs sweep agent sweep-local wandb-login-check
+	bench-throughput bench-head bench-mining bench-finetune bench-finetune-speed bench-tune-finetune bench-multilabel clean clean-runs sweep agent sweep-local wandb-login-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -41,7 +41,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed ## create/update the virtualenv and install the project
 
-train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERIMENT=dsrh|dsrh_tuned|drh|drh_plus|dsrh_balanced|dsrh_yao|dsrh_zhao|dpsh|dtsh|hashnet|csq [DATA_DIR=..] [WEIGHTS=auto|imagenet|none] [ARGS=..]
+train: venv ## train: make train DATASET=cifar10|synthetic|nuswide|custom EXPERIMENT=dsrh|dsrh_yao|dsrh_finetune|dsrh_tuned|drh|drh_plus|dsrh_balanced|dsrh_zhao|dpsh|dtsh|hashnet|csq|greedyhash|orthohash|dsh|dhn [DATA_DIR=..] [WEIGHTS=auto|imagenet|none] [ARGS=..]
 	$(VENV)/bin/dsrh train $(TRAIN_OVERRIDES)
 
 # W&B sweeps need an account: fail at once (never wait at wandb's login prompt; CI has no stdin).
@@ -87,7 +87,7 @@ bench-eval: venv ## evaluation-engine benchmark (Hamming ranking + MAP) vs naive
 # Both resume where they stopped.
 TUNED := benchmarks/results/tuned_cpu.json
 TUNED_RESULTS := benchmarks/results/results_cpu_tuned.jsonl
-TUNED_METHODS := ITQ DRH DRH+ DSRH HashNet CSQ
+TUNED_METHODS := ITQ DRH DRH+ DSRH HashNet CSQ GreedyHash OrthoHash DSH DHN
 TUNE_ARGS ?=
 RESULTS_ARGS ?=
 bench-tune: venv ## CPU protocol, step 1: Bayesian search on validation per method and code length -> $(TUNED) [TUNE_ARGS=..]
@@ -108,6 +108,12 @@ bench-finetune: venv ## end-to-end fine-tune on CPU: EfficientNet-Lite0 top 3 bl
 
 # Multi-label (CIFAR-10 mosaics): the lr search on validation, then 3 seeds x 12/48 bits -> docs/RESULTS.md
 MULTILABEL_METHODS ?= "DSRH (triplet)" "DSRH (Zhao)" HashNet DPSH CSQ GreedyHash OrthoHash DSH DHN
+# End to end, every method's own search on validation (its loss knobs, dropout, lr, backbone lr multiplier;
+# 6 trials per method and length; resumes): each searched method's entry in $(FINETUNE_TUNED), which
+# bench-finetune then runs with.
+bench-tune-finetune: venv ## end to end, step 1: the same validation search for every method -> $(FINETUNE_TUNED) [TUNE_ARGS=..]
+	$(PY) -m benchmarks.tune_cpu --protocol finetune --count 6 --out $(FINETUNE_TUNED) $(TUNE_ARGS)
+
 bench-multilabel: venv ## multi-label protocol on CIFAR-10 mosaics: tune the lr on validation, then 3 seeds x 12/48 bits [MULTILABEL_ARGS=..]
 	$(PY) -m benchmarks.multilabel_cpu --tune --methods $(MULTILABEL_METHODS) $(MULTILABEL_ARGS)
 	$(PY) -m benchmarks.multilabel_cpu --methods $(MULTILABEL_METHODS) ITQ $(MULTILABEL_ARGS)

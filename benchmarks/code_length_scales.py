@@ -33,7 +33,8 @@ from dsrh_lightning.runs.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> overrides (on top of experiment=dsrh: triplet + 0.25 * orthogonality + classification)
+# name -> overrides (on top of experiment=dsrh_yao, the paper's constants: triplet + 0.25 * orthogonality
+# + classification)
 SETTINGS = {
     "paper: margin 1, orth unnormalised": [],
     "orth / k": ["loss.orth_norm=bits"],
@@ -45,7 +46,7 @@ SETTINGS = {
 
 def overrides(args, bits: int, seed: int, extra, tmp: str) -> list[str]:
     over = [
-        "dataset=cifar10", "experiment=dsrh", f"data.root={args.data_root}", "data.download=false",
+        "dataset=cifar10", "experiment=dsrh_yao", f"data.root={args.data_root}", "data.download=false",
         "model.backbone=efficientnet_lite0", "model.weights=imagenet", f"data.image_size={args.image_size}",
         "data.cache_features=true", f"data.feature_dir={args.feature_dir}", "data.num_workers=0",
         f"model.bits={bits}", f"seed={seed}", f"data.protocol.seed={seed}", "trainer.accelerator=cpu",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import statistics
 import time
@@ -49,9 +50,28 @@ ABLATIONS = ["DRH", "DRH+", "DSRH"]
 BEGIN, END = "<!-- BEGIN GENERATED finetune (benchmarks/finetune_cpu.py) -->", "<!-- END GENERATED finetune -->"
 
 
+def end_to_end_settings(tuned: dict, method: str, bits: int) -> List[str]:
+    """``method``'s own entry of ``tuned`` when an end-to-end search made it (``tune_cpu.py --protocol finetune``:
+    ``"protocol": "finetune"``) at the tuned length nearest ``bits``: its overrides but the config groups (its lr,
+    backbone lr multiplier, dropout and loss knobs); empty otherwise."""
+    entries = (tuned or {}).get(method, {})
+    if not entries:
+        return []
+    nearest = entries[sorted(entries, key=lambda b: (abs(int(b) - bits), int(b)))[0]]
+    if nearest.get("protocol") != "finetune":
+        return []
+    return [o for o in nearest["overrides"] if o.split("=", 1)[0] not in ("dataset", "experiment")]
+
+
 def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[str]:
-    """The ``dsrh train`` overrides of one fine-tuning run (pure: tested)."""
-    recipe = [o for o in tuned_overrides(tuned, method, bits) or [] if not o.startswith("optim.lr=")]
+    """The ``dsrh train`` overrides of one fine-tuning run (pure: tested). An end-to-end search's settings
+    (:func:`end_to_end_settings`) come after the protocol's lr and win over it; otherwise a (frozen-feature)
+    recipe's loss settings come first and every method takes ``--lr`` and ``--backbone-lr-mult``."""
+    searched = end_to_end_settings(tuned, method, bits)
+    recipe = [] if searched else [o for o in tuned_overrides(tuned, method, bits) or [] if not o.startswith("optim.lr=")]
+    name = run_name(method, bits, seed, args.image_size, getattr(args, "train_blocks", -1))
+    if searched:  # its own run folder: resume=auto never continues a run made with other settings
+        name += "-" + hashlib.sha1(json.dumps(searched).encode()).hexdigest()[:8]
     over = [
         f"dataset={args.dataset}", f"experiment={METHODS[method]}", *recipe,
         f"model.backbone={args.backbone}", f"model.weights={args.weights}", "model.freeze_backbone=false",
@@ -63,8 +83,8 @@ def run_overrides(args, method: str, bits: int, seed: int, tuned: dict) -> List[
         f"optim.lr_decay_steps={args.lr_decay_steps}", "trainer.test_after_fit=true",
         # cifar10.npz is sorted by class: "stable" tie-breaking would rank tied items in class order
         "eval.ties=average", "logger.name=csv", "trainer.progress_bar=false",
-        f"output_dir={args.output_dir}", f"name={run_name(method, bits, seed, args.image_size, getattr(args, 'train_blocks', -1))}", "resume=auto",
-    ]
+        f"output_dir={args.output_dir}", f"name={name}", "resume=auto",
+    ] + searched
     if args.data_root:
         over.append(f"data.root={args.data_root}")
     if args.split_dir:
@@ -99,7 +119,7 @@ def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
     return dict(method=method, bits=bits, seed=seed, image_size=args.image_size, backbone=args.backbone,
                 train_blocks=getattr(args, "train_blocks", -1),
                 steps=int(result["global_step"]), batch_size=args.batch_size, sampling=args.sampling,
-                lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, map=result["test/map"],
+                lr=float(cfg.optim.lr), backbone_lr_mult=float(cfg.optim.backbone_lr_mult), map=result["test/map"],
                 precision_r2=result["test/precision_radius"], best_val_map=result.get("best_val_map"),
                 database=int(result.get("test/num_database", 0)), queries=int(result.get("test/num_queries", 0)),
                 seconds=round(seconds, 1), run_dir=result["run_dir"], overrides=over, commit=git_commit(),

@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--bits", type=int, default=48)
-    ap.add_argument("--experiment", default="dsrh",
-                    help="experiment config: dsrh (the paper's constants) or dsrh_tuned (the shipped recipe)")
+    ap.add_argument("--experiment", default="dsrh_yao",
+                    help="experiment config: dsrh_yao (the paper's constants), dsrh_tuned (the frozen-feature "
+                         "recipe) or dsrh (the end-to-end recipe)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "cifar10")

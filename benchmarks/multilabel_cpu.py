@@ -48,10 +48,13 @@ REPO = Path(__file__).resolve().parents[1]
 # (triplets on "shares a label", sigmoid cross-entropy classification stream) with the orthogonality penalty
 # divided by k (unscaled, it dwarfs the ranking term at 48 bits: docs/RESULTS.md); "DSRH (Zhao)" replaces its
 # ranking term with Zhao et al.'s weighted multilevel triplet loss and keeps the other two streams.
+# "DSRH (default)" is experiment=dsrh as shipped (what make train runs): the end-to-end recipe's loss settings,
+# its sampling left to the labels (shuffled batches, every valid in-batch triplet, on multi-label data).
 DSRH_ML = ["loss.orth_norm=bits"]
 DEEP: Dict[str, tuple] = {
     "DSRH (triplet)": ("dsrh_yao", DSRH_ML),
     "DSRH (Zhao)": ("dsrh_yao", DSRH_ML + ["loss.ranking=weighted", "data.sampling=random"]),
+    "DSRH (default)": ("dsrh", []),
     "HashNet": ("hashnet", []),
     "DPSH": ("dpsh", []),
     "CSQ": ("csq", []),

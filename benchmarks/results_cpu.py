@@ -7,7 +7,7 @@ cached (``data.cache_features``), then
 * classical baselines (LSH, PCAH, ITQ, SH) fit on the training features;
 * deep methods: hash (+ classification) heads trained on the features through the
   same LightningModule and losses (DRH, DRH+, DSRH with bags s in {1, 10, 30},
-  DPSH, DTSH, HashNet, CSQ), all with the same sampling, steps and batch size;
+  DPSH, DTSH, HashNet, CSQ, GreedyHash, OrthoHash, DSH, DHN), all with the same sampling, steps and batch size;
 
 evaluated on the test queries against the database by ``metrics.retrieval_metrics``.
 With ``--tuned`` (tune_cpu.py's JSON) each tuned method runs with the settings found on validation.
@@ -57,12 +57,17 @@ DEEP = {
     "DTSH": ("dtsh", []),
     "HashNet": ("hashnet", []),
     "CSQ": ("csq", []),
+    "GreedyHash": ("greedyhash", []),
+    "OrthoHash": ("orthohash", []),
+    "DSH": ("dsh", []),
+    "DHN": ("dhn", []),
 }
 # With --tuned: method -> (tuned method whose settings it takes, keys it drops). The ablations take DSRH's
 # tuned recipe without the terms they ablate, so the comparison isolates the terms.
 TUNED_FROM = {"DSRH": ("DSRH", []), "DRH+": ("DSRH", ["loss.cls_weight"]),
               "DRH": ("DSRH", ["loss.cls_weight", "loss.orth_weight"]),
-              "HashNet": ("HashNet", []), "CSQ": ("CSQ", [])}
+              "HashNet": ("HashNet", []), "CSQ": ("CSQ", []), "GreedyHash": ("GreedyHash", []),
+              "OrthoHash": ("OrthoHash", []), "DSH": ("DSH", []), "DHN": ("DHN", [])}
 NAMES = {"lsh": "LSH", "pcah": "PCAH", "itq": "ITQ", "sh": "SH"}
 ALL_METHODS = [NAMES[b] for b in BASELINES] + list(DEEP)
 

@@ -41,7 +41,7 @@ PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}
 
 def config(args, backbone: str, size: int, precision: str, out: str):
     weights = "none" if backbone == "small_cnn" else args.weights
-    over = [f"dataset={args.dataset}", "experiment=dsrh", f"model.backbone={backbone}", f"model.weights={weights}",
+    over = [f"dataset={args.dataset}", "experiment=dsrh_yao", f"model.backbone={backbone}", f"model.weights={weights}",
             f"data.image_size={size}", "data.sampling=triplets", f"data.batch_size={args.batch // 3}",
             f"data.num_workers={args.workers}", "data.download=false", f"data.augment_on={args.augment_on}",
             "model.bits=48", "logger.name=none", f"trainer.accelerator={args.accelerator}",

@@ -42,7 +42,7 @@ def setup(backbone: str, size: int, images_per_step: int, sampling: str, args):
     weights = "none" if backbone == "small_cnn" else "imagenet"
     # Balanced batches of P classes x K images (CIFAR-10 has 10 classes).
     per_class = 12 if images_per_step % 12 == 0 and images_per_step // 12 <= 10 else 8
-    over = [f"dataset={args.dataset}", "experiment=dsrh", f"model.backbone={backbone}", f"model.weights={weights}",
+    over = [f"dataset={args.dataset}", "experiment=dsrh_yao", f"model.backbone={backbone}", f"model.weights={weights}",
             f"data.image_size={size}", f"data.sampling={sampling}", "data.num_workers=0", "data.download=false",
             "model.bits=48", "logger.name=none", "trainer.accelerator=cpu", f"data.images_per_class={per_class}",
             f"data.batch_size={images_per_step // 3 if sampling == 'triplets' else images_per_step}"]

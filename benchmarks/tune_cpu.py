@@ -11,7 +11,18 @@ so the engine, its state file and its resumption are those of ``dsrh sweep-local
 The best trial of each (method, bits) is written to ``--out`` (JSON), which ``results_cpu.py --tuned``
 reads. Run it with nothing else on the machine.
 
+``--protocol finetune`` runs the same search end to end: each trial is finetune_cpu.py's run (EfficientNet-Lite0's
+top 3 blocks at 96 px on cached lower-block outputs, class-balanced batches, ``--steps`` steps), validation only,
+and every method searches its own loss knobs, dropout, its learning rate and the backbone's lr multiplier
+(:func:`finetune_sweep`, from the method's sweep file; DRH and DRH+ search DSRH's without their ablated terms).
+The choice replaces the method's entry in ``benchmarks/results/finetune_cpu_recipe.json``, the settings file
+``finetune_cpu.py --tuned`` (``make bench-finetune``) reads; a searched entry's lr and settings win over
+``--lr``. Trials resume where they stopped (sweep-local's state).
+
+    python -m benchmarks.tune_cpu --protocol finetune --bits 12 48 --count 6    # make bench-tune-finetune
+
     python -m benchmarks.tune_cpu --methods DSRH HashNet CSQ --bits 12 48 --count 16
+    python -m benchmarks.tune_cpu --methods GreedyHash OrthoHash DSH DHN --bits 12 48 --count 16
 
 Later rounds (every method alike):
 
@@ -50,16 +61,77 @@ from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path, run_
 REPO = Path(__file__).resolve().parents[1]
 
 # method -> sweep file (experiments/sweeps/)
-SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune_csq.yaml"}
+SWEEPS = {"DSRH": "tune_dsrh.yaml", "HashNet": "tune_hashnet.yaml", "CSQ": "tune_csq.yaml",
+          "GreedyHash": "tune_greedyhash.yaml", "OrthoHash": "tune_orthohash.yaml", "DSH": "tune_dsh.yaml",
+          "DHN": "tune_dhn.yaml"}
+
+
+# End to end (--protocol finetune): method -> (sweep file whose method knobs it searches, experiment config,
+# knobs it drops). Every method of finetune_cpu.py but the paper's constants; DRH and DRH+ search DSRH's
+# space without the terms they ablate.
+FINETUNE_SWEEPS = {
+    "DRH": ("tune_dsrh.yaml", "drh", ["loss.cls_weight", "loss.orth_weight"]),
+    "DRH+": ("tune_dsrh.yaml", "drh_plus", ["loss.cls_weight"]),
+    "DSRH": ("tune_dsrh.yaml", "dsrh", []),
+    "DPSH": ("tune_dpsh.yaml", "dpsh", []), "DTSH": ("tune_dtsh.yaml", "dtsh", []),
+    "HashNet": ("tune_hashnet.yaml", "hashnet", []), "CSQ": ("tune_csq.yaml", "csq", []),
+    "GreedyHash": ("tune_greedyhash.yaml", "greedyhash", []), "OrthoHash": ("tune_orthohash.yaml", "orthohash", []),
+    "DSH": ("tune_dsh.yaml", "dsh", []), "DHN": ("tune_dhn.yaml", "dhn", []),
+}
+# What every method searches end to end besides its own loss knobs (and model.dropout): the heads' learning
+# rate and the backbone's multiplier of it. The network, the batches (class-balanced, 8 classes x 8) and the
+# schedule are finetune_cpu.py's, the same for every method.
+FINETUNE_SHARED = {
+    "optim.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+    "optim.backbone_lr_mult": {"values": [0.1, 0.3, 1.0]},
+}
+
+
+def finetune_sweep(sweep: Dict[str, Any], experiment: str, drop: Sequence[str] = ()) -> Dict[str, Any]:
+    """The end-to-end search derived from a frozen-feature sweep file (pure): its ``loss.*`` knobs (less ``drop``)
+    and ``model.dropout``, plus :data:`FINETUNE_SHARED`; the command's ``experiment=`` becomes ``experiment``.
+    The frozen protocol's network knobs (shared layer, feature standardisation, bag size, sampling) are left out:
+    the end-to-end protocol fixes them for every method."""
+    params = {k: copy.deepcopy(v) for k, v in FINETUNE_SHARED.items()}
+    params.update({k: copy.deepcopy(v) for k, v in sweep["parameters"].items()
+                   if (k.startswith("loss.") or k == "model.dropout") and k not in drop})
+    command = [f"experiment={experiment}" if isinstance(a, str) and a.startswith("experiment=") else a
+               for a in sweep["command"]]
+    return dict(copy.deepcopy(sweep), command=command, parameters=params)
+
+
+def finetune_protocol(args, bits: int) -> List[str]:
+    """The end-to-end protocol every trial shares: finetune_cpu.py's run (its network, batches and schedule, with
+    ``--steps``, ``--val-every``, ``--lr-decay-steps`` and ``--seed`` from here), validation only; no method, lr or
+    output folder (the trial's)."""
+    from benchmarks import finetune_cpu
+
+    ft = finetune_cpu.build_parser().parse_args(["--steps", str(args.steps), "--val-every", str(args.val_every),
+                                                 "--lr-decay-steps", str(args.lr_decay_steps)])
+    over = finetune_cpu.run_overrides(ft, "DSRH", bits, args.seed, {})
+    own = ("experiment", "optim.lr", "optim.backbone_lr_mult", "output_dir", "name", "resume",
+           "trainer.test_after_fit", "logger.name")
+    return [o for o in over if o.split("=", 1)[0] not in own] + [
+        "data.cache_flip=true", "trainer.test_after_fit=false", "trainer.checkpoint_every_n_steps=0",
+        "logger.name=none",
+    ] + list(args.override)
 
 
 def protocol_overrides(args, bits: int) -> List[str]:
-    """The CPU protocol every trial shares (results_cpu.py's, at ``--steps``), validation only."""
+    """The protocol every trial shares, validation only: results_cpu.py's frozen features at ``--steps``
+    (``--protocol frozen``) or finetune_cpu.py's end-to-end run (``--protocol finetune``)."""
+    if getattr(args, "protocol", "frozen") == "finetune":
+        return finetune_protocol(args, bits)
     return base_overrides(args, bits, args.seed) + [
         f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.val_every}",
         f"optim.lr_decay_steps={args.lr_decay_steps}", f"data.batch_size={args.batch_size}",
         "trainer.test_after_fit=false", "trainer.checkpoint_every_n_steps=0",
     ] + list(args.override)  # last among the protocol's settings (a trial's swept values still follow)
+
+
+def method_slug(method: str) -> str:
+    """A method's name in file and folder names: ``DRH+`` -> ``drhplus``, ``DSRH`` -> ``dsrh``."""
+    return method.lower().replace("+", "plus").replace(" ", "-")
 
 
 def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[int, Optional[Dict[str, Any]]]:
@@ -321,12 +393,17 @@ def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_args(p)
-    p.add_argument("--methods", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    p.add_argument("--protocol", choices=["frozen", "finetune"], default="frozen",
+                   help="frozen: heads on cached features (results_cpu.py); finetune: end to end (finetune_cpu.py), "
+                        "searching each method's loss knobs, dropout, lr and backbone lr multiplier")
+    p.add_argument("--methods", nargs="+", default=None, choices=sorted(set(SWEEPS) | set(FINETUNE_SWEEPS)),
+                   help="default: every method of the protocol")
     p.add_argument("--bits", type=int, nargs="+", default=[12, 48], help="code lengths to tune at")
     p.add_argument("--count", type=int, default=16, help="Bayesian trials per (method, bits)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed of every trial")
-    p.add_argument("--sweep-dir", default=str(REPO / "runs" / "tune_cpu"))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tuned_cpu.json"))
+    p.add_argument("--sweep-dir", default=None, help="default: runs/tune_cpu (frozen) or runs/tune_finetune")
+    p.add_argument("--out", default=None,
+                   help="default: benchmarks/results/tuned_cpu.json (frozen) or finetune_cpu_recipe.json (finetune)")
     p.add_argument("--pool", nargs="*", default=[],
                    help="earlier rounds' --out files: each (method, bits) keeps the best validation trial over "
                         "all rounds (every method gets the same total budget when every round gives the same count)")
@@ -340,6 +417,13 @@ def main(argv=None) -> int:
                         "of each, with --seed and --rescore-seeds, and keep the best mean validation MAP; with "
                         "--count 0 and --pool, on the latest pool file's choice without a new search")
     args = p.parse_args(argv)
+    finetune = args.protocol == "finetune"
+    sweeps = FINETUNE_SWEEPS if finetune else SWEEPS
+    args.methods = args.methods or list(sweeps)
+    if set(args.methods) - set(sweeps):
+        p.error(f"--protocol {args.protocol} tunes {list(sweeps)}, not {sorted(set(args.methods) - set(sweeps))}")
+    args.sweep_dir = args.sweep_dir or str(REPO / "runs" / ("tune_finetune" if finetune else "tune_cpu"))
+    args.out = args.out or str(REPO / "benchmarks" / "results" / ("finetune_cpu_recipe.json" if finetune else "tuned_cpu.json"))
     if args.rescore and args.seed in args.rescore_seeds:
         p.error(f"--rescore-seeds {args.rescore_seeds}: the trials already ran with --seed {args.seed}")
     if not args.count and not (args.pool and (args.rescore or args.alternatives)):
@@ -357,12 +441,19 @@ def main(argv=None) -> int:
     out_path = Path(args.out)
     tuned = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for method in args.methods:
-        base_file = resolve_sweep_path(SWEEPS[method])
-        sweep = load_sweep(base_file)
+        if finetune:  # the end-to-end space, written beside the trials (sweep-local reads a file)
+            name, experiment, drop = FINETUNE_SWEEPS[method]
+            sweep = finetune_sweep(load_sweep(resolve_sweep_path(name)), experiment, drop)
+            base_file = Path(args.sweep_dir) / f"tune_{method_slug(method)}_finetune.yaml"
+            base_file.parent.mkdir(parents=True, exist_ok=True)
+            base_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
+        else:
+            base_file = resolve_sweep_path(SWEEPS[method])
+            sweep = load_sweep(base_file)
         for bits in args.bits:
             protocol = protocol_overrides(args, bits)
             fixed = sweep_fixed(sweep["command"], protocol)
-            sweep_dir = Path(args.sweep_dir) / f"{method.lower()}-{bits}"
+            sweep_dir = Path(args.sweep_dir) / f"{method_slug(method)}-{bits}"
 
             def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
                 name = f"rescore-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]}-seed{seed}"
@@ -391,6 +482,7 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 entry = alternatives(entry, sweep, args.alternatives, seeds, run_seed, fixed, cache, protocol)
                 entry["alternatives_seconds"] = round(time.perf_counter() - t1, 1)
+            entry["protocol"] = args.protocol
             tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(tuned, indent=2))

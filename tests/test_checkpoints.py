@@ -162,3 +162,19 @@ def test_resume_from_a_checkpoint_written_before_newer_keys(tmp_path):
                          "model.shared_dim=512"])
     with pytest.raises(ConfigError, match=r"model.shared_dim: checkpoint 0, now 512"):
         check_resume_compatible(wider, tmp_path / "last.ckpt", ckpt)
+
+
+def test_resume_with_sampling_auto_matches_what_auto_chose(tmp_path):
+    """data.sampling=auto resumes a checkpoint whose run resolved it to balanced or random (the labels are the
+    same), but not one trained on explicit triplets."""
+    from dsrh_lightning.runs.checkpoints import check_resume_compatible
+
+    cfg = load_config(["dataset=synthetic", "experiment=dsrh", f"output_dir={tmp_path}", "name=a", "resume=auto"])
+    assert cfg.data.sampling == "auto"
+    for chosen in ("balanced", "random"):
+        stored = to_dict(cfg)
+        stored["data"]["sampling"] = chosen
+        check_resume_compatible(cfg, tmp_path / "last.ckpt", _ckpt(3, stored))  # no error
+    stored["data"]["sampling"] = "triplets"
+    with pytest.raises(ConfigError, match=r"data.sampling: checkpoint 'triplets', now 'auto'"):
+        check_resume_compatible(cfg, tmp_path / "last.ckpt", _ckpt(3, stored))

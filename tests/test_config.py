@@ -184,3 +184,18 @@ def test_triplet_mining_needs_in_batch_triplets_without_subsampling(overrides, f
     assert fragment in str(err.value)
     cfg = load_config(["dataset=synthetic", "data.sampling=balanced", "loss.triplet_mining=hard"])
     assert cfg.loss.triplet_mining == "hard"
+
+
+def test_sampling_auto_is_decided_by_the_labels():
+    """data.sampling=auto: class-balanced batches for class ids, shuffled batches for multi-hot labels; an explicit
+    value is kept; the balanced batch shape is checked at load time, naming the keys."""
+    from dsrh_lightning.config import resolve_sampling
+
+    single = load_config(["dataset=synthetic", "data.sampling=auto"])
+    assert resolve_sampling(single, multilabel=False) == "balanced" and single.data.sampling == "balanced"
+    multi = load_config(["dataset=synthetic", "data.sampling=auto"])
+    assert resolve_sampling(multi, multilabel=True) == "random" and multi.data.sampling == "random"
+    explicit = load_config(["dataset=synthetic", "data.sampling=triplets"])
+    assert resolve_sampling(explicit, multilabel=True) == "triplets"
+    with pytest.raises(ConfigError, match=r"data.images_per_class=7 when data.sampling=auto"):
+        load_config(["dataset=synthetic", "data.sampling=auto", "data.images_per_class=7"])

@@ -55,8 +55,29 @@ def test_three_methods_share_every_other_setting(tmp_path):
 
 def test_without_tuned_settings_the_experiment_configs_apply(tmp_path):
     cfg = load_config(finetune_cpu.run_overrides(_args(tmp_path), "DSRH", 48, 0, {}))
-    paper = load_config(["dataset=cifar10", "experiment=dsrh"])
-    assert cfg.loss.margin == paper.loss.margin and cfg.loss.orth_weight == paper.loss.orth_weight
+    shipped = load_config(["dataset=cifar10", "experiment=dsrh"])
+    assert cfg.loss.margin == shipped.loss.margin and cfg.loss.orth_weight == shipped.loss.orth_weight
+
+
+def test_an_end_to_end_search_sets_each_methods_own_lr_and_settings(tmp_path):
+    """A method's own entry from tune_cpu.py --protocol finetune wins over the protocol's --lr (its lr, backbone
+    multiplier, dropout and loss knobs); methods without one keep the recipe and --lr."""
+    searched = {"overrides": ["dataset=cifar10", "experiment=drh", "loss.margin=0.2", "loss.triplet_average=active",
+                              "model.dropout=0.25", "optim.backbone_lr_mult=0.3", "optim.lr=0.003"],
+                "best_val_map": 0.4, "trials": 6, "steps": 1500, "protocol": "finetune"}
+    tuned = dict(TUNED, DRH={"48": searched})
+    for bits in (12, 48):  # the nearest tuned length
+        cfg = load_config(finetune_cpu.run_overrides(_args(tmp_path), "DRH", bits, 0, tuned))
+        assert cfg.experiment == "drh" and not cfg.model.classifier and cfg.loss.cls_weight == 0.0
+        assert (cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.model.dropout) == (0.003, 0.3, 0.25)
+        assert cfg.loss.margin == pytest.approx(0.2) and cfg.loss.triplet_average == "active"
+    assert cfg.name.startswith(finetune_cpu.run_name("DRH", 48, 0, 64) + "-")  # not the untuned run's folder
+    plus = load_config(finetune_cpu.run_overrides(_args(tmp_path), "DRH+", 48, 0, tuned))  # DSRH's recipe, --lr
+    assert plus.optim.lr == pytest.approx(0.01) and plus.loss.margin == pytest.approx(0.38)
+    # a frozen-feature entry of the method's own keeps the old rule: recipe first, --lr for every method
+    frozen = dict(TUNED, DRH={"48": dict(searched, protocol="frozen")})
+    cfg = load_config(finetune_cpu.run_overrides(_args(tmp_path), "DRH", 48, 0, frozen))
+    assert cfg.optim.lr == pytest.approx(0.01) and cfg.loss.margin == pytest.approx(0.38)
 
 
 def _row(method, val, test):

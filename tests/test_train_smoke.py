@@ -51,7 +51,7 @@ def test_every_experiment_config_runs(experiment, tiny_overrides):
     cfg = OmegaConf.load(REPO / "experiments" / "configs" / "experiment" / f"{experiment}.yaml")
     over = [f"experiment={experiment}", "trainer.max_steps=3", "trainer.val_check_interval=3",
             "trainer.test_after_fit=true", "logger.name=none", "data.num_workers=0", "trainer.log_every_n_steps=1"]
-    if OmegaConf.select(cfg, "data.sampling") == "balanced":
+    if OmegaConf.select(cfg, "data.sampling") in ("balanced", "auto"):  # auto: balanced on the single-label set
         over += _TINY["balanced"]
     if OmegaConf.select(cfg, "model.hash_input") == "last_two":
         over += _TINY["last_two"]
@@ -126,3 +126,27 @@ def test_train_custom_single_label_lists(tmp_path):
     over = [o for o in _list_overrides(root, tmp_path, "custom") if not o.startswith("data.num_labels")]
     results = train(load_config(over))
     assert 0.0 <= results["test/map"] <= 1.0 and results["test/num_database"] == 140
+
+
+@pytest.mark.parametrize("multilabel, resolved", [(True, "random"), (False, "balanced")])
+def test_default_dsrh_samples_by_the_labels_and_resumes(tmp_path, multilabel, resolved):
+    """experiment=dsrh leaves data.sampling to the labels (auto): class-balanced batches for class ids, shuffled
+    batches for multi-hot labels. config.yaml and the checkpoint record the choice, and the run continues with
+    data.sampling still auto."""
+    from dsrh_lightning.data.synthetic_folder import write_synthetic_list_dataset
+
+    root = tmp_path / "data"
+    write_synthetic_list_dataset(root, num_labels=6, n=160, query=20, train=60, multilabel=multilabel)
+    over = _list_overrides(root, tmp_path, "nuswide" if multilabel else "custom")
+    if not multilabel:
+        over = [o for o in over if not o.startswith("data.num_labels")]
+    over += ["experiment=dsrh", "model.hash_input=last", "data.images_per_class=4"]
+    cfg = load_config(over)
+    assert cfg.data.sampling == "auto"
+    results = train(cfg)
+    run = Path(results["run_dir"])
+    assert OmegaConf.load(run / "config.yaml").data.sampling == resolved
+    ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["data"]["sampling"] == resolved
+    more = train(load_config(over + ["resume=auto", "trainer.max_steps=6", "trainer.val_check_interval=2"]))
+    assert more["global_step"] == 6 and OmegaConf.load(run / "config.yaml").data.sampling == resolved

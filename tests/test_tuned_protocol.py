@@ -293,6 +293,7 @@ def test_alternatives_try_each_other_value_of_a_categorical_knob_on_the_same_see
     (["--count", "0", "--alternatives", "data.sampling"], "--rescore K and/or --alternatives"),
     (["--count", "0", "--pool", "x.json", "--rescore", "3", "--refine"], "--refine"),
     (["--count", "4", "--alternatives", "data.sampling"], "give --rescore K too"),
+    (["--methods", "DRH"], "--protocol frozen tunes"),
 ])
 def test_tune_cpu_rejects_flag_combinations_that_would_do_nothing_or_fail_late(tmp_path, capsys, argv, fragment):
     with pytest.raises(SystemExit):
@@ -352,16 +353,11 @@ def test_sweep_fixed_records_the_commands_own_settings_not_the_protocols():
         "dataset=cifar10", "experiment=dsrh", "loss.margin_scaling=per_bit", "loss.orth_norm=bits"]
 
 
-def test_shipped_dsrh_finetune_is_the_end_to_end_recipe():
-    """experiment=dsrh_finetune holds finetune_cpu_recipe.json's 48-bit DSRH loss settings (3 significant digits)
-    and the end-to-end protocol's training settings (benchmarks/finetune_cpu.py's defaults, the lr included)."""
+def _assert_holds_the_end_to_end_recipe(cfg):
+    """``cfg`` has finetune_cpu_recipe.json's 48-bit DSRH settings but the lr (3 significant digits)."""
     import json
 
-    from benchmarks import finetune_cpu
-    from dsrh_lightning.config import load_config
-
     recipe = json.loads((REPO / "benchmarks" / "results" / "finetune_cpu_recipe.json").read_text())["DSRH"]["48"]
-    cfg = load_config(["dataset=cifar10", "experiment=dsrh_finetune"])
     found = dict(o.split("=", 1) for o in recipe["overrides"])
     for key in ("experiment", "dataset", "optim.lr"):
         found.pop(key)
@@ -369,7 +365,94 @@ def test_shipped_dsrh_finetune_is_the_end_to_end_recipe():
         section, name = key.split(".")
         shipped = getattr(getattr(cfg, section), name)
         assert (shipped == value) if isinstance(shipped, str) else float(shipped) == pytest.approx(float(value), rel=5e-3), key
+
+
+def test_shipped_dsrh_finetune_is_the_end_to_end_recipe():
+    """experiment=dsrh_finetune holds finetune_cpu_recipe.json's 48-bit DSRH loss settings (3 significant digits)
+    and the end-to-end protocol's training settings (benchmarks/finetune_cpu.py's defaults, the lr included)."""
+    from benchmarks import finetune_cpu
+    from dsrh_lightning.config import load_config
+
+    cfg = load_config(["dataset=cifar10", "experiment=dsrh_finetune"])
+    _assert_holds_the_end_to_end_recipe(cfg)
     args = finetune_cpu.build_parser().parse_args([])
     assert (cfg.data.image_size, cfg.model.train_blocks, cfg.trainer.max_steps) == (args.image_size, args.train_blocks, args.steps)
     assert (cfg.optim.lr, cfg.optim.lr_decay_steps, cfg.trainer.val_check_interval) == (args.lr, args.lr_decay_steps, args.val_every)
     assert cfg.data.cache_features and cfg.data.cache_flip and cfg.model.backbone == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "nuswide", "synthetic"])
+def test_default_dsrh_is_the_end_to_end_recipe_and_dsrh_yao_the_papers_constants(dataset):
+    """experiment=dsrh (what make train runs) carries finetune_cpu_recipe.json's 48-bit DSRH loss settings on every
+    dataset, with the sampling left to the labels; experiment=dsrh_yao keeps Yao et al.'s constants."""
+    from dsrh_lightning.config import load_config
+
+    cfg = load_config([f"dataset={dataset}", "experiment=dsrh"])
+    _assert_holds_the_end_to_end_recipe(cfg)
+    assert cfg.data.sampling == "auto" and cfg.loss.ranking == "triplet" and cfg.model.classifier
+    paper = load_config([f"dataset={dataset}", "experiment=dsrh_yao"])
+    assert (paper.loss.margin, paper.loss.margin_scaling, paper.loss.orth_weight, paper.loss.orth_norm,
+            paper.loss.cls_weight, paper.loss.triplet_average, paper.data.sampling) == (
+        1.0, "constant", 0.25, "none", 1.0, "all", "triplets")
+
+
+
+def _sample(spec):
+    """One value of a sweep parameter's specification (its first listed value, or its lower bound)."""
+    return spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))
+
+
+def _finetune_args(**kw):
+    import argparse
+
+    return argparse.Namespace(**dict(dict(steps=1500, val_every=500, lr_decay_steps=1000, seed=3, override=[]), **kw))
+
+
+def test_finetune_sweep_searches_each_methods_loss_knobs_lr_and_backbone_multiplier():
+    """The end-to-end space (pure): the method's loss knobs less the ablated terms, dropout, the lr and the
+    backbone's multiplier; the frozen protocol's network knobs are left to the protocol."""
+    import copy
+
+    from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path
+
+    dsrh = load_sweep(resolve_sweep_path("tune_dsrh.yaml"))
+    before = copy.deepcopy(dsrh)
+    drh = tune_cpu.finetune_sweep(dsrh, "drh", ["loss.cls_weight", "loss.orth_weight"])
+    assert dsrh == before  # the frozen sweep is not changed
+    assert set(drh["parameters"]) == {"optim.lr", "optim.backbone_lr_mult", "loss.margin", "loss.triplet_average",
+                                      "model.dropout"}
+    assert "experiment=drh" in drh["command"] and "experiment=dsrh" not in drh["command"]
+    assert drh["parameters"]["optim.lr"] == tune_cpu.FINETUNE_SHARED["optim.lr"]
+    plus = tune_cpu.finetune_sweep(dsrh, "drh_plus", ["loss.cls_weight"])
+    assert set(plus["parameters"]) == set(drh["parameters"]) | {"loss.orth_weight"}
+
+
+@pytest.mark.parametrize("method", sorted(tune_cpu.FINETUNE_SWEEPS))
+def test_every_end_to_end_search_makes_valid_runs_of_the_finetune_protocol(method):
+    """Each method's end-to-end trial (sweep command, protocol, a value of every knob) is a valid config of the
+    right method, with finetune_cpu.py's network and batches and the trial's own lr."""
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path
+
+    name, experiment, drop = tune_cpu.FINETUNE_SWEEPS[method]
+    sweep = tune_cpu.finetune_sweep(load_sweep(resolve_sweep_path(name)), experiment, drop)
+    protocol = tune_cpu.protocol_overrides(_finetune_args(protocol="finetune"), 48)
+    fixed = tune_cpu.sweep_fixed(sweep["command"], protocol)
+    assert f"experiment={experiment}" in fixed
+    params = {k: _sample(v) for k, v in sweep["parameters"].items()}
+    cfg = load_config(fixed + protocol + [f"{k}={v}" for k, v in params.items()])
+    assert cfg.experiment == experiment and cfg.optim.lr == pytest.approx(0.001)
+    assert cfg.optim.backbone_lr_mult == pytest.approx(0.1) and cfg.model.bits == 48 and cfg.seed == 3
+    assert (cfg.data.image_size, cfg.model.train_blocks, cfg.data.cache_flip, cfg.data.sampling) == (96, 3, True, "balanced")
+    assert not cfg.trainer.test_after_fit and not any(o.startswith(("optim.lr=", "output_dir=")) for o in protocol)
+
+
+def test_finetune_protocol_is_finetune_cpus_run_less_method_lr_and_folder():
+    from benchmarks import finetune_cpu
+
+    protocol = tune_cpu.finetune_protocol(_finetune_args(override=["trainer.max_steps=20"]), 12)
+    run = finetune_cpu.run_overrides(finetune_cpu.build_parser().parse_args([]), "DSRH", 12, 3, {})
+    own = {"experiment", "optim.lr", "optim.backbone_lr_mult", "output_dir", "name", "resume",
+           "trainer.test_after_fit", "logger.name"}
+    assert [o for o in run if o.split("=", 1)[0] not in own] == protocol[:len(run) - len(own)]
+    assert protocol[-1] == "trainer.max_steps=20"  # --override last

@@ -83,7 +83,9 @@ class DataConfig:
     nuswide_source: str = "auto"
     # "triplets": explicit (query, positive, negative) triplets sampled from labels (the paper);
     # "balanced": class-balanced batches, all valid triplets mined inside the batch;
-    # "random": shuffled batches, triplets mined inside the batch (multi-label data, weighted ranking).
+    # "random": shuffled batches, triplets mined inside the batch (multi-label data, weighted ranking);
+    # "auto": "balanced" for single-label data, "random" for multi-label data (decided by the labels when
+    # the data module is set up; the run's config.yaml records the choice).
     sampling: str = "triplets"
     triplets_per_image: int = 1
     # Triplets per batch in "triplets" mode; images per batch in "balanced" mode.
@@ -291,7 +293,7 @@ class Config:
 
 _CHOICES = {
     "data.dataset": DATASETS,
-    "data.sampling": ("triplets", "balanced", "random"),
+    "data.sampling": ("triplets", "balanced", "random", "auto"),
     "data.augment_on": ("device", "worker"),
     "data.feature_norm": ("none", "standardize"),
     "data.on_bad": ("error", "skip"),
@@ -613,13 +615,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("trainer.precision='16-mixed' needs a GPU; use trainer.precision=bf16-mixed on CPU")
     if not 0.0 < cfg.eval.threshold < 1.0:
         raise ConfigError(f"eval.threshold={cfg.eval.threshold}: must be in (0, 1) (codes are sigmoid outputs)")
-    if cfg.data.sampling == "balanced" and cfg.data.batch_size % cfg.data.images_per_class:
+    if cfg.data.sampling in ("balanced", "auto") and cfg.data.batch_size % cfg.data.images_per_class:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a multiple of "
-            f"data.images_per_class={cfg.data.images_per_class} when data.sampling=balanced"
+            f"data.images_per_class={cfg.data.images_per_class} when data.sampling={cfg.data.sampling} "
+            "(class-balanced batches for single-label data)"
         )
-    if cfg.data.sampling == "balanced" and cfg.data.batch_size // cfg.data.images_per_class < 2:
-        raise ConfigError("data.sampling=balanced needs at least 2 classes per batch (batch_size / images_per_class)")
+    if cfg.data.sampling in ("balanced", "auto") and cfg.data.batch_size // cfg.data.images_per_class < 2:
+        raise ConfigError(f"data.sampling={cfg.data.sampling} needs at least 2 classes per batch "
+                          "(batch_size / images_per_class) for single-label data")
     if cfg.loss.ranking == "weighted" and cfg.data.sampling == "triplets":
         raise ConfigError("loss.ranking=weighted mines multilevel triplets inside each batch: set "
                           "data.sampling=random (or balanced for single-label data)")
@@ -695,6 +699,16 @@ def parse_devices(value: str):
     _check_devices(value)
     text = str(value).strip()
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def resolve_sampling(cfg: DictConfig, multilabel: bool) -> str:
+    """``data.sampling=auto`` becomes ``balanced`` (class-balanced batches, every valid triplet mined inside
+    them) for single-label data and ``random`` (shuffled batches, triplets of images that share a label
+    against images that share none) for multi-label data; any other value is kept. Sets the key in ``cfg``
+    and returns it."""
+    if cfg.data.sampling == "auto":
+        cfg.data.sampling = "random" if multilabel else "balanced"
+    return str(cfg.data.sampling)
 
 
 def save_config(cfg: DictConfig, path: Path, header: str = "") -> None:

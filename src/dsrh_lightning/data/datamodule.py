@@ -22,6 +22,7 @@ from .image_list import usable_images
 from .list_source import NUSWIDE21_CONCEPTS, ListPartition, load_list_source, load_nuswide_official
 from .protocol import (Split, load_or_make_split, make_multilabel_split, make_single_label_split, save_split,
                        split_from_lists)
+from ..config import resolve_sampling
 from .distributed import EpochBatchSampler, ResumableDataLoader
 from .sampling import ClassBalancedBatchSampler
 from .mosaic import make_mosaics
@@ -116,7 +117,9 @@ class HashingDataModule(pl.LightningDataModule):
 
     After :meth:`setup`: ``split`` (index sets), ``num_classes``, ``multilabel``,
     ``image_size``, and datasets ``train``, ``val``, ``val_database``, ``query``,
-    ``database``. Validation and test each return two loaders, queries first.
+    ``database``. Validation and test each return two loaders, queries first. :meth:`setup` also
+    resolves ``data.sampling=auto`` in ``cfg`` from the labels (:func:`~dsrh_lightning.config.resolve_sampling`),
+    so a module built from ``cfg`` afterwards sees the sampling the loader uses.
 
     ``backbone_factory(backbone, weights, hash_input)`` builds the frozen backbone that extracts cached
     features (``data.cache_features=true``; e.g. ``models.build_backbone``): data does not import models.
@@ -197,6 +200,8 @@ class HashingDataModule(pl.LightningDataModule):
         self.val_database = IndexedImageDataset(img, lab, self.split.val_database, eval_tf, **eval_kw)
         self.query = IndexedImageDataset(img, lab, self.split.query, eval_tf, **eval_kw)
         self.database = IndexedImageDataset(img, lab, self.split.database, eval_tf, **eval_kw)
+        if d.sampling == "auto":  # the labels decide; the caller's config (and so config.yaml) records it
+            log.info("data.sampling=auto: %s", resolve_sampling(self.cfg, self.multilabel))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Finish device-path batches on the model's device: uint8 -> augmented, normalised float images."""

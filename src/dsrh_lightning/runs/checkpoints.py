@@ -181,6 +181,8 @@ def incompatible_keys(cfg: DictConfig, stored: Dict[str, Any]) -> List[str]:
     old, new = _flat(_with_defaults(upgrade_legacy_config(stored))), _flat(to_dict(cfg))
     keys = sorted(k for k in set(old) | set(new)
                   if (k.split(".")[0] in _COMPAT_SECTIONS or k in _COMPAT_KEYS) and k not in _COMPAT_IGNORE)
+    if new.get("data.sampling") == "auto" and old.get("data.sampling") in ("balanced", "random"):
+        new["data.sampling"] = old["data.sampling"]  # what auto resolved to when the run started (same labels)
     return [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
             for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
