@@ -101,6 +101,13 @@ def partial_overrides(args) -> List[str]:
     return ["data.cache_features=true", f"model.train_blocks={blocks}", f"data.feature_dir={args.feature_dir}"]
 
 
+def already_measured(rows: List[Dict], overrides: List[str]) -> bool:
+    """Whether ``rows`` hold the run these overrides make: the same run folder name, which carries the method,
+    bits, seed, image size, trained blocks and (for a searched entry) a hash of its settings."""
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
+    return any(Path(r.get("run_dir", "")).name == name for r in rows)
+
+
 def run_name(method: str, bits: int, seed: int, image_size: int, train_blocks: int = -1) -> str:
     top = "" if train_blocks < 0 else f"-top{train_blocks}"
     slug = method.lower().replace("+", "plus").replace(" (paper)", "-paper")
@@ -112,11 +119,13 @@ def run_one(args, method: str, bits: int, seed: int, tuned: dict) -> Dict:
     from dsrh_lightning.runs.train import train
 
     over = run_overrides(args, method, bits, seed, tuned)
+    searched = bool(end_to_end_settings(tuned, method, bits))
     cfg = load_config(over)
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
     return dict(method=method, bits=bits, seed=seed, image_size=args.image_size, backbone=args.backbone,
+                searched=searched,
                 train_blocks=getattr(args, "train_blocks", -1),
                 steps=int(result["global_step"]), batch_size=args.batch_size, sampling=args.sampling,
                 lr=float(cfg.optim.lr), backbone_lr_mult=float(cfg.optim.backbone_lr_mult), map=result["test/map"],
@@ -146,7 +155,9 @@ def summary(rows: List[Dict]) -> List[str]:
     of test MAP@all over its seeds, best first within each code length; the per-run table follows it."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
-        groups.setdefault((r["bits"], r["image_size"], r.get("train_blocks", -1), r["steps"], r["method"]), []).append(r)
+        # a run with its end-to-end search's settings is its own row, beside the same method without them
+        label = r["method"] + (" (searched)" if r.get("searched") else "")
+        groups.setdefault((r["bits"], r["image_size"], r.get("train_blocks", -1), r["steps"], label), []).append(r)
 
     def mean_sd(values: List[float]) -> str:
         if len(values) < 2:
@@ -208,9 +219,7 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             for bits in args.bits:
                 for method in args.methods:
-                    done = {(r["method"], r["bits"], r["seed"], r["image_size"], r.get("train_blocks", -1))
-                            for r in load_results(results)}
-                    if (method, bits, seed, args.image_size, args.train_blocks) in done:
+                    if already_measured(load_results(results), run_overrides(args, method, bits, seed, tuned)):
                         continue
                     row = run_one(args, method, bits, seed, tuned)
                     with results.open("a") as f:

@@ -108,6 +108,9 @@ def finetune_protocol(args, bits: int) -> List[str]:
 
     ft = finetune_cpu.build_parser().parse_args(["--steps", str(args.steps), "--val-every", str(args.val_every),
                                                  "--lr-decay-steps", str(args.lr_decay_steps)])
+    for key in ("dataset", "data_root", "split_dir", "feature_dir", "backbone", "weights"):  # where the data is
+        if hasattr(args, key):
+            setattr(ft, key, getattr(args, key))
     over = finetune_cpu.run_overrides(ft, "DSRH", bits, args.seed, {})
     own = ("experiment", "optim.lr", "optim.backbone_lr_mult", "output_dir", "name", "resume",
            "trainer.test_after_fit", "logger.name")

@@ -172,3 +172,19 @@ def test_the_cpu_warning_quotes_the_measured_result_of_the_recipe_it_names():
             if r["method"] == "DSRH" and r["bits"] == 48 and r["image_size"] == cfg.data.image_size
             and r.get("train_blocks") == cfg.model.train_blocks and r["steps"] == cfg.trainer.max_steps]
     assert rows and quoted == pytest.approx(statistics.mean(r["map"] for r in rows), abs=5e-4)
+
+
+def test_a_searched_run_is_not_taken_for_the_untuned_row_and_reports_apart(tmp_path):
+    """make bench-finetune skips a run only when a row has its run folder: the untuned row of a method does not
+    stand for the run with its end-to-end search's settings, and the report keeps the two apart."""
+    searched = {"overrides": ["dataset=cifar10", "experiment=drh", "optim.lr=0.06", "model.dropout=0.0"],
+                "best_val_map": 0.48, "trials": 6, "steps": 1500, "protocol": "finetune"}
+    args = _args(tmp_path)
+    untuned = finetune_cpu.run_overrides(args, "DRH", 48, 0, TUNED)
+    tuned = finetune_cpu.run_overrides(args, "DRH", 48, 0, dict(TUNED, DRH={"48": searched}))
+    old = dict(_row("DRH", 0.24, 0.236), run_dir=str(tmp_path / "runs" / finetune_cpu.run_name("DRH", 48, 0, 64)))
+    assert finetune_cpu.already_measured([old], untuned) and not finetune_cpu.already_measured([old], tuned)
+    new = dict(_row("DRH", 0.48, 0.47), searched=True)
+    lines = finetune_cpu.summary([old, new])
+    assert any(line.startswith("| DRH | 48 |") and "0.236" in line for line in lines)
+    assert any(line.startswith("| DRH (searched) | 48 |") and "0.470" in line for line in lines)
