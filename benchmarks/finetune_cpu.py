@@ -38,7 +38,7 @@ from typing import Dict, List
 
 from benchmarks.report_cpu import replace_block
 from benchmarks.results_cpu import (add_data_args, add_report_args, add_schedule_args, git_commit, load_results,
-                         machine, repo_relative, tuned_overrides)
+                         machine, nearest_length, repo_relative, tuned_overrides)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def end_to_end_settings(tuned: dict, method: str, bits: int) -> List[str]:
     entries = (tuned or {}).get(method, {})
     if not entries:
         return []
-    nearest = entries[sorted(entries, key=lambda b: (abs(int(b) - bits), int(b)))[0]]
+    nearest = nearest_length(entries, bits)
     if nearest.get("protocol") != "finetune":
         return []
     return [o for o in nearest["overrides"] if o.split("=", 1)[0] not in ("dataset", "experiment")]
@@ -108,9 +108,14 @@ def already_measured(rows: List[Dict], overrides: List[str]) -> bool:
     return any(Path(r.get("run_dir", "")).name == name for r in rows)
 
 
+def method_slug(method: str) -> str:
+    """A method's name in file and folder names: ``DRH+`` -> ``drhplus``, ``DSRH (paper)`` -> ``dsrh-paper``."""
+    return method.lower().replace("+", "plus").replace(" (paper)", "-paper")
+
+
 def run_name(method: str, bits: int, seed: int, image_size: int, train_blocks: int = -1) -> str:
     top = "" if train_blocks < 0 else f"-top{train_blocks}"
-    slug = method.lower().replace("+", "plus").replace(" (paper)", "-paper")
+    slug = method_slug(method)
     return f"finetune-{slug}-{bits}b-{image_size}px{top}-s{seed}"
 
 

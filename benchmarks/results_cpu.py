@@ -141,13 +141,18 @@ def run_baseline(name: str, args, bits: int, seed: int, dm: HashingDataModule) -
     return res
 
 
+def nearest_length(entries: dict, bits: int) -> dict:
+    """The entry of ``entries`` (code length as a string -> entry) at the length nearest ``bits``, the shorter
+    one on a tie."""
+    return entries[min(entries, key=lambda b: (abs(int(b) - bits), int(b)))]
+
+
 def tuned_overrides(tuned: dict, name: str, bits: int) -> list[str] | None:
     """The validation-tuned settings of ``name`` at the tuned code length nearest ``bits`` (None: untuned)."""
     source, drop = TUNED_FROM.get(name, (None, []))
     if not tuned or source not in tuned:
         return None
-    lengths = sorted(tuned[source], key=lambda b: (abs(int(b) - bits), int(b)))
-    over = tuned[source][lengths[0]]["overrides"]
+    over = nearest_length(tuned[source], bits)["overrides"]
     return [o for o in over if o.split("=", 1)[0] not in {"dataset", "experiment", *drop}]
 
 

@@ -54,6 +54,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
+from benchmarks import finetune_cpu
 from benchmarks.results_cpu import add_protocol_args, base_overrides
 from dsrh_lightning.config import load_config
 from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs
@@ -104,8 +105,6 @@ def finetune_protocol(args, bits: int) -> List[str]:
     """The end-to-end protocol every trial shares: finetune_cpu.py's run (its network, batches and schedule, with
     ``--steps``, ``--val-every``, ``--lr-decay-steps`` and ``--seed`` from here), validation only; no method, lr or
     output folder (the trial's)."""
-    from benchmarks import finetune_cpu
-
     ft = finetune_cpu.build_parser().parse_args(["--steps", str(args.steps), "--val-every", str(args.val_every),
                                                  "--lr-decay-steps", str(args.lr_decay_steps)])
     for key in ("dataset", "data_root", "split_dir", "feature_dir", "backbone", "weights"):  # where the data is
@@ -130,11 +129,6 @@ def protocol_overrides(args, bits: int) -> List[str]:
         f"optim.lr_decay_steps={args.lr_decay_steps}", f"data.batch_size={args.batch_size}",
         "trainer.test_after_fit=false", "trainer.checkpoint_every_n_steps=0",
     ] + list(args.override)  # last among the protocol's settings (a trial's swept values still follow)
-
-
-def method_slug(method: str) -> str:
-    """A method's name in file and folder names: ``DRH+`` -> ``drhplus``, ``DSRH`` -> ``dsrh``."""
-    return method.lower().replace("+", "plus").replace(" ", "-")
 
 
 def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[int, Optional[Dict[str, Any]]]:
@@ -447,7 +441,7 @@ def main(argv=None) -> int:
         if finetune:  # the end-to-end space, written beside the trials (sweep-local reads a file)
             name, experiment, drop = FINETUNE_SWEEPS[method]
             sweep = finetune_sweep(load_sweep(resolve_sweep_path(name)), experiment, drop)
-            base_file = Path(args.sweep_dir) / f"tune_{method_slug(method)}_finetune.yaml"
+            base_file = Path(args.sweep_dir) / f"tune_{finetune_cpu.method_slug(method)}_finetune.yaml"
             base_file.parent.mkdir(parents=True, exist_ok=True)
             base_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
         else:
@@ -456,7 +450,7 @@ def main(argv=None) -> int:
         for bits in args.bits:
             protocol = protocol_overrides(args, bits)
             fixed = sweep_fixed(sweep["command"], protocol)
-            sweep_dir = Path(args.sweep_dir) / f"{method_slug(method)}-{bits}"
+            sweep_dir = Path(args.sweep_dir) / f"{finetune_cpu.method_slug(method)}-{bits}"
 
             def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
                 name = f"rescore-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]}-seed{seed}"
