@@ -143,6 +143,13 @@ def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[in
     return 0, result
 
 
+def rescore_run(overrides: List[str], protocol: List[str], sweep_dir: Path, name: str) -> List[str]:
+    """A re-scoring run's ``dsrh train`` overrides: the candidate's settings, the protocol at the run's seed, and
+    its own folder ``<sweep_dir>/rescore/<name>`` with ``resume=auto``, so a run that a stopped re-scoring left
+    half done continues from its last checkpoint (or starts afresh) instead of failing on its folder."""
+    return list(overrides) + list(protocol) + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}", "resume=auto"]
+
+
 def best_trial(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     ok = [r for r in records if r["state"] == "finished" and r.get("history")]
     return max(ok, key=lambda r: r["history"][0]["best_val_map"]) if ok else None
@@ -364,9 +371,10 @@ def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, centre), sort_keys=False))
     t0 = time.perf_counter()
-    run_sweep_local(sweep_file, count=max(args.count - len(sweep_runs(sweep_dir)), 0),
-                    overrides=protocol_overrides(args, bits), output_dir=sweep_dir, seed=args.seed,
-                    run_fn=train_in_process)
+    remaining = args.count - len(sweep_runs(sweep_dir))
+    if remaining > 0:  # a search that reached --count earlier is only read
+        run_sweep_local(sweep_file, count=remaining, overrides=protocol_overrides(args, bits),
+                        output_dir=sweep_dir, seed=args.seed, run_fn=train_in_process)
     trials = sweep_runs(sweep_dir)[:args.count]
     best = best_trial(trials)
     if best is None:
@@ -454,9 +462,8 @@ def main(argv=None) -> int:
 
             def run_seed(overrides, seed, bits=bits, sweep_dir=sweep_dir):
                 name = f"rescore-{hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]}-seed{seed}"
-                code, result = train_in_process(
-                    overrides + protocol_overrides(argparse.Namespace(**{**vars(args), "seed": seed}), bits)
-                    + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}"], sweep_dir, name)
+                seed_protocol = protocol_overrides(argparse.Namespace(**{**vars(args), "seed": seed}), bits)
+                code, result = train_in_process(rescore_run(overrides, seed_protocol, sweep_dir, name), sweep_dir, name)
                 return result.get("best_val_map") if code == 0 and result else None
 
             if args.count:

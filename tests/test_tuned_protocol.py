@@ -456,3 +456,49 @@ def test_finetune_protocol_is_finetune_cpus_run_less_method_lr_and_folder():
            "trainer.test_after_fit", "logger.name"}
     assert [o for o in run if o.split("=", 1)[0] not in own] == protocol[:len(run) - len(own)]
     assert protocol[-1] == "trainer.max_steps=20"  # --override last
+
+
+def test_a_search_that_reached_its_count_is_read_not_run_again(tmp_path, monkeypatch):
+    """``--count N`` over a sweep folder that already holds N trials (a finished search continued for other
+    methods) runs nothing and returns the best of those trials; one more in --count runs exactly one."""
+    import argparse
+    import json as _json
+
+    sweep_dir = tmp_path / "dhn-12"
+    sweep_dir.mkdir()
+    runs = [{"name": f"t-{i:03d}", "state": "finished", "config": {"optim.lr": {"value": lr}},
+             "history": [{"best_val_map": m}]} for i, (lr, m) in enumerate([(0.01, 0.50), (0.02, 0.53)])]
+    (sweep_dir / "sweep_state.json").write_text(_json.dumps({"sweep_file": "x.yaml", "runs": runs}))
+    asked = []
+    monkeypatch.setattr(tune_cpu, "run_sweep_local", lambda *a, count, **k: asked.append(count))
+    monkeypatch.setattr(tune_cpu, "protocol_overrides", lambda args, bits: [])
+    args = argparse.Namespace(count=2, refine=False, seed=0, steps=1500, out=str(tmp_path / "out.json"))
+    entry = tune_cpu.search_round(args, "DHN", 12, {}, Path("tune_dhn.yaml"), ["experiment=dhn"], sweep_dir, [])
+    assert asked == [] and entry["trials"] == 2 and entry["trial"] == "t-001"
+    assert entry["overrides"] == ["experiment=dhn", "optim.lr=0.02"]
+    tune_cpu.search_round(argparse.Namespace(**dict(vars(args), count=3)), "DHN", 12, {}, Path("tune_dhn.yaml"),
+                          ["experiment=dhn"], sweep_dir, [])
+    assert asked == [1]
+
+
+def test_a_rescore_run_left_half_done_continues_instead_of_failing_on_its_folder(tmp_path):
+    """A stopped re-scoring leaves a run folder without a finished run; the same candidate and seed run again
+    (the cache keeps no failed run) must claim that folder, not fail and drop the candidate."""
+    from dsrh_lightning.config import load_config
+    from dsrh_lightning.errors import RunFolderError
+    from dsrh_lightning.runs.folders import claim_run_folder, resolve_run
+
+    overrides = tune_cpu.rescore_run(["experiment=dsrh", "optim.lr=0.02"], ["dataset=synthetic", "seed=1"],
+                                     tmp_path, "rescore-abc-seed1")
+    cfg = load_config(overrides)
+    run_dir = tmp_path / "rescore" / "rescore-abc-seed1"
+    assert (cfg.resume, cfg.optim.lr, cfg.seed) == ("auto", 0.02, 1)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")  # killed before its first checkpoint
+    folder, resume = resolve_run(cfg)
+    assert folder == run_dir and resume is None
+    lock, _ = claim_run_folder(cfg, folder, resume)
+    lock.release()
+    # The same folder without resume=auto is refused: the failure this guards against.
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        claim_run_folder(load_config(overrides[:-1]), run_dir, None)
