@@ -109,8 +109,9 @@ bench-finetune: venv ## end-to-end fine-tune on CPU: EfficientNet-Lite0 top 3 bl
 # Multi-label (CIFAR-10 mosaics): the lr search on validation, then 3 seeds x 12/48 bits -> docs/RESULTS.md
 MULTILABEL_METHODS ?= "DSRH (triplet)" "DSRH (Zhao)" HashNet DPSH CSQ GreedyHash OrthoHash DSH DHN
 # End to end, every method's own search on validation (its loss knobs, dropout, lr, backbone lr multiplier;
-# 6 trials per method and length; resumes): each searched method's entry in $(FINETUNE_TUNED), which
-# bench-finetune then runs with.
+# 6 trials per method and length, plus the method's untuned run in $(FINETUNE_RESULTS) as a candidate): each
+# searched method's entry in $(FINETUNE_TUNED), which bench-finetune then runs with. Each search's trials are
+# kept in benchmarks/results/finetune_search/, so a search stopped with its checkout continues on a fresh one.
 bench-tune-finetune: venv ## end to end, step 1: the same validation search for every method -> $(FINETUNE_TUNED) [TUNE_ARGS=..]
 	$(PY) -m benchmarks.tune_cpu --protocol finetune --count 6 --out $(FINETUNE_TUNED) $(TUNE_ARGS)
 

@@ -17,7 +17,11 @@ and every method searches its own loss knobs, dropout, its learning rate and the
 (:func:`finetune_sweep`, from the method's sweep file; DRH and DRH+ search DSRH's without their ablated terms).
 The choice replaces the method's entry in ``benchmarks/results/finetune_cpu_recipe.json``, the settings file
 ``finetune_cpu.py --tuned`` (``make bench-finetune``) reads; a searched entry's lr and settings win over
-``--lr``. Trials resume where they stopped (sweep-local's state).
+``--lr``. Beside the trials, each search has the method's untuned run as a candidate (its shipped settings at
+finetune_cpu.py's lr and multiplier, seed ``--seed``, from ``--start``: finetune_cpu.py's results), chosen when
+it validates better than every trial. Trials resume where they stopped (sweep-local's state); each search's trial records are also kept in
+``benchmarks/results/finetune_search/`` (``--keep-dir``), so a search stopped with its checkout continues on a
+fresh one from its next trial.
 
     python -m benchmarks.tune_cpu --protocol finetune --bits 12 48 --count 6    # make bench-tune-finetune
 
@@ -55,9 +59,10 @@ import torch
 import yaml
 
 from benchmarks import finetune_cpu
-from benchmarks.results_cpu import add_protocol_args, base_overrides
+from benchmarks.results_cpu import add_protocol_args, base_overrides, load_results, repo_relative
 from dsrh_lightning.config import load_config
-from dsrh_lightning.runs.sweep_local import load_sweep, resolve_sweep_path, run_sweep_local, sweep_runs
+from dsrh_lightning.runs.sweep_local import (load_sweep, resolve_sweep_path, run_folder_overrides, run_sweep_local,
+                                             state_path, sweep_runs)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,9 +86,10 @@ FINETUNE_SWEEPS = {
 }
 # What every method searches end to end besides its own loss knobs (and model.dropout): the heads' learning
 # rate and the backbone's multiplier of it. The network, the batches (class-balanced, 8 classes x 8) and the
-# schedule are finetune_cpu.py's, the same for every method.
+# schedule are finetune_cpu.py's, the same for every method. The lr starts at 0.005: in 1,500 steps, lower rates
+# leave the codes near chance (docs/RESULTS.md, appendix).
 FINETUNE_SHARED = {
-    "optim.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+    "optim.lr": {"distribution": "log_uniform_values", "min": 0.005, "max": 0.1},
     "optim.backbone_lr_mult": {"values": [0.1, 0.3, 1.0]},
 }
 
@@ -145,9 +151,65 @@ def train_in_process(overrides: List[str], out_dir: Path, name: str) -> Tuple[in
 
 def rescore_run(overrides: List[str], protocol: List[str], sweep_dir: Path, name: str) -> List[str]:
     """A re-scoring run's ``dsrh train`` overrides: the candidate's settings, the protocol at the run's seed, and
-    its own folder ``<sweep_dir>/rescore/<name>`` with ``resume=auto``, so a run that a stopped re-scoring left
-    half done continues from its last checkpoint (or starts afresh) instead of failing on its folder."""
-    return list(overrides) + list(protocol) + [f"output_dir={sweep_dir / 'rescore'}", f"name={name}", "resume=auto"]
+    its own folder ``<sweep_dir>/rescore/<name>`` (:func:`run_folder_overrides`: ``resume=auto``)."""
+    return list(overrides) + list(protocol) + run_folder_overrides(sweep_dir / "rescore", name)
+
+
+def kept_state(keep_dir: Optional[str], sweep_dir: Path) -> Optional[Path]:
+    """Where a search's trial records are kept outside ``runs/`` (``--keep-dir``): ``<keep_dir>/<folder>.json``."""
+    return Path(keep_dir) / f"{sweep_dir.name}.json" if keep_dir else None
+
+
+def restore_search(kept: Optional[Path], sweep_dir: Path, sweep_file: Path) -> int:
+    """Give ``sweep_dir`` the kept trial records of a search an earlier checkout stopped (its ``runs/`` gone), as
+    its sweep-local state, when it has none; returns how many trials that restored. sweep-local then proposes the
+    next trial as it would have (the engine is seeded by the trial index and reads only the records)."""
+    if kept is None or not kept.is_file() or state_path(sweep_dir).is_file():
+        return 0
+    state = json.loads(kept.read_text())
+    state["sweep_file"] = str(Path(sweep_file).resolve())  # this checkout's copy of the same sweep
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state_path(sweep_dir).write_text(json.dumps(state, indent=2))
+    return len(state.get("runs", []))
+
+
+def keep_search(kept: Optional[Path], sweep_dir: Path) -> None:
+    """Copy ``sweep_dir``'s sweep-local state (every finished trial's record) to ``kept``."""
+    if kept is not None and state_path(sweep_dir).is_file():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(state_path(sweep_dir).read_text())
+
+
+# A starting run's overrides that are its run's, not its settings: folder, test ranking, logger.
+RUN_ONLY = ("output_dir", "name", "resume", "trainer.test_after_fit", "logger.name")
+
+
+def start_row(rows: List[Dict[str, Any]], method: str, bits: int, seed: int, steps: int, lr: float,
+              backbone_lr_mult: float) -> Optional[Dict[str, Any]]:
+    """The untuned run an end-to-end search starts from (pure): the last of ``rows`` (finetune_cpu.py's results)
+    for (method, bits, seed) at ``steps`` steps with finetune_cpu.py's default lr and backbone multiplier, that
+    is the method's shipped settings; None when there is none."""
+    found = [r for r in rows if (r["method"], r["bits"], r["seed"], r["steps"]) == (method, bits, seed, steps)
+             and r["lr"] == lr and r["backbone_lr_mult"] == backbone_lr_mult]
+    return found[-1] if found else None
+
+
+def start_settings(row: Dict[str, Any], protocol: Sequence[str]) -> List[str]:
+    """A starting run's own settings (pure): its dataset, experiment and method settings, that is its overrides
+    less the rest of the protocol's keys and its run's (``RUN_ONLY``)."""
+    skip = ({o.split("=", 1)[0] for o in protocol} - {"dataset", "experiment"}) | set(RUN_ONLY)
+    return [o for o in row["overrides"] if o.split("=", 1)[0] not in skip]
+
+
+def with_start(entry: Dict[str, Any], row: Dict[str, Any], protocol: Sequence[str], source: str) -> Dict[str, Any]:
+    """``entry`` (a search's choice) beside the method's starting run (pure): the start is recorded, and its
+    settings become the choice when its validation MAP beats every trial's, so a search never ships settings
+    that validate worse than the ones it started from."""
+    start = {"file": source, "best_val_map": row["best_val_map"], "overrides": start_settings(row, protocol)}
+    if row["best_val_map"] > entry["best_val_map"]:
+        return dict(entry, overrides=start["overrides"], best_val_map=row["best_val_map"], trial="start",
+                    start=start)
+    return dict(entry, start=start)
 
 
 def best_trial(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -370,11 +432,20 @@ def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file:
         sweep_file = sweep_dir / f"{base_file.stem}_refine.yaml"
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_file.write_text(yaml.safe_dump(refine_sweep(sweep, centre), sort_keys=False))
-    t0 = time.perf_counter()
+    kept = kept_state(getattr(args, "keep_dir", None), sweep_dir)
+    restored = restore_search(kept, sweep_dir, sweep_file)
+    if restored:
+        print(f"{method} {bits} bits: continuing from the {restored} trials kept in {kept}", flush=True)
+
+    def run_trial(overrides, out_dir, name):
+        keep_search(kept, sweep_dir)  # the trials finished so far, before this one starts
+        return train_in_process(overrides, out_dir, name)
+
     remaining = args.count - len(sweep_runs(sweep_dir))
     if remaining > 0:  # a search that reached --count earlier is only read
         run_sweep_local(sweep_file, count=remaining, overrides=protocol_overrides(args, bits),
-                        output_dir=sweep_dir, seed=args.seed, run_fn=train_in_process)
+                        output_dir=sweep_dir, seed=args.seed, run_fn=run_trial)
+        keep_search(kept, sweep_dir)
     trials = sweep_runs(sweep_dir)[:args.count]
     best = best_trial(trials)
     if best is None:
@@ -387,7 +458,7 @@ def search_round(args, method: str, bits: int, sweep: Dict[str, Any], base_file:
         "overrides": trial_overrides(fixed, params),
         "best_val_map": best["history"][0]["best_val_map"], "trial": best["name"],
         "trials": len(trials), "steps": args.steps, "seed": args.seed,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(sum(r.get("seconds") or 0 for r in trials), 1),  # the trials', over every call
         "all": [{"params": {k: v["value"] for k, v in r["config"].items()},
                  "best_val_map": (r["history"][0]["best_val_map"] if r.get("history") else None)}
                 for r in trials],
@@ -407,6 +478,14 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=16, help="Bayesian trials per (method, bits)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed of every trial")
     p.add_argument("--sweep-dir", default=None, help="default: runs/tune_cpu (frozen) or runs/tune_finetune")
+    p.add_argument("--keep-dir", default=None,
+                   help="folder where each search's trial records are copied before every trial, so a search "
+                        "stopped with its checkout (runs/ gone) continues from its next trial; default "
+                        "benchmarks/results/finetune_search (finetune), none (frozen)")
+    p.add_argument("--start", default=None,
+                   help="finetune: finetune_cpu.py's results whose untuned run (default lr and multiplier, --seed) of "
+                        "each method and length is a candidate beside the trials; default "
+                        "benchmarks/results/finetune_cpu.jsonl, '' for none")
     p.add_argument("--out", default=None,
                    help="default: benchmarks/results/tuned_cpu.json (frozen) or finetune_cpu_recipe.json (finetune)")
     p.add_argument("--pool", nargs="*", default=[],
@@ -428,6 +507,8 @@ def main(argv=None) -> int:
     if set(args.methods) - set(sweeps):
         p.error(f"--protocol {args.protocol} tunes {list(sweeps)}, not {sorted(set(args.methods) - set(sweeps))}")
     args.sweep_dir = args.sweep_dir or str(REPO / "runs" / ("tune_finetune" if finetune else "tune_cpu"))
+    if finetune and args.keep_dir is None:
+        args.keep_dir = str(REPO / "benchmarks" / "results" / "finetune_search")
     args.out = args.out or str(REPO / "benchmarks" / "results" / ("finetune_cpu_recipe.json" if finetune else "tuned_cpu.json"))
     if args.rescore and args.seed in args.rescore_seeds:
         p.error(f"--rescore-seeds {args.rescore_seeds}: the trials already ran with --seed {args.seed}")
@@ -440,6 +521,25 @@ def main(argv=None) -> int:
         p.error("--alternatives compares against a re-scored choice: give --rescore K too")
     if args.refine and not args.pool:
         p.error("--refine searches around the best trial of the --pool files: give them")
+    starts: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    if finetune:
+        if args.start is None:
+            args.start = str(REPO / "benchmarks" / "results" / "finetune_cpu.jsonl")
+        if args.start:
+            ft = finetune_cpu.build_parser().parse_args([])
+            rows = load_results(Path(args.start))
+            missing = []
+            for method in args.methods:
+                for bits in args.bits:
+                    row = start_row(rows, method, bits, args.seed, args.steps, ft.lr, ft.backbone_lr_mult)
+                    if row is None:
+                        missing.append((method, bits))
+                    starts[method, bits] = row
+            if missing:
+                p.error(f"--start {args.start} has no untuned seed-{args.seed} run of "
+                        + ", ".join(f"{m} at {b} bits" for m, b in missing)
+                        + ": run each first (make bench-finetune FINETUNE_METHODS=\"...\" FINETUNE_ARGS=\"--bits "
+                          "...\", before that method's searches change the recipe file), or pass --start ''")
     pooled = [(path, json.loads(Path(path).read_text())) for path in args.pool]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -486,6 +586,8 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 entry = alternatives(entry, sweep, args.alternatives, seeds, run_seed, fixed, cache, protocol)
                 entry["alternatives_seconds"] = round(time.perf_counter() - t1, 1)
+            if starts.get((method, bits)):
+                entry = with_start(entry, starts[method, bits], protocol, repo_relative(Path(args.start)))
             entry["protocol"] = args.protocol
             tuned.setdefault(method, {})[str(bits)] = entry
             out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -441,7 +441,7 @@ def test_every_end_to_end_search_makes_valid_runs_of_the_finetune_protocol(metho
     assert f"experiment={experiment}" in fixed
     params = {k: _sample(v) for k, v in sweep["parameters"].items()}
     cfg = load_config(fixed + protocol + [f"{k}={v}" for k, v in params.items()])
-    assert cfg.experiment == experiment and cfg.optim.lr == pytest.approx(0.001)
+    assert cfg.experiment == experiment and cfg.optim.lr == pytest.approx(tune_cpu.FINETUNE_SHARED["optim.lr"]["min"])
     assert cfg.optim.backbone_lr_mult == pytest.approx(0.1) and cfg.model.bits == 48 and cfg.seed == 3
     assert (cfg.data.image_size, cfg.model.train_blocks, cfg.data.cache_flip, cfg.data.sampling) == (96, 3, True, "balanced")
     assert not cfg.trainer.test_after_fit and not any(o.startswith(("optim.lr=", "output_dir=")) for o in protocol)
@@ -502,3 +502,121 @@ def test_a_rescore_run_left_half_done_continues_instead_of_failing_on_its_folder
     # The same folder without resume=auto is refused: the failure this guards against.
     with pytest.raises(RunFolderError, match="already holds a run"):
         claim_run_folder(load_config(overrides[:-1]), run_dir, None)
+
+
+def test_a_search_stopped_with_its_checkout_continues_from_the_kept_trials(tmp_path, monkeypatch):
+    """A search killed during its third trial, whose ``runs/`` folder is then gone (a fresh checkout), continues
+    from the trial records kept in ``--keep-dir``: it runs only the missing trials, and they are the trials an
+    uninterrupted search proposes (same params, same order); the entry counts every trial's seconds."""
+    import argparse
+    import json
+    import math
+
+    sweep_file = tmp_path / "tune_toy.yaml"
+    sweep_file.write_text(
+        "method: bayes\nmetric: {name: best_val_map, goal: maximize}\n"
+        "command:\n  - ${env}\n  - dsrh\n  - train\n  - experiment=dhn\n  - ${args}\n"
+        "parameters:\n  optim.lr: {distribution: log_uniform_values, min: 0.001, max: 0.1}\n"
+        "  model.dropout: {values: [0.0, 0.25, 0.5]}\n")
+    sweep = tune_cpu.load_sweep(sweep_file)
+    ran = []
+
+    def fake_train(overrides, out_dir, name):
+        params = dict(o.lstrip("-").split("=", 1) for o in overrides if o.startswith(("--optim.lr=", "--model.dropout=")))
+        if len(ran) == stop_at:
+            raise KeyboardInterrupt  # the session ends during this trial
+        ran.append((out_dir.parents[1].name, params))
+        lr, drop = float(params["optim.lr"]), float(params["model.dropout"])
+        return 0, {"best_val_map": 0.6 - abs(math.log10(lr) + 1.5) / 10 - drop / 10}
+
+    monkeypatch.setattr(tune_cpu, "train_in_process", fake_train)
+    monkeypatch.setattr(tune_cpu, "protocol_overrides", lambda args, bits: [])
+
+    def search(checkout, keep, count=4):
+        args = argparse.Namespace(count=count, refine=False, seed=0, steps=1500, keep_dir=str(keep),
+                                  out=str(tmp_path / "out.json"))
+        return tune_cpu.search_round(args, "DHN", 48, sweep, sweep_file, ["experiment=dhn"],
+                                     tmp_path / checkout / "runs" / "dhn-48", [])
+
+    stop_at = None
+    whole = search("uninterrupted", tmp_path / "keep_whole")
+    proposals = [p for _, p in ran]
+    assert len(proposals) == 4 and len({p["optim.lr"] for p in proposals}) == 4
+    ran.clear()
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        search("first", tmp_path / "keep")
+    kept = tmp_path / "keep" / "dhn-48.json"
+    assert [r["name"] for r in json.loads(kept.read_text())["runs"]] == ["tune_toy-000", "tune_toy-001"]
+    ran.clear()
+    stop_at = None
+    entry = search("second", tmp_path / "keep")  # a fresh checkout: no runs/ folder of the first
+    assert [p for _, p in ran] == proposals[2:]
+    assert {c for c, _ in ran} == {"second"}
+    assert entry["trials"] == 4 and entry["all"] == whole["all"] and entry["trial"] == whole["trial"]
+    assert len(json.loads(kept.read_text())["runs"]) == 4
+    runs = json.loads(kept.read_text())["runs"]
+    assert entry["seconds"] == round(sum(r["seconds"] for r in runs), 1)
+
+
+def _row(method="DSRH", bits=48, seed=0, steps=1500, lr=0.01, mult=1.0, val=0.6, extra=()):
+    return {"method": method, "bits": bits, "seed": seed, "steps": steps, "lr": lr, "backbone_lr_mult": mult,
+            "best_val_map": val,
+            "overrides": ["dataset=cifar10", "experiment=dsrh", "loss.margin=0.38", *extra, "model.bits=48",
+                          "seed=0", f"optim.lr={lr}", f"optim.backbone_lr_mult={mult}", "trainer.test_after_fit=true",
+                          "logger.name=csv", "output_dir=/r", "name=n", "resume=auto", "data.cache_flip=true"]}
+
+
+def test_an_end_to_end_search_starts_from_the_methods_untuned_run():
+    """The start is the last untuned run (default lr and multiplier) of (method, bits, seed, steps); its settings
+    are its dataset, experiment and method knobs (not the protocol's or its run's); it becomes the choice only
+    when it validates better than the search's best trial, and is recorded either way."""
+    rows = [_row(val=0.5), _row(lr=0.05, val=0.9), _row(mult=0.3, val=0.9), _row(seed=1, val=0.9),
+            _row(steps=500, val=0.9), _row(bits=12, val=0.9), _row(method="DRH", val=0.9), _row(val=0.66)]
+    row = tune_cpu.start_row(rows, "DSRH", 48, 0, 1500, 0.01, 1.0)
+    assert row is rows[-1]
+    assert tune_cpu.start_row(rows, "DSRH", 24, 0, 1500, 0.01, 1.0) is None
+    protocol = ["dataset=cifar10", "model.bits=48", "seed=0", "data.cache_flip=true", "trainer.test_after_fit=false"]
+    settings = ["dataset=cifar10", "experiment=dsrh", "loss.margin=0.38", "optim.lr=0.01", "optim.backbone_lr_mult=1.0"]
+    assert tune_cpu.start_settings(row, protocol) == settings
+    searched = {"overrides": ["dataset=cifar10", "experiment=dsrh", "optim.lr=0.05"], "best_val_map": 0.6,
+                "trial": "t-003", "trials": 6}
+    chosen = tune_cpu.with_start(searched, row, protocol, "f.jsonl")
+    assert (chosen["overrides"], chosen["best_val_map"], chosen["trial"], chosen["trials"]) == (settings, 0.66, "start", 6)
+    assert chosen["start"] == {"file": "f.jsonl", "best_val_map": 0.66, "overrides": settings}
+    kept = tune_cpu.with_start(dict(searched, best_val_map=0.7), row, protocol, "f.jsonl")
+    assert (kept["overrides"], kept["trial"], kept["start"]["best_val_map"]) == (searched["overrides"], "t-003", 0.66)
+
+
+def test_the_finetune_protocol_covers_every_run_setting_of_the_recorded_untuned_rows():
+    """Each untuned seed-0 row of finetune_cpu.jsonl, less the end-to-end protocol, leaves only method settings:
+    the start candidate carries no data path, schedule or run folder of the machine that made it."""
+    from benchmarks.results_cpu import load_results
+
+    rows = [r for r in load_results(REPO / "benchmarks" / "results" / "finetune_cpu.jsonl")
+            if r["seed"] == 0 and r["lr"] == 0.01 and r["backbone_lr_mult"] == 1.0]
+    assert rows
+    for row in rows:
+        args = _finetune_args(seed=0, data_root="/data", split_dir="/splits", feature_dir="/features")
+        settings = tune_cpu.start_settings(row, tune_cpu.finetune_protocol(args, row["bits"]))
+        keys = [o.split("=", 1)[0] for o in settings]
+        assert keys[:2] == ["dataset", "experiment"], row["method"]
+        assert all(k.split(".")[0] in ("loss", "model", "optim") for k in keys[2:]), (row["method"], keys)
+        assert {"optim.lr", "optim.backbone_lr_mult"} <= set(keys) and "model.bits" not in keys
+
+
+def test_a_finetune_search_without_its_start_runs_says_which_to_run_first(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json_line(_row()) + json_line(_row(method="DRH", bits=48)))
+    with pytest.raises(SystemExit):
+        tune_cpu.main(["--protocol", "finetune", "--methods", "DSRH", "DRH", "--bits", "12", "48", "--count", "1",
+                       "--start", str(rows), "--out", str(tmp_path / "o.json"), "--sweep-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert "DSRH at 12 bits, DRH at 12 bits" in err and "48 bits" not in err.split("run of ")[1].split(":")[0]
+    assert not (tmp_path / "s").exists()
+
+
+def json_line(row):
+    import json
+
+    return json.dumps(row) + "\n"

@@ -29,7 +29,7 @@ from ..config import ConfigError, default_config_dir
 from ..files import write_text
 
 __all__ = ["SweepError", "load_sweep", "resolve_sweep_path", "run_overrides", "run_sweep_local",
-           "sample_values", "format_value", "state_path", "sweep_runs"]
+           "sample_values", "format_value", "run_folder_overrides", "state_path", "sweep_runs"]
 
 # Macros of a W&B sweep ``command`` that carry no override.
 _DROP = {"${env}", "${interpreter}", "${program}", "dsrh", "train"}
@@ -125,6 +125,12 @@ def sample_values(spec: Dict[str, Any]) -> List[Any]:
     if "min" in spec and "max" in spec:
         return [spec["min"], spec["max"]]
     raise SweepError(f"parameter spec {spec} has no values, value or min/max")
+
+
+def run_folder_overrides(out_dir: Path, name: str) -> List[str]:
+    """A sweep run's own folder ``<out_dir>/<name>``, with ``resume=auto``: a run that a stopped sweep left half
+    done continues from its last checkpoint (or starts afresh) instead of failing on its folder."""
+    return [f"output_dir={out_dir}", f"name={name}", "resume=auto"]
 
 
 def state_path(out_dir: Path) -> Path:
@@ -239,9 +245,8 @@ def run_sweep_local(sweep_file: str | Path, count: int = 0, overrides: Sequence[
             break
         params = {k: v["value"] for k, v in proposal.config.items()}
         name = f"{path.stem}-{index:03d}"
-        # resume=auto: a run a killed sweep left unfinished continues (same seed and index, same proposal).
-        run_args = run_overrides(sweep, params) + list(overrides) + [f"output_dir={out_dir}", f"name={name}",
-                                                                     "resume=auto"]
+        # A run a killed sweep left unfinished continues (same seed and index, same proposal).
+        run_args = run_overrides(sweep, params) + list(overrides) + run_folder_overrides(out_dir, name)
         print(f"sweep-local: run {name}: " + " ".join(f"{k}={format_value(v)}" for k, v in params.items()), flush=True)
         started = time.time()
         code, summary = run_fn(run_args, out_dir, name)
