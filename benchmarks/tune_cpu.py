@@ -19,9 +19,9 @@ The choice replaces the method's entry in ``benchmarks/results/finetune_cpu_reci
 ``finetune_cpu.py --tuned`` (``make bench-finetune``) reads; a searched entry's lr and settings win over
 ``--lr``. Beside the trials, each search has the method's untuned run as a candidate (its shipped settings at
 finetune_cpu.py's lr and multiplier, seed ``--seed``, from ``--start``: finetune_cpu.py's results), chosen when
-it validates better than every trial. Trials resume where they stopped (sweep-local's state); each search's trial records are also kept in
-``benchmarks/results/finetune_search/`` (``--keep-dir``), so a search stopped with its checkout continues on a
-fresh one from its next trial.
+it validates better than every trial. Trials resume where they stopped (sweep-local's state); each search's
+trial records are also kept in ``benchmarks/results/finetune_search/`` (``--keep-dir``), so a search stopped with
+its checkout continues on a fresh one from its next trial.
 
     python -m benchmarks.tune_cpu --protocol finetune --bits 12 48 --count 6    # make bench-tune-finetune
 
@@ -61,6 +61,7 @@ import yaml
 from benchmarks import finetune_cpu
 from benchmarks.results_cpu import add_protocol_args, base_overrides, load_results, repo_relative
 from dsrh_lightning.config import load_config
+from dsrh_lightning.files import write_text
 from dsrh_lightning.runs.sweep_local import (load_sweep, resolve_sweep_path, run_folder_overrides, run_sweep_local,
                                              state_path, sweep_runs)
 
@@ -87,11 +88,15 @@ FINETUNE_SWEEPS = {
 # What every method searches end to end besides its own loss knobs (and model.dropout): the heads' learning
 # rate and the backbone's multiplier of it. The network, the batches (class-balanced, 8 classes x 8) and the
 # schedule are finetune_cpu.py's, the same for every method. The lr starts at 0.005: in 1,500 steps, lower rates
-# leave the codes near chance (docs/RESULTS.md, appendix).
+# leave the codes near chance (benchmarks/results/archive/finetune_search_dsrh48_lr0001.json).
 FINETUNE_SHARED = {
     "optim.lr": {"distribution": "log_uniform_values", "min": 0.005, "max": 0.1},
     "optim.backbone_lr_mult": {"values": [0.1, 0.3, 1.0]},
 }
+
+
+# A run's overrides that are its run's, not its settings: folder, test ranking, logger.
+RUN_ONLY = ("output_dir", "name", "resume", "trainer.test_after_fit", "logger.name")
 
 
 def finetune_sweep(sweep: Dict[str, Any], experiment: str, drop: Sequence[str] = ()) -> Dict[str, Any]:
@@ -117,8 +122,7 @@ def finetune_protocol(args, bits: int) -> List[str]:
         if hasattr(args, key):
             setattr(ft, key, getattr(args, key))
     over = finetune_cpu.run_overrides(ft, "DSRH", bits, args.seed, {})
-    own = ("experiment", "optim.lr", "optim.backbone_lr_mult", "output_dir", "name", "resume",
-           "trainer.test_after_fit", "logger.name")
+    own = ("experiment", "optim.lr", "optim.backbone_lr_mult", *RUN_ONLY)
     return [o for o in over if o.split("=", 1)[0] not in own] + [
         "data.cache_flip=true", "trainer.test_after_fit=false", "trainer.checkpoint_every_n_steps=0",
         "logger.name=none",
@@ -169,7 +173,7 @@ def restore_search(kept: Optional[Path], sweep_dir: Path, sweep_file: Path) -> i
     state = json.loads(kept.read_text())
     state["sweep_file"] = str(Path(sweep_file).resolve())  # this checkout's copy of the same sweep
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    state_path(sweep_dir).write_text(json.dumps(state, indent=2))
+    write_text(state_path(sweep_dir), json.dumps(state, indent=2))
     return len(state.get("runs", []))
 
 
@@ -177,11 +181,7 @@ def keep_search(kept: Optional[Path], sweep_dir: Path) -> None:
     """Copy ``sweep_dir``'s sweep-local state (every finished trial's record) to ``kept``."""
     if kept is not None and state_path(sweep_dir).is_file():
         kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_text(state_path(sweep_dir).read_text())
-
-
-# A starting run's overrides that are its run's, not its settings: folder, test ranking, logger.
-RUN_ONLY = ("output_dir", "name", "resume", "trainer.test_after_fit", "logger.name")
+        write_text(kept, state_path(sweep_dir).read_text())
 
 
 def start_row(rows: List[Dict[str, Any]], method: str, bits: int, seed: int, steps: int, lr: float,
