@@ -58,15 +58,18 @@ def browser():
 
 
 def _click_and_wait(driver, element) -> None:
-    """Click a link or button and wait until the next page has replaced this one."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
+    """Click a link or button and wait until the next page has loaded in its place.
+
+    The old page is recognised by a flag set on its window (a new page starts with a fresh window), not
+    by holding one of its elements: asking chromedriver about an element of a replaced document can
+    fail with "Node with given id does not belong to the document" instead of reporting it stale."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("window.__dsrhOldPage = true")
     element.click()
-    WebDriverWait(driver, 120).until(EC.staleness_of(old))
-    WebDriverWait(driver, 120).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 120, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return !window.__dsrhOldPage && document.readyState === 'complete'"))
 
 
 def _items(driver):
